@@ -1,0 +1,1 @@
+"""The ``trellis-export`` command line (installed as ``trellis_export.cli``)."""
