@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .config import ConfigError, TrellisConfig
 from .errors import TrellisExportError
+from .fileio import atomic_write_bytes  # noqa: F401  (re-exported: torch-free home in fileio)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -49,21 +50,6 @@ def fingerprint(config: TrellisConfig, tensors: dict[str, Tensor]) -> str:
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     return fingerprint(model.config, dict(model.state_dict()))
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write a file through a temporary sibling and a rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str],
