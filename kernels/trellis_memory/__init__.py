@@ -1,0 +1,6 @@
+"""Triton kernels of the Trellis memory op (layout after flash-linear-attention's op folders)."""
+
+from .chunk import chunk_trellis_fwd
+from .fused_recurrent import fused_recurrent_trellis_fwd
+
+__all__ = ["chunk_trellis_fwd", "fused_recurrent_trellis_fwd"]

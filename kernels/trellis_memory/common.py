@@ -1,0 +1,49 @@
+"""Input checks and preparation shared by the kernel wrappers."""
+
+from __future__ import annotations
+
+import torch
+
+_ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, beta: torch.Tensor,
+            gamma: torch.Tensor, key_memory: torch.Tensor, value_memory: torch.Tensor,
+            key_snapshot: torch.Tensor, value_snapshot: torch.Tensor, position: torch.Tensor,
+            ) -> tuple[list[torch.Tensor], tuple[int, int, int, int, int]]:
+    """Validate shapes / dtypes and return contiguous kernel inputs plus (B, T, H, m, d)."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, H, d], got shape {tuple(q.shape)}")
+    B, T, H, d = q.shape
+    if T < 1:
+        raise ValueError("the kernels need T >= 1 tokens per call")
+    if a.dim() != 4 or tuple(a.shape[:3]) != (B, T, H):
+        raise ValueError(f"a must be [B, T, H, m] = [{B}, {T}, {H}, m], got {tuple(a.shape)}")
+    m = a.shape[3]
+    acts = {"q": q, "k": k, "v": v, "a": a, "beta": beta, "gamma": gamma}
+    for name, t in acts.items():
+        if t.dtype not in _ACT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape) != (B, T, H, d):
+            raise ValueError(f"{name} must have shape {(B, T, H, d)} like q, got {tuple(t.shape)}")
+    for name, t in (("beta", beta), ("gamma", gamma)):
+        if tuple(t.shape) != (B, T, H):
+            raise ValueError(f"{name} must have shape {(B, T, H)}, got {tuple(t.shape)}")
+    states = {"key_memory": key_memory, "value_memory": value_memory, "key_snapshot": key_snapshot,
+              "value_snapshot": value_snapshot}
+    for name, t in states.items():
+        if tuple(t.shape) != (B, H, m, d):
+            raise ValueError(f"{name} must have shape {(B, H, m, d)}, got {tuple(t.shape)}")
+    if tuple(position.shape) != (B,) or position.dtype != torch.int64:
+        raise ValueError(f"position must be an int64 tensor of shape ({B},), got "
+                         f"{position.dtype} {tuple(position.shape)}")
+    for name in ("k", "v", "a"):
+        if acts[name].dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {acts[name].dtype}")
+    # beta / gamma keep their own dtype (the spec wants float32 gates; float16 gates are loaded and
+    # widened inside the kernel)
+    args = [t.contiguous() for t in (q, k, v, a, beta, gamma)]
+    args += [t.to(torch.float32).contiguous() for t in states.values()]
+    args.append(position.contiguous())
+    return args, (B, T, H, m, d)

@@ -1,0 +1,126 @@
+"""Shared pieces of the Trellis memory kernels: nonlinearity codes, the in-kernel nonlinearities
+(masked, over one axis), the launch configuration and the kernels' argument order.
+
+The launch configuration is computed here once and used by the JIT wrappers, the AOT compiler
+(``trellis_export.kernels.aot``) and the GPU suite, so the three launch the same specialisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import triton
+import triton.language as tl
+
+from trellis_export.config import NONLINEARITIES
+from trellis_export.opdef import INPUTS, OUTPUTS
+
+#: constexpr code of each nonlinearity inside the kernels (index into config.NONLINEARITIES).
+NL_CODE: dict[str, int] = {name: i for i, name in enumerate(NONLINEARITIES)}
+assert NL_CODE == {"identity": 0, "ln_silu": 1, "l2_silu": 2}
+
+#: Runtime arguments of every kernel, in the order TensorRT's AOT Python plugins launch them:
+#: the op's input pointers, then the integer scalars (``T``: tokens in this call), then the op's
+#: output pointers. Names are the op's input / output names (``trellis_export.opdef``).
+INPUT_ARGS: tuple[str, ...] = INPUTS
+SCALAR_ARGS: tuple[str, ...] = ("T",)
+OUTPUT_ARGS: tuple[str, ...] = tuple(f"out_{n}" for n in OUTPUTS)
+RUNTIME_ARGS: tuple[str, ...] = INPUT_ARGS + SCALAR_ARGS + OUTPUT_ARGS
+#: Kernel constexprs, in signature order after the runtime arguments.
+CONSTEXPR_ARGS: tuple[str, ...] = ("H", "M", "D", "C", "BM", "BD", "BC", "PHI", "F", "RHO", "EPS",
+                                   "DOT_PRECISION")
+
+KERNELS: tuple[str, ...] = ("fused_recurrent", "chunk")
+
+
+def nl_code(name: str, what: str) -> int:
+    if name not in NL_CODE:
+        raise ValueError(f"{what} must be one of {', '.join(NONLINEARITIES)}; got {name!r}")
+    return NL_CODE[name]
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Block sizes and warps of one kernel for one (m, d, C); no autotuning (the interpreter and the
+    AOT path both need a fixed choice)."""
+
+    kernel: str
+    BM: int
+    BD: int
+    BC: int
+    num_warps: int
+    num_stages: int = 1
+
+    def grid(self, B: int, H: int) -> tuple[int, int, int]:
+        """One program per (row, head)."""
+        return (B * H, 1, 1)
+
+    #: the grid as data (what a plugin needs to rebuild it from symbolic shapes)
+    GRID_EXPR = "(B*H, 1, 1)"
+
+
+def launch_config(kernel: str, m: int, d: int, chunk_size: int) -> LaunchConfig:
+    """Pick block sizes: m and d padded to powers of two (>= 16 for tl.dot in the chunk kernel)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
+    if kernel == "fused_recurrent":
+        BM = max(2, triton.next_power_of_2(m))
+        BD = max(2, triton.next_power_of_2(d))
+        BC = 1
+        tile = BM * BD                       # four [BM, BD] fp32 tiles live in registers
+        num_warps = 1 if tile <= 256 else 2 if tile <= 1024 else 4 if tile <= 2048 else 8 if tile <= 4096 \
+            else 16
+    else:
+        BM = max(16, triton.next_power_of_2(m))
+        BD = max(16, triton.next_power_of_2(d))
+        BC = max(16, triton.next_power_of_2(chunk_size))
+        tile = max(BM * BD, BC * BM, BC * BD)
+        num_warps = 4 if tile <= 4096 else 8
+    return LaunchConfig(kernel, BM, BD, BC, num_warps)
+
+
+# --------------------------------------------------------------------------- in-kernel math
+@triton.jit
+def nl_fwd(z, mask, N: tl.constexpr, EPS: tl.constexpr, KIND: tl.constexpr, AXIS: tl.constexpr):
+    """y = g(z) over axis AXIS; entries outside ``mask`` are padding (the result there is 0)."""
+    if KIND == 0:
+        y = tl.where(mask, z, 0.0)
+    elif KIND == 1:
+        s = tl.where(mask, z * tl.sigmoid(z), 0.0)
+        mu = tl.sum(s, axis=AXIS, keep_dims=True) / N
+        c = tl.where(mask, s - mu, 0.0)
+        sd = tl.sqrt(tl.sum(c * c, axis=AXIS, keep_dims=True) / N + EPS)
+        y = c / sd
+    else:
+        s = tl.where(mask, z * tl.sigmoid(z), 0.0)
+        nrm = tl.sqrt(tl.sum(s * s, axis=AXIS, keep_dims=True) + EPS)
+        y = s / nrm
+    return y
+
+
+@triton.jit
+def inner_grad(z, a, mask, N: tl.constexpr, EPS: tl.constexpr, KIND: tl.constexpr, AXIS: tl.constexpr):
+    """u = J_g(z)^T (g(z) - a) over axis AXIS (the gradient of 1/2 ||g(z) - a||^2); 0 on padding."""
+    if KIND == 0:
+        u = tl.where(mask, z - a, 0.0)
+    elif KIND == 1:
+        sig = tl.sigmoid(z)
+        s = tl.where(mask, z * sig, 0.0)
+        ds = sig * (1.0 + z * (1.0 - sig))
+        mu = tl.sum(s, axis=AXIS, keep_dims=True) / N
+        c = tl.where(mask, s - mu, 0.0)
+        sd = tl.sqrt(tl.sum(c * c, axis=AXIS, keep_dims=True) / N + EPS)
+        y = c / sd
+        e = tl.where(mask, y - a, 0.0)
+        me = tl.sum(e, axis=AXIS, keep_dims=True) / N
+        mey = tl.sum(e * y, axis=AXIS, keep_dims=True) / N
+        u = tl.where(mask, ds * (e - me - y * mey) / sd, 0.0)
+    else:
+        sig = tl.sigmoid(z)
+        s = tl.where(mask, z * sig, 0.0)
+        ds = sig * (1.0 + z * (1.0 - sig))
+        nrm = tl.sqrt(tl.sum(s * s, axis=AXIS, keep_dims=True) + EPS)
+        y = s / nrm
+        e = tl.where(mask, y - a, 0.0)
+        u = tl.where(mask, ds * (e - y * tl.sum(y * e, axis=AXIS, keep_dims=True)) / nrm, 0.0)
+    return u
