@@ -2,5 +2,6 @@
 
 from .chunk import chunk_trellis_fwd
 from .fused_recurrent import fused_recurrent_trellis_fwd
+from .ops import memory_triton, trellis_memory_triton
 
-__all__ = ["chunk_trellis_fwd", "fused_recurrent_trellis_fwd"]
+__all__ = ["chunk_trellis_fwd", "fused_recurrent_trellis_fwd", "memory_triton", "trellis_memory_triton"]
