@@ -1,0 +1,253 @@
+"""Ahead-of-time compilation of the Trellis memory kernels to PTX, without a GPU.
+
+``compile_kernel`` runs ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for one
+kernel and target and returns an :class:`AOTKernel`: a plain record (``to_dict`` / JSON) with
+everything a launcher needs -- the PTX, its entry name, the constexpr specialisation, num_warps,
+shared memory, the grid as data and as a callable, the block, and the argument order that
+TensorRT's AOT Python plugins (``@trtp.aot_impl``) use: input pointers, then integer scalars, then
+output pointers. Triton appends hidden pointer parameters after those (global / profile scratch,
+triton >= 3.3); they are recorded in ``hidden_params`` and must be passed as null pointers (the
+kernels need no scratch: ``global_scratch_size`` is recorded and checked to be 0).
+
+The kernels must have been imported with ``TRITON_INTERPRET`` unset (interpreted kernels cannot be
+compiled): run ``python -m trellis_export.kernels.aot ...`` in its own process when in doubt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from trellis_export.config import TrellisConfig
+from trellis_export.errors import TrellisExportError
+from trellis_export.opdef import PLUGIN_NAME, op_attributes
+
+from .trellis_memory.utils import (
+    CONSTEXPR_ARGS,
+    INPUT_ARGS,
+    KERNELS,
+    OUTPUT_ARGS,
+    RUNTIME_ARGS,
+    SCALAR_ARGS,
+    LaunchConfig,
+    launch_config,
+    nl_code,
+)
+
+#: Targets compiled by default: A100 / Orin / Ada / Hopper.
+DEFAULT_TARGETS: tuple[int, ...] = (80, 87, 89, 90)
+_PTR = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
+#: PTX parameter type of each triton signature type.
+PTX_PARAM = {"ptr": "u64", "i32": "u32"}
+#: How each scalar argument derives from the op's input shapes (q is [B, T, H, d]).
+SCALAR_EXPRS: dict[str, str] = {"T": "q.shape[1]"}
+
+
+class AOTError(TrellisExportError):
+    """Ahead-of-time compilation could not run (bad flag or interpreter mode)."""
+
+
+@dataclass
+class AOTKernel:
+    """One compiled kernel for one target: the launch record a plugin or a driver-API launcher needs."""
+
+    kernel: str                       # "fused_recurrent" | "chunk"
+    name: str                         # PTX entry name (cuModuleGetFunction)
+    target: str                       # "sm_90"
+    cc: int
+    ptx: str
+    ptx_target: str                   # as written in the PTX (.target), e.g. "sm_90a"
+    ptx_version: str                  # PTX ISA (.version); the driver must support it
+    triton_version: str
+    dtype: str                        # q, k, v, a and o
+    gate_dtype: str                   # beta, gamma
+    constexprs: dict[str, Any]
+    signature: list[tuple[str, str]]  # runtime args in launch order: (name, triton type)
+    inputs: list[str]
+    scalars: list[str]
+    outputs: list[str]
+    scalar_exprs: dict[str, str]
+    hidden_params: list[str]          # trailing params triton adds (pass null pointers)
+    ptx_params: list[str]             # .param types of the entry, in order
+    num_warps: int
+    num_stages: int
+    shared_mem: int                   # dynamic shared memory bytes at launch
+    global_scratch_size: int
+    grid: str = LaunchConfig.GRID_EXPR
+    block: tuple[int, int, int] = (32, 1, 1)
+    plugin: dict[str, Any] = field(default_factory=dict)
+
+    def grid_fn(self, B: int, H: int) -> tuple[int, int, int]:
+        """The grid for B rows of H heads (the data in ``grid``: one program per (row, head))."""
+        return (B * H, 1, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["signature"] = [list(x) for x in self.signature]
+        d["block"] = list(self.block)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AOTKernel:
+        d = dict(data)
+        d["signature"] = [tuple(x) for x in d["signature"]]
+        d["block"] = tuple(d["block"])
+        return cls(**d)
+
+
+def _kernel_fn(kernel: str) -> Any:
+    from triton.runtime.jit import JITFunction
+
+    from .trellis_memory.chunk import chunk_trellis_fwd_kernel
+    from .trellis_memory.fused_recurrent import fused_recurrent_trellis_fwd_kernel
+    fn = {"fused_recurrent": fused_recurrent_trellis_fwd_kernel, "chunk": chunk_trellis_fwd_kernel}[kernel]
+    if not isinstance(fn, JITFunction):
+        raise AOTError("the kernels were imported with TRITON_INTERPRET=1 and cannot be compiled; run "
+                       "`python -m trellis_export.kernels.aot` in a process without TRITON_INTERPRET")
+    return fn
+
+
+def parse_ptx_entry(ptx: str) -> tuple[str, list[str]]:
+    """The entry's name and its ``.param`` types in order (e.g. ``["u64", ..., "u32", ...]``)."""
+    mt = re.search(r"\.entry\s+(\w+)\s*\((.*?)\)", ptx, re.S)
+    if mt is None:
+        raise AOTError("no .entry found in the PTX")
+    params = re.findall(r"\.param\s+\.(\w+)", mt.group(2))
+    return mt.group(1), params
+
+
+def ptx_target(ptx: str) -> str:
+    mt = re.search(r"^\s*\.target\s+(\w+)", ptx, re.M)
+    return mt.group(1) if mt else ""
+
+
+def kernel_signature(dtype: str, gate_dtype: str) -> list[tuple[str, str]]:
+    """Triton types of the runtime arguments, in launch order."""
+    for name, dt in (("dtype", dtype), ("gate_dtype", gate_dtype)):
+        if dt not in _PTR:
+            raise AOTError(f"{name} must be one of {', '.join(_PTR)}, got {dt!r}")
+    types = {n: _PTR[dtype] for n in ("q", "k", "v", "a")}
+    types.update(beta=_PTR[gate_dtype], gamma=_PTR[gate_dtype], position="*i64", T="i32",
+                 out_o=_PTR[dtype])
+    return [(n, types.get(n, "*fp32")) for n in RUNTIME_ARGS]
+
+
+def constexprs_for(cfg: LaunchConfig, *, heads: int, slots: int, head_dim: int, chunk_size: int,
+                   phi: str, f: str, rho: str, eps: float, dot_precision: str = "ieee") -> dict[str, Any]:
+    """The constexpr specialisation (one source for the JIT wrappers' keyword arguments too)."""
+    cx = {"H": heads, "M": slots, "D": head_dim, "C": chunk_size, "BM": cfg.BM, "BD": cfg.BD,
+          "BC": cfg.BC, "PHI": nl_code(phi, "phi"), "F": nl_code(f, "f"), "RHO": nl_code(rho, "rho"),
+          "EPS": float(eps), "DOT_PRECISION": dot_precision}
+    assert tuple(cx) == CONSTEXPR_ARGS
+    return cx
+
+
+def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: int, chunk_size: int,
+                   phi: str = "ln_silu", f: str = "ln_silu", rho: str = "identity", eps: float = 1e-5,
+                   dtype: str = "float32", gate_dtype: str | None = None) -> AOTKernel:
+    """Compile one kernel for ``sm_<cc>`` and return its launch record (no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if kernel not in KERNELS:
+        raise AOTError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    gate_dtype = gate_dtype or dtype
+    for name, val in (("heads", heads), ("slots", slots), ("head_dim", head_dim), ("chunk_size", chunk_size)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise AOTError(f"{name} must be an integer >= 1, got {val!r}")
+    try:
+        cfg = launch_config(kernel, slots, head_dim, chunk_size)
+        cx = constexprs_for(cfg, heads=heads, slots=slots, head_dim=head_dim, chunk_size=chunk_size,
+                            phi=phi, f=f, rho=rho, eps=eps)
+    except ValueError as exc:
+        raise AOTError(str(exc)) from None
+    sig = kernel_signature(dtype, gate_dtype)
+    full_sig = dict(sig)
+    full_sig.update({k: "constexpr" for k in cx})
+    fn = _kernel_fn(kernel)
+    src = ASTSource(fn, full_sig, constexprs=cx)
+    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    md = compiled.metadata
+    ptx = compiled.asm["ptx"]
+    entry, params = parse_ptx_entry(ptx)
+    n_hidden = len(params) - len(sig)
+    hidden = ["global_scratch", "profile_scratch", *[f"hidden_{i}" for i in range(2, n_hidden)]][:n_hidden]
+    gss = int(getattr(md, "global_scratch_size", 0) or 0)
+    mver = re.search(r"^\s*\.version\s+([\d.]+)", ptx, re.M)
+    attrs = op_attributes_from(chunk_size=chunk_size, phi=phi, f=f, rho=rho, eps=eps)
+    return AOTKernel(
+        kernel=kernel, name=entry, target=f"sm_{cc}", cc=cc, ptx=ptx, ptx_target=ptx_target(ptx),
+        ptx_version=mver.group(1) if mver else "", triton_version=triton.__version__, dtype=dtype,
+        gate_dtype=gate_dtype, constexprs=cx, signature=sig, inputs=list(INPUT_ARGS),
+        scalars=list(SCALAR_ARGS), outputs=list(OUTPUT_ARGS), scalar_exprs=dict(SCALAR_EXPRS),
+        hidden_params=hidden, ptx_params=params, num_warps=int(md.num_warps), num_stages=cfg.num_stages,
+        shared_mem=int(md.shared), global_scratch_size=gss, grid=LaunchConfig.GRID_EXPR,
+        block=(32 * int(md.num_warps), 1, 1),
+        plugin={"plugin_id": PLUGIN_NAME, "attributes": attrs,
+                "aot_impl_returns": "(kernel_name=name, ptx, KernelLaunchParams(grid_x=B*H, block_x="
+                                    "32*num_warps, shared_mem), SymIntExprs([T]))",
+                "hidden_params_note": "triton appends these pointer params after the outputs; a "
+                                      "launcher passes null (global_scratch_size must be 0)"})
+
+
+def op_attributes_from(**attrs: Any) -> dict[str, Any]:
+    """The op attributes of opdef.op_attributes, built from loose values."""
+    cfg = TrellisConfig().replace(chunk_size=attrs["chunk_size"], phi=attrs["phi"], f=attrs["f"],
+                                  rho=attrs["rho"], eps=float(attrs["eps"]))
+    return op_attributes(cfg)
+
+
+def compile_config(config: TrellisConfig, targets: tuple[int, ...] = DEFAULT_TARGETS,
+                   dtype: str = "float32", gate_dtype: str | None = None,
+                   kernels: tuple[str, ...] = KERNELS) -> list[AOTKernel]:
+    """Every kernel for every target, specialised to a model config."""
+    return [compile_kernel(k, cc, heads=config.n_heads, slots=config.n_slots, head_dim=config.head_dim,
+                           chunk_size=config.chunk_size, phi=config.phi, f=config.f, rho=config.rho,
+                           eps=config.eps, dtype=dtype, gate_dtype=gate_dtype)
+            for k in kernels for cc in targets]
+
+
+def _parse_targets(text: str) -> tuple[int, ...]:
+    out = []
+    for tok in text.split(","):
+        tok = tok.strip().removeprefix("sm_")
+        if not tok.isdigit():
+            raise AOTError(f"--targets must be compute capabilities like 80,87,89,90 or sm_90; got {text!r}")
+        out.append(int(tok))
+    return tuple(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trellis_export.kernels.aot",
+                                description="Compile the Trellis memory kernels to PTX (no GPU needed).")
+    p.add_argument("--config", help="TrellisConfig JSON file (default: the default config)")
+    p.add_argument("--targets", default=",".join(map(str, DEFAULT_TARGETS)))
+    p.add_argument("--dtype", default="float32", choices=sorted(_PTR))
+    p.add_argument("--gate-dtype", default=None, choices=sorted(_PTR))
+    p.add_argument("--kernels", default=",".join(KERNELS))
+    p.add_argument("--out", required=True, help="JSON file of the launch records (written atomically)")
+    args = p.parse_args(argv)
+    try:
+        config = TrellisConfig.load(args.config) if args.config else TrellisConfig()
+        kernels = tuple(k.strip() for k in args.kernels.split(","))
+        recs = compile_config(config, _parse_targets(args.targets), args.dtype, args.gate_dtype, kernels)
+        from trellis_export.fileio import atomic_write_bytes
+        atomic_write_bytes(args.out, json.dumps([r.to_dict() for r in recs], indent=1).encode())
+    except TrellisExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for r in recs:
+        print(f"{r.kernel:16s} {r.target:6s} {r.name} warps={r.num_warps} shared={r.shared_mem} "
+              f"params={len(r.ptx_params)} ptx={len(r.ptx)}B")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
