@@ -1,0 +1,159 @@
+"""The ONNX Runtime streaming backend. Importing or running it never imports torch.
+
+The model's ``metadata_props`` carry the config, the state spec and the fingerprint (written by the
+exporter); the session reads them from there, checks that the graph's inputs and outputs are the ones
+the spec names, and reports the execution providers ONNX Runtime actually uses
+(``InferenceSession.get_providers()``), not the ones requested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import ConfigError, TrellisConfig
+from ..state import state_spec
+from .base import Session, SessionError, StateDict
+from .metadata import CONFIG_KEYS, FINGERPRINT_KEYS, STATE_SPEC_KEYS, lookup
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+              "tensor(int64)": "int64"}
+
+
+def default_providers() -> list[str]:
+    """CUDA when this onnxruntime build has it, then CPU."""
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
+
+
+class OrtSession(Session):
+    """Streams an exported Trellis ONNX model with onnxruntime.
+
+    ``providers``: execution providers to request (default: CUDA if available, then CPU); the ones in use
+    are in ``self.providers`` and any requested one that did not load is in ``self.providers_missing``.
+    ``threads``: intra-op threads (None: onnxruntime's default). ``profile``: a file prefix to enable
+    ORT profiling (see :meth:`end_profiling`).
+    """
+
+    backend = "ort"
+
+    def __init__(self, model_path: str | os.PathLike[str], *, providers: Sequence[str] | None = None,
+                 threads: int | None = None, profile: str | None = None,
+                 optimization: str = "all") -> None:
+        import onnxruntime as ort
+
+        path = Path(model_path)
+        if not path.is_file():
+            raise SessionError(f"{path}: no such ONNX model file")
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+        if optimization not in levels:
+            raise SessionError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
+        so.graph_optimization_level = levels[optimization]
+        if threads is not None:
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        if profile:
+            so.enable_profiling = True
+            so.profile_file_prefix = str(profile)
+        requested = list(providers) if providers else default_providers()
+        available = ort.get_available_providers()
+        unknown = [p for p in requested if p not in available]
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=so,
+                                                providers=[p for p in requested if p in available]
+                                                or ["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf / InvalidGraph ...
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SessionError(f"{path}: onnxruntime cannot load this model ({msg})") from None
+        self.model_path = str(path)
+        self.providers = list(self.session.get_providers())
+        self.providers_requested = requested
+        self.providers_missing = sorted(set(unknown) | (set(requested) - set(self.providers)))
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        self._read_metadata(path)
+        self._check_graph(path)
+
+    # ------------------------------------------------------------------ metadata and graph
+    def _read_metadata(self, path: Path) -> None:
+        cfg_key, cfg_text = lookup(self.metadata, CONFIG_KEYS)
+        if cfg_text is None:
+            raise SessionError(f"{path}: no Trellis config in the model's metadata_props (looked for "
+                               f"{', '.join(CONFIG_KEYS)}); export it with trellis-export")
+        try:
+            self.config = TrellisConfig.from_json(cfg_text, source=f"{path} metadata '{cfg_key}'")
+        except ConfigError as exc:
+            raise SessionError(str(exc)) from None
+        _, fp = lookup(self.metadata, FINGERPRINT_KEYS)
+        if not fp:
+            raise SessionError(f"{path}: no fingerprint in the model's metadata_props (looked for "
+                               f"{', '.join(FINGERPRINT_KEYS)})")
+        self.fingerprint = fp
+        spec_key, spec_text = lookup(self.metadata, STATE_SPEC_KEYS)
+        act = None
+        if spec_text is not None:
+            try:
+                spec = json.loads(spec_text)
+            except json.JSONDecodeError:
+                raise SessionError(f"{path}: metadata '{spec_key}' is not valid JSON") from None
+            mine = [t.to_dict() for t in state_spec(self.config)]
+            if spec.get("tensors") != mine:
+                raise SessionError(f"{path}: the state spec in metadata '{spec_key}' does not match the "
+                                   "state spec of the model's config")
+            act = spec.get("activation_dtype")
+        self._metadata_activation = act
+
+    def _check_graph(self, path: Path) -> None:
+        ins = {i.name: i for i in self.session.get_inputs()}
+        outs = {o.name: o for o in self.session.get_outputs()}
+        problems = []
+        for name in ["input_ids"] + [t.past_name for t in self.state_spec]:
+            if name not in ins:
+                problems.append(f"missing input '{name}'")
+        for name in ["logits"] + [t.present_name for t in self.state_spec]:
+            if name not in outs:
+                problems.append(f"missing output '{name}'")
+        if problems:
+            raise SessionError(f"{path}: graph does not follow the state spec: " + "; ".join(problems))
+        conv = next(t for t in self.state_spec if t.dtype == "activation")
+        act = _ORT_TYPES.get(ins[conv.past_name].type)
+        if act not in ("float32", "float16"):
+            raise SessionError(f"{path}: input '{conv.past_name}' has type {ins[conv.past_name].type}, "
+                               "expected tensor(float) or tensor(float16)")
+        if self._metadata_activation not in (None, act):
+            raise SessionError(f"{path}: metadata says activation dtype {self._metadata_activation} but "
+                               f"input '{conv.past_name}' is {act}")
+        self.activation_dtype = act
+        self.memory_dtype = "float32"
+        self._input_names = ["input_ids"] + [t.past_name for t in self.state_spec]
+        self._output_names = ["logits"] + [t.present_name for t in self.state_spec]
+        self._state_names = [t.name for t in self.state_spec]
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out.update(model=self.model_path, providers_requested=self.providers_requested,
+                   providers_missing=self.providers_missing)
+        return out
+
+    # ------------------------------------------------------------------ run
+    def _run(self, input_ids: np.ndarray, state: StateDict) -> tuple[np.ndarray, StateDict]:
+        feeds = {"input_ids": input_ids}
+        for name in self._state_names:
+            feeds["past." + name] = state[name]
+        res = self.session.run(self._output_names, feeds)
+        return res[0], dict(zip(self._state_names, res[1:]))
+
+    def end_profiling(self) -> str:
+        """Stop ORT profiling; returns the JSON trace file's path."""
+        return self.session.end_profiling()
