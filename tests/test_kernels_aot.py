@@ -1,0 +1,109 @@
+"""AOT compilation of the kernels for every target, on the CPU (no GPU, no TensorRT).
+
+The compiler runs in a subprocess without TRITON_INTERPRET (interpreted kernels cannot be compiled,
+and other test modules import the kernels in interpreter mode).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("triton")
+
+from trellis_export.kernels.aot import (  # noqa: E402
+    DEFAULT_TARGETS,
+    PTX_PARAM,
+    AOTKernel,
+    parse_ptx_entry,
+)
+from trellis_export.kernels.trellis_memory.utils import (  # noqa: E402
+    INPUT_ARGS,
+    KERNELS,
+    OUTPUT_ARGS,
+    SCALAR_ARGS,
+    launch_config,
+)
+
+from trellis_export.config import TrellisConfig  # noqa: E402
+from trellis_export.opdef import INPUTS, OUTPUTS, PLUGIN_NAME, op_attributes  # noqa: E402
+
+CONFIG = TrellisConfig(vocab_size=32, d_model=12, n_layers=1, n_heads=3, head_dim=5, n_slots=7,
+                       chunk_size=3, ffn_dim=24, phi="l2_silu", f="ln_silu", rho="identity")
+
+
+def _run_aot(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "trellis_export.kernels.aot", *args], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=tmp)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("aot")
+    (tmp / "config.json").write_text(CONFIG.to_json())
+    proc = _run_aot(tmp, "--config", "config.json", "--out", "aot.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp / "aot.json").read_text())
+
+
+def test_every_kernel_compiled_for_every_target(records: list[dict[str, Any]]) -> None:
+    got = sorted((r["kernel"], r["cc"]) for r in records)
+    assert got == sorted((k, cc) for k in KERNELS for cc in DEFAULT_TARGETS)
+
+
+def test_ptx_target_and_entry_params(records: list[dict[str, Any]]) -> None:
+    for r in records:
+        ptx = r["ptx"]
+        cc = r["cc"]
+        target = r["ptx_target"]
+        # sm_90 compiles to the arch-specific sm_90a; the others exactly sm_XX
+        assert target in (f"sm_{cc}", f"sm_{cc}a"), (r["kernel"], target)
+        assert f".target {target}" in ptx
+        name, params = parse_ptx_entry(ptx)
+        assert name == r["name"] and name.endswith("_kernel")
+        sig = r["signature"]
+        # inputs, then scalars, then outputs: the order of TensorRT AOT plugins
+        assert [n for n, _ in sig] == list(INPUT_ARGS) + list(SCALAR_ARGS) + list(OUTPUT_ARGS)
+        assert r["inputs"] == list(INPUTS) and r["outputs"] == [f"out_{o}" for o in OUTPUTS]
+        assert len(params) == len(sig) + len(r["hidden_params"])
+        expected = [PTX_PARAM["i32" if t == "i32" else "ptr"] for _, t in sig]
+        expected += ["u64"] * len(r["hidden_params"])
+        assert params == expected
+        assert r["global_scratch_size"] == 0
+
+
+def test_launch_record_fields(records: list[dict[str, Any]]) -> None:
+    for r in records:
+        rec = AOTKernel.from_dict(r)
+        assert rec.to_dict() == r                      # JSON round trip
+        cfg = launch_config(rec.kernel, CONFIG.n_slots, CONFIG.head_dim, CONFIG.chunk_size)
+        assert rec.num_warps == cfg.num_warps and rec.block == (32 * cfg.num_warps, 1, 1)
+        assert rec.grid == "(B*H, 1, 1)" and rec.grid_fn(5, 3) == (15, 1, 1)
+        cx = rec.constexprs
+        assert (cx["H"], cx["M"], cx["D"], cx["C"]) == (3, 7, 5, 3)
+        assert (cx["BM"], cx["BD"], cx["BC"]) == (cfg.BM, cfg.BD, cfg.BC)
+        assert (cx["PHI"], cx["F"], cx["RHO"]) == (2, 1, 0)
+        assert rec.shared_mem >= 0 and rec.scalar_exprs == {"T": "q.shape[1]"}
+        assert rec.plugin["plugin_id"] == PLUGIN_NAME
+        assert rec.plugin["attributes"] == op_attributes(CONFIG)
+        assert rec.ptx_version and rec.triton_version
+
+
+def test_parse_ptx_entry_on_a_small_listing() -> None:
+    ptx = (".version 8.7\n.target sm_80\n.visible .entry foo_kernel(\n"
+           "\t.param .u64 .ptr .global .align 1 foo_param_0,\n\t.param .u32 foo_param_1\n)\n{\n}\n")
+    assert parse_ptx_entry(ptx) == ("foo_kernel", ["u64", "u32"])
+
+
+def test_aot_cli_reports_bad_flags(tmp_path: Path) -> None:
+    proc = _run_aot(tmp_path, "--targets", "hopper", "--out", "x.json")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: --targets must be") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.json").exists()

@@ -1,0 +1,196 @@
+"""Triton kernels vs the float64 reference op, run on the CPU by triton's interpreter.
+
+TRITON_INTERPRET is read when ``@triton.jit`` decorates a function (at import of the kernel
+modules), so it is set here before anything imports ``trellis_export.kernels``. Shapes are tiny
+(the interpreter costs ~1 ms per token-step per program).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("triton")
+
+from trellis_export.kernels.trellis_memory import (  # noqa: E402
+    chunk_trellis_fwd,
+    fused_recurrent_trellis_fwd,
+    trellis_memory_triton,
+)
+from trellis_export.kernels.trellis_memory.chunk import chunk_trellis_fwd_kernel  # noqa: E402
+from trellis_export.kernels.trellis_memory.fused_recurrent import (  # noqa: E402
+    fused_recurrent_trellis_fwd_kernel,
+)
+from trellis_export.kernels.trellis_memory.utils import CONSTEXPR_ARGS, RUNTIME_ARGS  # noqa: E402
+
+from trellis_export.config import TrellisConfig  # noqa: E402
+from trellis_export.metrics import rel_rms  # noqa: E402
+from trellis_export.model import TrellisLM  # noqa: E402
+from trellis_export.model.backends import memory_backend, use_backend  # noqa: E402
+from trellis_export.model.memory import MemoryState, trellis_memory  # noqa: E402
+
+if type(fused_recurrent_trellis_fwd_kernel).__name__ != "InterpretedFunction":
+    pytest.skip("the kernels were imported before TRITON_INTERPRET=1 was set (run this module alone)",
+                allow_module_level=True)
+
+TOL = 1e-5
+M, D, H = 7, 5, 3
+KERNELS = {"fused_recurrent": fused_recurrent_trellis_fwd, "chunk": chunk_trellis_fwd}
+
+
+def make_inputs(B: int, T: int, positions: list[int], seed: int = 0, dtype: torch.dtype = torch.float32,
+                gate_dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                                                 torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    q = F.normalize(r(B, T, H, D), dim=-1)
+    k = F.normalize(r(B, T, H, D), dim=-1)
+    v, a = r(B, T, H, D), r(B, T, H, M)
+    beta = 0.5 + 0.5 * torch.rand(B, T, H, generator=g)
+    gamma = torch.rand(B, T, H, generator=g)
+    acts = [x.to(dtype) for x in (q, k, v, a)] + [x.to(gate_dtype or dtype) for x in (beta, gamma)]
+    state = [r(B, H, M, D) / D ** 0.5 for _ in range(4)]
+    return acts, state, torch.tensor(positions, dtype=torch.int64)
+
+
+def reference(acts: list[torch.Tensor], state: list[torch.Tensor], pos: torch.Tensor, **kw: object
+              ) -> list[torch.Tensor]:
+    o, st = trellis_memory(*[x.double() for x in acts], MemoryState(*[s.double() for s in state]), pos,
+                           mode="step", **kw)
+    return [o, *st]
+
+
+def check(out: tuple[torch.Tensor, ...], ref: list[torch.Tensor], tol_o: float = TOL, tol_s: float = TOL
+          ) -> None:
+    names = ("o", "key_memory", "value_memory", "key_snapshot", "value_snapshot")
+    for name, x, r, tol in zip(names, out, ref, (tol_o, tol_s, tol_s, tol_s, tol_s)):
+        assert x.shape == r.shape, name
+        assert torch.isfinite(x).all(), f"{name} has non-finite entries"
+        err = rel_rms(x, r)
+        assert err <= tol, f"{name}: rel RMS {err:.3e} > {tol:.0e}"
+
+
+def test_kernel_signatures_follow_the_plugin_order() -> None:
+    expected = list(RUNTIME_ARGS + CONSTEXPR_ARGS)
+    assert fused_recurrent_trellis_fwd_kernel.arg_names == expected
+    assert chunk_trellis_fwd_kernel.arg_names == expected
+
+
+# (kernel, C, T, positions, phi, f, rho): odd shapes, T not a multiple of C, T = 1 decode, rows at
+# different chunk phases, every nonlinearity in every role at least once.
+CASES = [
+    ("fused_recurrent", 1, 5, [0, 3], "ln_silu", "ln_silu", "identity"),
+    ("fused_recurrent", 3, 7, [5, 0], "l2_silu", "identity", "ln_silu"),
+    ("fused_recurrent", 4, 1, [6, 4, 0], "identity", "l2_silu", "l2_silu"),
+    ("fused_recurrent", 4, 9, [2, 13], "ln_silu", "ln_silu", "identity"),
+    ("chunk", 1, 5, [0, 3], "ln_silu", "l2_silu", "identity"),
+    ("chunk", 3, 7, [5, 0], "identity", "ln_silu", "ln_silu"),
+    ("chunk", 3, 1, [4, 3, 0], "l2_silu", "ln_silu", "identity"),
+    ("chunk", 4, 11, [2, 13], "ln_silu", "identity", "l2_silu"),
+    ("chunk", 16, 21, [9, 0], "ln_silu", "ln_silu", "identity"),
+]
+
+
+@pytest.mark.parametrize("kernel,C,T,positions,phi,f,rho", CASES)
+def test_kernel_matches_reference(kernel: str, C: int, T: int, positions: list[int], phi: str, f: str,
+                                  rho: str) -> None:
+    acts, state, pos = make_inputs(len(positions), T, positions, seed=C * 100 + T)
+    kw = dict(chunk_size=C, phi=phi, f=f, rho=rho, eps=1e-5)
+    out = KERNELS[kernel](*acts, *state, pos, **kw)
+    assert out[0].dtype == torch.float32 and all(s.dtype == torch.float32 for s in out[1:])
+    check(out, reference(acts, state, pos, **kw))
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_kernel_long_stream_split_into_calls(kernel: str) -> None:
+    """A 40-token stream in calls of 1, 6 and 33 tokens equals the reference over the whole stream."""
+    acts, state, pos = make_inputs(2, 40, [3, 0], seed=7)
+    kw = dict(chunk_size=4, phi="ln_silu", f="ln_silu", rho="identity")
+    ref = reference(acts, state, pos, **kw)
+    st, p, outs = state, pos.clone(), []
+    for t0, t1 in ((0, 1), (1, 7), (7, 40)):
+        o, *st = KERNELS[kernel](*[x[:, t0:t1] for x in acts], *st, p, **kw)
+        outs.append(o)
+        p = p + (t1 - t0)
+    check((torch.cat(outs, dim=1), *st), ref)
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_kernel_float16_inputs(kernel: str) -> None:
+    """float16 activations (and float16 gates): compute is float32 on the float16-rounded inputs;
+    the output is float16 (rounding ~3e-4 relative), the float32 state meets the 1e-5 tolerance."""
+    acts, state, pos = make_inputs(2, 6, [1, 0], seed=3, dtype=torch.float16)
+    kw = dict(chunk_size=3, phi="ln_silu", f="ln_silu", rho="identity")
+    out = KERNELS[kernel](*acts, *state, pos, **kw)
+    assert out[0].dtype == torch.float16
+    check(out, reference(acts, state, pos, **kw), tol_o=2e-3)
+
+
+def test_bfloat16_activations_float32_gates() -> None:
+    acts, state, pos = make_inputs(2, 5, [2, 0], seed=4, dtype=torch.bfloat16, gate_dtype=torch.float32)
+    kw = dict(chunk_size=3, phi="l2_silu", f="ln_silu", rho="identity")
+    out = chunk_trellis_fwd(*acts, *state, pos, **kw)
+    assert out[0].dtype == torch.bfloat16
+    check(out, reference(acts, state, pos, **kw), tol_o=1.5e-2)
+
+
+def test_custom_op_modes_agree_with_reference() -> None:
+    acts, state, pos = make_inputs(2, 5, [1, 0], seed=5)
+    kw = dict(chunk_size=3, phi="ln_silu", f="ln_silu", rho="identity", eps=1e-5)
+    ref = reference(acts, state, pos, **kw)
+    for mode in ("step", "chunked"):
+        o, st = trellis_memory_triton(*acts, MemoryState(*state), pos, mode=mode, **kw)
+        check((o, *st), ref)
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    acts, state, pos = make_inputs(1, 2, [0], seed=6)
+    with pytest.raises(TypeError, match="q must be float32, float16 or bfloat16"):
+        fused_recurrent_trellis_fwd(acts[0].double(), *acts[1:], *state, pos, chunk_size=2)
+    with pytest.raises(ValueError, match="phi must be one of"):
+        chunk_trellis_fwd(*acts, *state, pos, chunk_size=2, phi="tanh")
+    with pytest.raises(ValueError, match="position must be an int64"):
+        chunk_trellis_fwd(*acts, *state, pos.int(), chunk_size=2)
+    with pytest.raises(ValueError, match="memory backend must be one of"):
+        memory_backend("cuda")
+
+
+def tiny_model() -> TrellisLM:
+    cfg = TrellisConfig(vocab_size=32, d_model=12, n_layers=1, n_heads=H, head_dim=D, n_slots=M,
+                        chunk_size=3, ffn_dim=24)
+    torch.manual_seed(0)
+    return TrellisLM(cfg).eval()
+
+
+def test_model_with_triton_backend_streams_like_reference() -> None:
+    model = tiny_model()
+    ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, ref_state = model(ids, mode="step")
+        use_backend(model, "triton")
+        for mode in ("step", "chunked"):
+            logits, state = model(ids, mode=mode)
+            assert rel_rms(logits, ref) <= TOL
+            assert rel_rms(state["0.key_memory"], ref_state["0.key_memory"]) <= TOL
+        # decode: 4 tokens then one more token equals the whole call
+        _, st = model.step(ids[:, :4], model.init_state(2))
+        last, _ = model.step(ids[:, 4:], st)
+        assert rel_rms(last, ref[:, 4:]) <= TOL
+
+
+def test_torch_export_traces_through_the_custom_op() -> None:
+    """torch.export runs the fake implementation only; the op is a node of the exported graph."""
+    model = use_backend(tiny_model(), "triton")
+    ids = torch.randint(0, 32, (2, 4))
+    ep = torch.export.export(model, (ids,), kwargs={"mode": "chunked"}, strict=False)
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert sum("trellis_export.memory_triton" in t for t in targets) == model.config.n_layers
+    with torch.no_grad():
+        out, _ = ep.module()(ids, mode="chunked")
+        ref, _ = use_backend(model, "reference")(ids, mode="chunked")
+    assert rel_rms(out, ref) <= TOL
