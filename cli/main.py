@@ -35,6 +35,8 @@ def _register() -> None:
     # One import per command module; each module defines a click command named like the module.
     from . import info
     main.add_command(info.info)
+    from . import export
+    main.add_command(export.export)
 
 
 _register()
