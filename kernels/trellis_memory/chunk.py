@@ -105,17 +105,17 @@ def chunk_trellis_fwd(
     gamma: torch.Tensor, key_memory: torch.Tensor, value_memory: torch.Tensor,
     key_snapshot: torch.Tensor, value_snapshot: torch.Tensor, position: torch.Tensor, *,
     chunk_size: int, phi: str = "ln_silu", f: str = "ln_silu", rho: str = "identity",
-    eps: float = 1e-5, dot_precision: str = "ieee",
+    eps: float = 1e-5, dot_precision: str = "ieee", out: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the chunked kernel. Same contract as ``fused_recurrent_trellis_fwd``."""
-    from .common import prepare
+    from .common import _check_out, prepare
     from .fused_recurrent import _alloc
     if dot_precision not in ("ieee", "tf32"):
         raise ValueError(f"dot_precision must be 'ieee' or 'tf32', got {dot_precision!r}")
     args, (B, T, H, m, d) = prepare(q, k, v, a, beta, gamma, key_memory, value_memory, key_snapshot,
                                     value_snapshot, position)
     cfg = launch_config("chunk", m, d, chunk_size)
-    outs = _alloc(args[0], B, T, H, m, d)
+    outs = _alloc(args[0], B, T, H, m, d) if out is None else _check_out(out, args[0], B, T, H, m, d)
     chunk_trellis_fwd_kernel[cfg.grid(B, H)](
         *args, T, *outs,
         H=H, M=m, D=d, C=chunk_size, BM=cfg.BM, BD=cfg.BD, BC=cfg.BC,

@@ -47,3 +47,17 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, 
     args += [t.to(torch.float32).contiguous() for t in states.values()]
     args.append(position.contiguous())
     return args, (B, T, H, m, d)
+
+
+def _check_out(out: tuple[torch.Tensor, ...], q: torch.Tensor, B: int, T: int, H: int, m: int, d: int
+               ) -> tuple[torch.Tensor, ...]:
+    """Validate preallocated outputs (o, K, V, S_K, S_V)."""
+    shapes = [(B, T, H, d)] + [(B, H, m, d)] * 4
+    dtypes = [q.dtype] + [torch.float32] * 4
+    if len(out) != 5:
+        raise ValueError(f"out must hold 5 tensors (o, K, V, S_K, S_V), got {len(out)}")
+    for i, (t, s, dt) in enumerate(zip(out, shapes, dtypes)):
+        if tuple(t.shape) != s or t.dtype != dt or not t.is_contiguous() or t.device != q.device:
+            raise ValueError(f"out[{i}] must be a contiguous {dt} tensor of shape {s} on {q.device}, "
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    return tuple(out)

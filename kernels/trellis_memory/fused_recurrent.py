@@ -72,15 +72,17 @@ def fused_recurrent_trellis_fwd(
     gamma: torch.Tensor, key_memory: torch.Tensor, value_memory: torch.Tensor,
     key_snapshot: torch.Tensor, value_snapshot: torch.Tensor, position: torch.Tensor, *,
     chunk_size: int, phi: str = "ln_silu", f: str = "ln_silu", rho: str = "identity",
-    eps: float = 1e-5,
+    eps: float = 1e-5, out: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the streaming kernel. Inputs as in ``trellis_memory``; returns (o, K, V, S_K, S_V),
-    o in q's dtype, memories float32. Tensors are made contiguous; the state is float32."""
-    from .common import prepare
+    o in q's dtype, memories float32. Tensors are made contiguous; the state is float32.
+    ``out``: optional preallocated contiguous outputs (o, K, V, S_K, S_V), written in place (the GPU
+    suite poisons them with NaN first)."""
+    from .common import _check_out, prepare
     args, (B, T, H, m, d) = prepare(q, k, v, a, beta, gamma, key_memory, value_memory, key_snapshot,
                                     value_snapshot, position)
     cfg = launch_config("fused_recurrent", m, d, chunk_size)
-    outs = _alloc(args[0], B, T, H, m, d)
+    outs = _alloc(args[0], B, T, H, m, d) if out is None else _check_out(out, args[0], B, T, H, m, d)
     fused_recurrent_trellis_fwd_kernel[cfg.grid(B, H)](
         *args, T, *outs,
         H=H, M=m, D=d, C=chunk_size, BM=cfg.BM, BD=cfg.BD, BC=cfg.BC,

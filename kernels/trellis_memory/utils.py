@@ -75,7 +75,7 @@ def launch_config(kernel: str, m: int, d: int, chunk_size: int) -> LaunchConfig:
         BD = max(16, triton.next_power_of_2(d))
         BC = max(16, triton.next_power_of_2(chunk_size))
         tile = max(BM * BD, BC * BM, BC * BD)
-        num_warps = 4 if tile <= 4096 else 8
+        num_warps = 4 if tile <= 1024 else 8
     return LaunchConfig(kernel, BM, BD, BC, num_warps)
 
 
