@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from .. import __version__
 from ..checkpoint import model_fingerprint
 from ..errors import TrellisExportError
-from ..fileio import atomic_write_bytes
 from ..opdef import DOMAIN, OP_TYPE, OP_VERSION, OPSET
 from ..state import state_spec, state_spec_json
 from .custom_op import TRANSLATION_TABLE, export_memory_fn
@@ -34,9 +33,9 @@ from .meta import (
     META_STATE_SPEC,
 )
 
-__all__ = ["export_onnx", "export_model_proto", "tensorrt_view", "ExportError", "META_CONFIG",
-           "META_STATE_SPEC", "META_FINGERPRINT", "META_EXPORTER_VERSION", "META_OPSET",
-           "META_ACTIVATION_DTYPE", "EXTERNAL_DATA_THRESHOLD", "DTYPES", "BATCH_DIM", "TOKENS_DIM"]
+__all__ = ["export_onnx", "export_model_proto", "save_model_atomic", "tensorrt_view", "save_tensorrt_view",
+           "check_exported", "check_output_path", "describe", "ExportError", "EXTERNAL_DATA_THRESHOLD",
+           "DTYPES", "BATCH_DIM", "TOKENS_DIM"]
 
 #: Models whose weights exceed this many bytes get their tensors in an external data file.
 EXTERNAL_DATA_THRESHOLD = int(1.5 * 1024**3)
@@ -78,7 +77,6 @@ def _prepare(model: nn.Module, dtype: str) -> nn.Module:
 
 def _rename_dims(model: onnx.ModelProto, ids_name: str) -> None:
     """Give the dynamic axes stable names: ``batch`` and ``tokens`` everywhere they appear."""
-    dims = model.graph.input[0].type.tensor_type.shape.dim
     inp = next(i for i in model.graph.input if i.name == ids_name)
     dims = inp.type.tensor_type.shape.dim
     mapping = {dims[0].dim_param: BATCH_DIM, dims[1].dim_param: TOKENS_DIM}
@@ -155,15 +153,27 @@ def _weights_bytes(model: nn.Module, dtype: str) -> int:
     return sum(p.numel() for p in model.parameters()) * size
 
 
-def check_exported(path: str | os.PathLike[str]) -> None:
-    """onnx.checker (full) and strict shape inference on a saved model; raises ExportError."""
+def check_exported(path: str | os.PathLike[str], *, strict_shapes: bool = True) -> None:
+    """onnx.checker (full) and, unless ``strict_shapes=False``, strict shape inference on a saved
+    model; raises ExportError."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
-        proto = onnx.load(str(path), load_external_data=False)
-        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+        if strict_shapes:
+            proto = onnx.load(str(path), load_external_data=False)
+            onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"{path}: exported model fails the ONNX checks: {first}") from exc
+
+
+def check_output_path(path: str | os.PathLike[str]) -> Path:
+    """An output file path whose directory exists; raises ExportError otherwise."""
+    dest = Path(path)
+    if dest.is_dir():
+        raise ExportError(f"{dest}: is a directory; expected an output file path such as model.onnx")
+    if not dest.parent.is_dir():
+        raise ExportError(f"{dest.parent}: output directory does not exist")
+    return dest
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, dtype: str = "float32",
@@ -178,26 +188,35 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, dtype: str = 
     None -> only when the weights exceed 1.5 GiB; the data file is ``<name>.data`` beside the model.
     Writes are atomic (temp files + rename); the checks run before the files are moved in place.
     """
-    dest = Path(path)
-    if dest.is_dir():
-        raise ExportError(f"{dest}: is a directory; expected an output file path such as model.onnx")
-    if not dest.parent.exists():
-        raise ExportError(f"{dest.parent}: output directory does not exist")
+    dest = check_output_path(path)
     proto = export_model_proto(model, dtype=dtype, fingerprint=fingerprint)
     if external_data is None:
         external_data = _weights_bytes(model, dtype) > EXTERNAL_DATA_THRESHOLD
+    return save_model_atomic(proto, dest, external_data=external_data, check=check)
+
+
+def save_model_atomic(proto: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False,
+                      check: bool = True, strict_shapes: bool = True) -> Path:
+    """Save ``proto`` to ``path`` through a temporary directory beside it, check it there, then move
+    it in place (the external data file ``<name>.data`` first, then the model)."""
+    dest = check_output_path(path)
     data_name = dest.name + ".data"
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         tmp_model = tmpdir / dest.name
         if external_data:
-            onnx.save_model(proto, str(tmp_model), save_as_external_data=True,
+            copy_ = onnx.ModelProto()
+            copy_.CopyFrom(proto)
+            onnx.save_model(copy_, str(tmp_model), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
         else:
             tmp_model.write_bytes(proto.SerializeToString())
         if check:
-            check_exported(tmp_model)
+            check_exported(tmp_model, strict_shapes=strict_shapes)
         if external_data and (tmpdir / data_name).exists():
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmpdir / data_name, 0o666 & ~umask)
             os.replace(tmpdir / data_name, dest.parent / data_name)
         os.replace(tmp_model, dest)
     finally:
@@ -216,11 +235,12 @@ def tensorrt_view(model_proto: onnx.ModelProto) -> onnx.ModelProto:
     return view
 
 
-def save_tensorrt_view(model_proto: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
-    """Write :func:`tensorrt_view` of a model (weights inline) atomically."""
-    view = tensorrt_view(model_proto)
-    atomic_write_bytes(path, view.SerializeToString())
-    return Path(path)
+def save_tensorrt_view(model_proto: onnx.ModelProto, path: str | os.PathLike[str], *,
+                       external_data: bool = False) -> Path:
+    """Write :func:`tensorrt_view` of a model atomically, after onnx.checker (shape inference cannot
+    see through the custom node once its function body is gone)."""
+    return save_model_atomic(tensorrt_view(model_proto), path, external_data=external_data,
+                             strict_shapes=False)
 
 
 def describe(model_proto: onnx.ModelProto) -> dict[str, Any]:
