@@ -92,6 +92,11 @@ def _inner_grad(phi: str, z: Tensor, a: Tensor, eps: float) -> Tensor:
 # --------------------------------------------------------------------------- validation
 def _validate(q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor, gamma: Tensor,
               state: MemoryState, position: Tensor, chunk_size: int, mode: str) -> None:
+    named = (("q", q), ("k", k), ("v", v), ("a", a), ("beta", beta), ("gamma", gamma),
+             *((f"state.{n}", t) for n, t in zip(MemoryState._fields, state)))
+    for name, t in named:
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T, H, d], got shape {tuple(q.shape)}")
     B, T, H, d = q.shape
