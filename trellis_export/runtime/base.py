@@ -116,8 +116,11 @@ class Session(ABC):
             if not isinstance(x, np.ndarray):
                 raise StateError(f"{source}: state tensor '{t.name}' must be a numpy array, got "
                                  f"{type(x).__name__}")
-            if batch is None and x.ndim >= 1:
-                batch = int(x.shape[0])
+        if batch is None:   # the batch most tensors agree on, so that the odd one out is named
+            leading = [int(state[t.name].shape[0]) for t in spec if state[t.name].ndim >= 1]
+            batch = max(set(leading), key=leading.count) if leading else 1
+        for t in spec:
+            x = state[t.name]
             want_shape = t.concrete_shape(batch if batch is not None else 1)
             if tuple(x.shape) != want_shape:
                 raise StateError(f"{source}: state tensor '{t.name}' has shape {list(x.shape)}, expected "
@@ -158,10 +161,8 @@ class Session(ABC):
         if state is None:
             state = self.init_state(ids.shape[0])
         else:
-            batch = self.validate_state(state)
-            if batch != ids.shape[0]:
-                raise StateError(f"state tensor 'position' has batch {batch} but input_ids has "
-                                 f"{ids.shape[0]} rows")
+            self.validate_state(state, batch=ids.shape[0], source=f"state (batch {ids.shape[0]} "
+                                "like input_ids)")
         return self._run(ids, dict(state))
 
     @abstractmethod

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from ..config import ConfigError, TrellisConfig
+from ..export.meta import META_ACTIVATION_DTYPE, META_CONFIG, META_FINGERPRINT, META_STATE_SPEC
 from ..state import state_spec
 from .base import Session, SessionError, StateDict
-from .metadata import CONFIG_KEYS, FINGERPRINT_KEYS, STATE_SPEC_KEYS, lookup
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
               "tensor(int64)": "int64"}
@@ -87,31 +87,31 @@ class OrtSession(Session):
 
     # ------------------------------------------------------------------ metadata and graph
     def _read_metadata(self, path: Path) -> None:
-        cfg_key, cfg_text = lookup(self.metadata, CONFIG_KEYS)
+        cfg_text = self.metadata.get(META_CONFIG)
         if cfg_text is None:
-            raise SessionError(f"{path}: no Trellis config in the model's metadata_props (looked for "
-                               f"{', '.join(CONFIG_KEYS)}); export it with trellis-export")
+            raise SessionError(f"{path}: no Trellis config in the model's metadata_props (key "
+                               f"'{META_CONFIG}'); export the model with trellis-export")
         try:
-            self.config = TrellisConfig.from_json(cfg_text, source=f"{path} metadata '{cfg_key}'")
+            self.config = TrellisConfig.from_json(cfg_text, source=f"{path} metadata '{META_CONFIG}'")
         except ConfigError as exc:
             raise SessionError(str(exc)) from None
-        _, fp = lookup(self.metadata, FINGERPRINT_KEYS)
+        fp = self.metadata.get(META_FINGERPRINT)
         if not fp:
-            raise SessionError(f"{path}: no fingerprint in the model's metadata_props (looked for "
-                               f"{', '.join(FINGERPRINT_KEYS)})")
+            raise SessionError(f"{path}: no fingerprint in the model's metadata_props (key "
+                               f"'{META_FINGERPRINT}')")
         self.fingerprint = fp
-        spec_key, spec_text = lookup(self.metadata, STATE_SPEC_KEYS)
-        act = None
+        spec_text = self.metadata.get(META_STATE_SPEC)
+        act = self.metadata.get(META_ACTIVATION_DTYPE)
         if spec_text is not None:
             try:
                 spec = json.loads(spec_text)
             except json.JSONDecodeError:
-                raise SessionError(f"{path}: metadata '{spec_key}' is not valid JSON") from None
+                raise SessionError(f"{path}: metadata '{META_STATE_SPEC}' is not valid JSON") from None
             mine = [t.to_dict() for t in state_spec(self.config)]
-            if spec.get("tensors") != mine:
-                raise SessionError(f"{path}: the state spec in metadata '{spec_key}' does not match the "
-                                   "state spec of the model's config")
-            act = spec.get("activation_dtype")
+            if not isinstance(spec, dict) or spec.get("tensors") != mine:
+                raise SessionError(f"{path}: the state spec in metadata '{META_STATE_SPEC}' does not "
+                                   "match the state spec of the model's config")
+            act = act or spec.get("activation_dtype")
         self._metadata_activation = act
 
     def _check_graph(self, path: Path) -> None:
