@@ -37,6 +37,10 @@ def _register() -> None:
     main.add_command(info.info)
     from . import export
     main.add_command(export.export)
+    from . import verify
+    main.add_command(verify.verify)
+    from . import train
+    main.add_command(train.train)
 
 
 _register()
