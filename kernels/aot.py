@@ -16,6 +16,7 @@ compiled): run ``python -m trellis_export.kernels.aot ...`` in its own process w
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import json
 import re
@@ -81,6 +82,7 @@ class AOTKernel:
     grid: str = LaunchConfig.GRID_EXPR
     block: tuple[int, int, int] = (32, 1, 1)
     plugin: dict[str, Any] = field(default_factory=dict)
+    cubin_b64: str = ""               # optional: the cubin triton's ptxas made from the same PTX
 
     def grid_fn(self, B: int, H: int) -> tuple[int, int, int]:
         """The grid for B rows of H heads (the data in ``grid``: one program per (row, head))."""
@@ -149,8 +151,10 @@ def constexprs_for(cfg: LaunchConfig, *, heads: int, slots: int, head_dim: int, 
 
 def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: int, chunk_size: int,
                    phi: str = "ln_silu", f: str = "ln_silu", rho: str = "identity", eps: float = 1e-5,
-                   dtype: str = "float32", gate_dtype: str | None = None) -> AOTKernel:
-    """Compile one kernel for ``sm_<cc>`` and return its launch record (no GPU needed)."""
+                   dtype: str = "float32", gate_dtype: str | None = None,
+                   include_cubin: bool = False) -> AOTKernel:
+    """Compile one kernel for ``sm_<cc>`` and return its launch record (no GPU needed).
+    ``include_cubin`` adds the cubin of the same compilation (base64) for drivers older than the PTX."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -194,7 +198,8 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
                 "aot_impl_returns": "(kernel_name=name, ptx, KernelLaunchParams(grid_x=B*H, block_x="
                                     "32*num_warps, shared_mem), SymIntExprs([T]))",
                 "hidden_params_note": "triton appends these pointer params after the outputs; a "
-                                      "launcher passes null (global_scratch_size must be 0)"})
+                                      "launcher passes null (global_scratch_size must be 0)"},
+        cubin_b64=base64.b64encode(compiled.asm["cubin"]).decode() if include_cubin else "")
 
 
 def op_attributes_from(**attrs: Any) -> dict[str, Any]:
