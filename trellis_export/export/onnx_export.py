@@ -144,7 +144,10 @@ def export_model_proto(model: nn.Module, *, dtype: str = "float32",
     proto.metadata_props.extend(kept)
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
-    check_function_matches(proto)
+    try:
+        check_function_matches(proto)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     return proto
 
 
