@@ -39,8 +39,6 @@ def _register() -> None:
     main.add_command(export.export)
     from . import verify
     main.add_command(verify.verify)
-    from . import verify
-    main.add_command(verify.verify)
     from . import train
     main.add_command(train.train)
 
