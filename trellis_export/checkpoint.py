@@ -67,13 +67,13 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str],
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    old = None
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=meta)
         cfg = config.to_dict()
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if metadata:
             (tmp / "training.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        old = None
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)
@@ -82,6 +82,8 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str],
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not dest.exists():
+            os.replace(old, dest)   # the previous checkpoint goes back where it was
         raise
     return fp
 
