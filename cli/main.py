@@ -41,6 +41,8 @@ def _register() -> None:
     main.add_command(verify.verify)
     from . import train
     main.add_command(train.train)
+    from . import bench
+    main.add_command(bench.bench)
 
 
 _register()
