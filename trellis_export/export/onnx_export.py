@@ -34,8 +34,8 @@ from .meta import (
 )
 
 __all__ = ["export_onnx", "export_model_proto", "save_model_atomic", "tensorrt_view", "save_tensorrt_view",
-           "check_exported", "check_output_path", "describe", "ExportError", "EXTERNAL_DATA_THRESHOLD",
-           "DTYPES", "BATCH_DIM", "TOKENS_DIM"]
+           "check_exported", "check_output_path", "describe", "wants_external_data", "ExportError",
+           "EXTERNAL_DATA_THRESHOLD", "DTYPES", "BATCH_DIM", "TOKENS_DIM"]
 
 #: Models whose weights exceed this many bytes get their tensors in an external data file.
 EXTERNAL_DATA_THRESHOLD = int(1.5 * 1024**3)
@@ -193,9 +193,15 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, dtype: str = 
     """
     dest = check_output_path(path)
     proto = export_model_proto(model, dtype=dtype, fingerprint=fingerprint)
-    if external_data is None:
-        external_data = _weights_bytes(model, dtype) > EXTERNAL_DATA_THRESHOLD
-    return save_model_atomic(proto, dest, external_data=external_data, check=check)
+    return save_model_atomic(proto, dest, external_data=wants_external_data(model, dtype, external_data),
+                             check=check)
+
+
+def wants_external_data(model: nn.Module, dtype: str, external_data: bool | None = None) -> bool:
+    """``external_data`` when given, else whether the weights in ``dtype`` exceed 1.5 GiB."""
+    if external_data is not None:
+        return bool(external_data)
+    return _weights_bytes(model, dtype) > EXTERNAL_DATA_THRESHOLD
 
 
 def save_model_atomic(proto: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False,
