@@ -58,7 +58,7 @@ def export_memory_fn(q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor, g
 def op_schema() -> OpSchema:
     """An in-memory OpSchema for the node (only used to build it; never registered globally)."""
     fp = OpSchema.FormalParameter
-    act = {"q", "k", "v", "a", "beta", "gamma"}
+    act = {"q", "k", "v", "a"}             # beta, gamma are float32 gates (spec section 1)
     types = {"chunk_size": OpSchema.AttrType.INT, "eps": OpSchema.AttrType.FLOAT}
     attrs = ("chunk_size", "phi", "f", "rho", "eps", "plugin_namespace", "plugin_version")
     return OpSchema(
@@ -66,7 +66,7 @@ def op_schema() -> OpSchema:
         inputs=[fp(n, "T" if n in act else ("I" if n == "position" else "S")) for n in INPUTS],
         outputs=[fp(n, "T" if n == "o" else "S") for n in OUTPUTS],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "activations"),
-                          ("S", ["tensor(float)"], "memories (float32)"),
+                          ("S", ["tensor(float)"], "gates and memories (float32)"),
                           ("I", ["tensor(int64)"], "positions")],
         attributes=[OpSchema.Attribute(n, types.get(n, OpSchema.AttrType.STRING), "") for n in attrs])
 

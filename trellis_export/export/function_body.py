@@ -274,9 +274,10 @@ def memory_node_model(config: TrellisConfig, act_dtype: int = TensorProto.FLOAT)
     dims = {"q": ["B", "T", "H", "d"], "k": ["B", "T", "H", "d"], "v": ["B", "T", "H", "d"],
             "a": ["B", "T", "H", "m"], "beta": ["B", "T", "H"], "gamma": ["B", "T", "H"],
             "position": ["B"]}
+    acts = ("q", "k", "v", "a")       # beta, gamma (gates) and the memories are float32
     inputs = []
     for n in INPUTS:
-        dt = TensorProto.INT64 if n == "position" else (act_dtype if n in dims else TensorProto.FLOAT)
+        dt = TensorProto.INT64 if n == "position" else (act_dtype if n in acts else TensorProto.FLOAT)
         inputs.append(helper.make_tensor_value_info(f"in_{n}", dt, dims.get(n, ["B", "H", "m", "d"])))
     outputs = [helper.make_tensor_value_info(f"out_{n}", act_dtype if n == "o" else TensorProto.FLOAT,
                                              ["B", "T", "H", "d"] if n == "o" else ["B", "H", "m", "d"])

@@ -105,8 +105,12 @@ class TrellisLayer(nn.Module):
             q = F.normalize(q, dim=-1, eps=1e-6)
             k = F.normalize(k, dim=-1, eps=1e-6)
         a = self.a_proj(h).view(B, T, H, m)
-        beta = torch.sigmoid(self.beta_proj(h))
-        gamma = torch.sigmoid(self.gamma_proj(h))
+        # Gates are float32 even for float16/bfloat16 activations (spec section 1): the recurrence
+        # compounds beta over the whole stream, and a float16 beta drifts by 1e-2 in 300 tokens.
+        gd = torch.promote_types(h.dtype, torch.float32)
+        hg = h.to(gd)
+        beta = torch.sigmoid(F.linear(hg, self.beta_proj.weight.to(gd), self.beta_proj.bias.to(gd)))
+        gamma = torch.sigmoid(F.linear(hg, self.gamma_proj.weight.to(gd), self.gamma_proj.bias.to(gd)))
         o, new_memory = memory_fn(q, k, v, a, beta, gamma, memory, position, chunk_size=c.chunk_size,
                                   phi=c.phi, f=c.f, rho=c.rho, eps=c.eps, mode=mode)
         o = o.to(x.dtype).reshape(B, T, H * d)
