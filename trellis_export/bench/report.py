@@ -61,13 +61,17 @@ def format_table(report: dict[str, Any]) -> str:
         sb = models["kv_cache"]["state_bytes_per_stream"]
         lines.append("  kv-cache       " + ", ".join(f"{_human(int(n))}: {b:,}" for n, b in sb.items()))
     # problems
-    notes = sorted({(c["backend"], c["status"], c["reason"]) for c in report["cells"]
-                    if c["status"] != "ok"})
+    notes: dict[tuple[str, str, str], list[str]] = {}
+    for c in report["cells"]:
+        if c["status"] != "ok":
+            where = f"{_row_label(c)} B={c['batch']} {_human(c['context'])} {c['phase']}"
+            notes.setdefault((c["backend"], c["status"], c["reason"]), []).append(where)
     if notes:
         lines.append("")
         lines.append("not measured")
-        for backend, status, reason in notes:
-            lines.append(f"  {backend:<7}{status}: {reason}")
+        for (backend, status, reason), where in sorted(notes.items()):
+            which = "; ".join(where) if len(where) <= 3 else f"{len(where)} cells"
+            lines.append(f"  {backend:<7}{status} ({which}): {reason}")
     if report["crossover"]:
         lines.append("")
         lines.append("crossover (smallest context where Trellis decode p50 < KV-cache decode p50)")
@@ -169,10 +173,6 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str], batch: int
     ax[1].set(xscale="log", yscale="log", xlabel="context (tokens already in the state)",
               ylabel="decode p50 (ms)", title=f"decode latency vs context (B={batch})")
     ax[1].legend(fontsize=6)
-    for a in ax[1:]:
-        if contexts:
-            a.set_xticks(contexts, [_human(n) for n in contexts])
-            a.xaxis.set_minor_formatter(NullFormatter())
 
     # (c) state bytes per stream
     models = report["models"]
@@ -187,6 +187,10 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str], batch: int
     ax[2].set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="bytes per stream",
               title="state memory per stream")
     ax[2].legend(fontsize=6)
+    for a in ax[1:]:
+        if xs:
+            a.set_xticks(xs, [_human(n) for n in xs])
+            a.xaxis.set_minor_formatter(NullFormatter())
     for a in ax:
         a.grid(True, which="both", alpha=0.3)
     cpu = report["machine"].get("cpu_model") or "?"

@@ -401,13 +401,18 @@ def _decode_p50(cells: list[dict[str, Any]]) -> dict[tuple[str, str, int, int | 
     return out
 
 
+def _order(item: tuple[tuple[str, str, int, int | None], Any]) -> tuple[str, str, int, int]:
+    model, backend, batch, slots = item[0]
+    return (model, backend, batch, slots or 0)
+
+
 def crossover(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per backend, batch and memory size: the smallest context where Trellis decode (p50) is faster
     than the KV baseline's. Between two measured contexts that bracket the change of sign, the
     crossing is interpolated linearly in (log2 context, latency difference)."""
     p50 = _decode_p50(cells)
     out = []
-    for (model, backend, batch, slots), tr in sorted(p50.items(), key=lambda kv: str(kv[0])):
+    for (model, backend, batch, slots), tr in sorted(p50.items(), key=_order):
         if model != TRELLIS:
             continue
         kv = p50.get((KV, backend, batch, None))
@@ -442,7 +447,7 @@ def aims(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     lo, hi = AIM_FLAT_CONTEXTS
     flat = []
-    for (model, backend, batch, slots), tr in sorted(p50.items(), key=lambda kv: str(kv[0])):
+    for (model, backend, batch, slots), tr in sorted(p50.items(), key=_order):
         if model == TRELLIS and lo in tr and hi in tr:
             ratio = tr[hi] / tr[lo]
             flat.append({"backend": backend, "batch": batch, "n_slots": slots, "p50_1k_ms": tr[lo],
@@ -454,7 +459,7 @@ def aims(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "results": flat})
     n = AIM_SPEEDUP_CONTEXT
     speed = []
-    for (model, backend, batch, slots), tr in sorted(p50.items(), key=lambda kv: str(kv[0])):
+    for (model, backend, batch, slots), tr in sorted(p50.items(), key=_order):
         kv = p50.get((KV, backend, batch, None), {})
         if model == TRELLIS and backend == "ort" and n in tr and n in kv:
             s = kv[n] / tr[n]
