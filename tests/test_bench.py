@@ -358,3 +358,21 @@ def test_bench_bad_model_path_is_a_clear_error(tmp_path: Path) -> None:
     assert res.exit_code == 1 and res.output.startswith("error: ") and str(bad) in res.output
     res = CliRunner().invoke(main, ["bench", str(tmp_path / "missing"), "--backend", "ort"])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_bench_checkpoint_input_uses_its_own_memory_size(tiny_checkpoint, tmp_path: Path) -> None:
+    path, model = tiny_checkpoint
+    out = tmp_path / "ckpt.json"
+    res = CliRunner().invoke(main, ["bench", str(path), "--backend", "torch", "--context", "4,9", "--batch",
+                                    "2", "--phase", "decode", "--iterations", "2", "--duration", "0",
+                                    "--warmup", "0it", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["source"]["kind"] == "checkpoint"
+    from trellis_export.checkpoint import model_fingerprint
+    assert report["models"]["trellis"][0]["fingerprint"] == model_fingerprint(model)
+    trellis = [c for c in report["cells"] if c["model"] == TRELLIS]
+    assert {c["n_slots"] for c in trellis} == {model.config.n_slots}
+    assert all(c["status"] == "ok" for c in report["cells"]) and len(report["cells"]) == 4
+    res = CliRunner().invoke(main, ["bench", str(path), "--slots", "3", "--backend", "torch"])
+    assert res.exit_code == 1 and "error: --slots" in res.output
