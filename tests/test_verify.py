@@ -145,3 +145,23 @@ def test_bundled_checkpoint_long_stream(tmp_path: Path) -> None:
     assert [d["position"] for d in s["drift"]] == [64, 2500, 5000, 7500, 10_000]
     assert rep["status"] == "PASSED", json.dumps(rep["tensors"], indent=1)
     assert rep["top1_agreement"] >= 0.99
+
+
+def test_verify_float16_export_judges_logits_only(exported, tmp_path: Path) -> None:
+    """float16 models: logits judged at 5e-3 (spec section 8), state errors reported, conv cache fp16."""
+    from trellis_export.export import export_onnx
+    from trellis_export.runtime import open_session
+
+    ckpt, _, model = exported
+    path = export_onnx(model, tmp_path / "fp16.onnx", dtype="float16")
+    session = open_session("ort", model_path=path)
+    assert session.activation_dtype == "float16"
+    assert {t.name: str(session.init_state(1)[t.name].dtype) for t in session.state_spec
+            if t.field == "conv"} == {f"{i}.conv": "float16" for i in range(model.config.n_layers)}
+    rep = verify(ckpt, path, tokens=64, streams=("text",))
+    tensors = rep["tensors"]
+    assert tensors["logits"]["status"] in ("PASSED", "FAILED")
+    assert all(t["status"] == "REPORTED" for k, t in tensors.items() if k != "logits")
+    assert rep["streams"]["text"]["drift"][0]["tolerance"] == 5e-3
+    assert rep["status"] == ("PASSED" if tensors["logits"]["rel_rms"] <= 5e-3 else "FAILED")
+    assert 0.0 < tensors["logits"]["rel_rms"] < 1e-2       # fp16 rounding, not a broken graph

@@ -8,7 +8,8 @@ minimum uniform tolerance that would have passed, the error against stream posit
 agreement, and PASSED / FAILED against TRELLIS_SPEC.md section 8:
 
 * relative RMS <= 1e-5 for checks at stream positions <= 64, <= 1e-4 beyond (float32 models);
-* <= 5e-3 for float16 models (logits and state); ``tolerance=`` overrides both.
+* <= 5e-3 on the logits of float16 models (their state errors are reported, not judged);
+  ``tolerance=`` overrides all of these and judges every tensor.
 """
 
 from __future__ import annotations
@@ -101,8 +102,10 @@ class _TensorRecord:
         self.failed = 0
         self.first_failure: int | None = None
         self.finite = True
+        self.judged = False
 
-    def add(self, stats: dict[str, float], position: int, tol: float) -> bool:
+    def add(self, stats: dict[str, float], position: int, tol: float | None) -> bool:
+        """Record one check; ``tol=None`` reports without judging (float16 states)."""
         self.checks += 1
         self.max_abs = max(self.max_abs, stats["max_abs"])
         self.max_rel = max(self.max_rel, stats["max_rel"])
@@ -112,6 +115,9 @@ class _TensorRecord:
             r = math.inf
         if r >= self.worst_rel_rms:
             self.worst_rel_rms, self.worst_position = r, position
+        if tol is None:
+            return True
+        self.judged = True
         ok = bool(stats["finite"]) and r <= tol
         if not ok:
             self.failed += 1
@@ -123,7 +129,8 @@ class _TensorRecord:
         return {"max_abs": self.max_abs, "max_rel": self.max_rel, "rel_rms": self.worst_rel_rms,
                 "worst_position": self.worst_position, "min_tolerance": self.worst_rel_rms,
                 "checks": self.checks, "failed_checks": self.failed, "first_failure": self.first_failure,
-                "finite": self.finite, "status": "PASSED" if self.failed == 0 else "FAILED"}
+                "finite": self.finite,
+                "status": ("FAILED" if self.failed else "PASSED") if self.judged else "REPORTED"}
 
 
 def _run_stream(ids: np.ndarray, ref: Any, rt: Any, pieces: Sequence[int], interval: int,
@@ -158,6 +165,8 @@ def _run_stream(ids: np.ndarray, ref: Any, rt: Any, pieces: Sequence[int], inter
             timing["reference_s"] += time.perf_counter() - t0
             buf_ref.append(lr)
         tol = tolerance if tolerance is not None else spec_tolerance(pos, rt.activation_dtype)
+        # spec section 8 judges float16 models on the logits only; their states are reported
+        state_tol = None if tolerance is None and rt.activation_dtype == "float16" else tol
         lo_i, lr_i = np.concatenate(buf_rt, axis=1), np.concatenate(buf_ref, axis=1)
         buf_rt, buf_ref = [], []
         stats = error_stats(lo_i, lr_i)
@@ -165,7 +174,7 @@ def _run_stream(ids: np.ndarray, ref: Any, rt: Any, pieces: Sequence[int], inter
         worst_state, worst_state_err = "", 0.0
         for t in rt.state_spec:
             s = error_stats(rt_state[t.name], ref_state[t.name])
-            ok = records[t.name].add(s, pos, tol) and ok
+            ok = records[t.name].add(s, pos, state_tol) and ok
             if not (s["rel_rms"] <= worst_state_err):
                 worst_state, worst_state_err = t.name, s["rel_rms"]
         agree = float((lo_i.argmax(-1) == lr_i.argmax(-1)).mean())
@@ -243,7 +252,8 @@ def verify(checkpoint: str | os.PathLike[str] | None, model_path: str | os.PathL
                 cur["rel_rms"] = cur["min_tolerance"] = rec["rel_rms"]
                 cur["worst_position"] = rec["worst_position"]
             cur["finite"] = cur["finite"] and rec["finite"]
-            cur["status"] = "PASSED" if cur["failed_checks"] == 0 else "FAILED"
+            if cur["status"] != "REPORTED":
+                cur["status"] = "PASSED" if cur["failed_checks"] == 0 else "FAILED"
             if cur["first_failure"] is None:
                 cur["first_failure"] = rec["first_failure"]
     passed = all(r["status"] == "PASSED" for r in results.values())
