@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
+from pathlib import Path
 
 import click
 
@@ -25,6 +27,16 @@ def _backends(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
         return split_choices(value or ("torch", "ort"), BACKEND_NAMES)
     except ValueError as exc:
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+def _check_writable(ctx: click.Context, flag: str, path: str) -> None:
+    """Refuse an output path whose folder cannot hold it before running (a run can take minutes)."""
+    parent = Path(path).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise click.BadParameter(f"{path}: cannot write there ({parent} is not a writable directory)",
+                                 ctx=ctx, param_hint=f"'{flag}'")
 
 
 @click.command(cls=_RecordArgs)
@@ -80,6 +92,9 @@ def bench(ctx: click.Context, model: str | None, backends: list[str], slots: lis
     from trellis_export.bench.report import format_table, plot_report
     from trellis_export.bench.run import BenchSettings, run_bench, write_report
 
+    for flag, out in (("--json", json_out), ("--plot", plot_out)):
+        if out is not None:
+            _check_writable(ctx, flag, out)
     if plot_out is not None:
         try:
             import matplotlib  # noqa: F401

@@ -376,3 +376,11 @@ def test_bench_checkpoint_input_uses_its_own_memory_size(tiny_checkpoint, tmp_pa
     assert all(c["status"] == "ok" for c in report["cells"]) and len(report["cells"]) == 4
     res = CliRunner().invoke(main, ["bench", str(path), "--slots", "3", "--backend", "torch"])
     assert res.exit_code == 1 and "error: --slots" in res.output
+
+
+def test_bench_refuses_unwritable_outputs_before_running(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for flag in ("--json", "--plot"):
+        res = CliRunner().invoke(main, ["bench", flag, str(blocker / "out"), "--backend", "torch"])
+        assert res.exit_code == 2 and f"Invalid value for '{flag}'" in res.output
