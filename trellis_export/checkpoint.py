@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .config import ConfigError, TrellisConfig
 from .errors import TrellisExportError
-from .fileio import atomic_write_bytes  # noqa: F401  (re-exported: torch-free home in fileio)
+from .fileio import atomic_write_bytes, current_umask  # noqa: F401  (atomic_write_bytes re-exported)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -67,6 +67,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str],
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())      # a normal directory mode, not mkdtemp's 0700
     old = None
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=meta)

@@ -7,7 +7,8 @@ import tempfile
 from pathlib import Path
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (read without changing it for longer than one call)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -24,7 +25,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
