@@ -75,6 +75,8 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str],
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if metadata:
             (tmp / "training.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        for written in tmp.iterdir():       # safetensors writes 0600; give files the usual mode
+            os.chmod(written, 0o666 & ~current_umask())
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)
