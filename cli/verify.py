@@ -41,10 +41,16 @@ def _pieces(ctx: click.Context, param: click.Parameter, value: str | None) -> li
               help="Text file for the text stream (bytes mod vocab) [default: generated corpus].")
 @click.option("--providers", default=None,
               help="Comma-separated onnxruntime execution providers [default: CUDA if present, CPU].")
+@click.option("--resync", is_flag=True,
+              help="After each check, continue the ONNX model from the reference state: every interval "
+                   "is judged on its own (for models whose recurrence amplifies float32 rounding).")
+@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Intra-op threads of onnxruntime and torch (0: library defaults).")
 @click.option("--quiet", is_flag=True, help="Only the PASSED / FAILED line.")
 def verify(paths: tuple[str, ...], tokens: int, json_path: str | None, batch: int, seed: int,
            piece_sizes: list[int] | None, tolerance: float | None, interval: int | None,
-           text_path: str | None, providers: str | None, quiet: bool) -> None:
+           text_path: str | None, providers: str | None, resync: bool, threads: int,
+           quiet: bool) -> None:
     """Compare MODEL.onnx (onnxruntime) with the float64 PyTorch reference of CKPT (default: the bundled
     checkpoint) on streamed random and text tokens. Exit code 0 when PASSED, 1 when FAILED."""
     from trellis_export.verify import DEFAULT_PIECES, format_report, write_report
@@ -63,7 +69,7 @@ def verify(paths: tuple[str, ...], tokens: int, json_path: str | None, batch: in
         report = run_verify(ckpt, model, tokens=tokens, batch=batch, seed=seed, piece_sizes=pieces,
                             tolerance=tolerance, interval=interval, text=text_path,
                             providers=[p for p in providers.split(",") if p] if providers else None,
-                            progress=bar.update)
+                            resync=resync, threads=threads or None, progress=bar.update)
     if json_path:
         write_report(report, json_path)
     lines = format_report(report)

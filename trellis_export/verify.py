@@ -135,7 +135,7 @@ class _TensorRecord:
 
 def _run_stream(ids: np.ndarray, ref: Any, rt: Any, pieces: Sequence[int], interval: int,
                 tolerance: float | None, progress: Callable[[int], None] | None,
-                timing: dict[str, float]) -> dict[str, Any]:
+                timing: dict[str, float], resync: bool = False) -> dict[str, Any]:
     batch, tokens = ids.shape
     records: dict[str, _TensorRecord] = {"logits": _TensorRecord()}
     records.update({t.name: _TensorRecord() for t in rt.state_spec})
@@ -179,6 +179,8 @@ def _run_stream(ids: np.ndarray, ref: Any, rt: Any, pieces: Sequence[int], inter
                 worst_state, worst_state_err = t.name, s["rel_rms"]
         agree = float((lo_i.argmax(-1) == lr_i.argmax(-1)).mean())
         top1_agree += int((lo_i.argmax(-1) == lr_i.argmax(-1)).sum())
+        if resync:   # continue from the reference state: each interval is checked on its own
+            rt_state = {t.name: ref_state[t.name].astype(rt.state_dtype(t)) for t in rt.state_spec}
         drift.append({"position": pos, "tolerance": tol, "logits_rel_rms": stats["rel_rms"],
                       "logits_max_abs": stats["max_abs"], "top1_agreement": agree,
                       "state_rel_rms_max": worst_state_err, "worst_state": worst_state,
@@ -195,11 +197,16 @@ def verify(checkpoint: str | os.PathLike[str] | None, model_path: str | os.PathL
            piece_sizes: Sequence[int] = DEFAULT_PIECES, tolerance: float | None = None,
            interval: int | None = None, text: str | os.PathLike[str] | None = None,
            providers: Sequence[str] | None = None, streams: Sequence[str] = ("random", "text"),
+           resync: bool = False, threads: int | None = 1,
            progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Stream the float64 reference of ``checkpoint`` and the ONNX model side by side; return the report.
 
     ``report["status"]`` is ``"PASSED"`` or ``"FAILED"``. Raises :class:`VerifyError` (or a session /
-    checkpoint error) when the two cannot be compared at all.
+    checkpoint error) when the two cannot be compared at all. ``resync=True`` restarts the runtime from
+    the reference state (cast to its dtypes) after every check, so that each interval measures the
+    runtime's own error rather than rounding amplified by a chaotic recurrence (see DEVIATIONS.md).
+    ``threads``: intra-op threads of both runtimes (None: library defaults). One thread is the default:
+    on small shared machines multi-threaded torch calls can stall for seconds.
     """
     from .runtime import open_session
 
@@ -220,8 +227,10 @@ def verify(checkpoint: str | os.PathLike[str] | None, model_path: str | os.PathL
     if unknown or not streams:
         raise VerifyError(f"streams must be a non-empty subset of random, text; got {list(streams)!r}")
 
-    rt = open_session("ort", model_path=model_path, providers=providers)
-    ref = open_session("torch", checkpoint=checkpoint, dtype="float64")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise VerifyError(f"--threads must be an integer >= 1, got {threads!r}")
+    rt = open_session("ort", model_path=model_path, providers=providers, threads=threads)
+    ref = open_session("torch", checkpoint=checkpoint, dtype="float64", threads=threads)
     if ref.fingerprint != rt.fingerprint:
         ck = checkpoint if checkpoint is not None else "the bundled default checkpoint"
         raise VerifyError(f"{model_path}: was exported from another model (fingerprint "
@@ -235,7 +244,7 @@ def verify(checkpoint: str | os.PathLike[str] | None, model_path: str | os.PathL
               "text": text_stream(tokens, vocab, batch, text)}
     timing = {"reference_s": 0.0, "runtime_s": 0.0}
     t0 = time.perf_counter()
-    results = {s: _run_stream(inputs[s], ref, rt, pieces, interval, tolerance, progress, timing)
+    results = {s: _run_stream(inputs[s], ref, rt, pieces, interval, tolerance, progress, timing, resync)
                for s in streams}
     timing["total_s"] = time.perf_counter() - t0
     # worst case per tensor over all streams
@@ -266,6 +275,7 @@ def verify(checkpoint: str | os.PathLike[str] | None, model_path: str | os.PathL
         "providers": rt.providers,
         "providers_requested": rt.providers_requested,
         "tokens": tokens, "batch": batch, "seed": seed, "piece_sizes": pieces, "interval": interval,
+        "resync": resync, "threads": threads,
         "tolerance": ({"override": tolerance} if tolerance is not None else
                       {"rule": "TRELLIS_SPEC.md section 8: relative RMS per tensor per check",
                        "float32_position_le_64": TOL_SHORT, "float32_longer": TOL_LONG,
@@ -288,7 +298,9 @@ def format_report(report: dict[str, Any]) -> list[str]:
              f"[I] fingerprint {report['fingerprint'][:16]}  providers {', '.join(report['providers'])}"
              f"  activations {report['activation_dtype']}",
              f"[I] {report['tokens']} tokens x {report['batch']} rows per stream, pieces "
-             f"{','.join(str(p) for p in report['piece_sizes'])}, checks every {report['interval']} tokens"]
+             f"{','.join(str(p) for p in report['piece_sizes'])}, checks every {report['interval']} tokens"
+             + (" (runtime restarted from the reference state after each check)" if report.get("resync")
+                else "")]
     for sname, res in report["streams"].items():
         lines.append(f"[I] stream '{sname}': {res['calls']} calls, top-1 agreement "
                      f"{100 * res['top1_agreement']:.2f}%  -> {res['status']}")
