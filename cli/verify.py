@@ -65,7 +65,7 @@ def verify(paths: tuple[str, ...], tokens: int, json_path: str | None, batch: in
     pieces = piece_sizes or list(DEFAULT_PIECES)
     total = tokens * 2
     with click.progressbar(length=total, label="verify", file=sys.stderr,
-                           show_pos=True, show_eta=True) as bar:
+                           show_pos=True, show_eta=True, hidden=not sys.stderr.isatty()) as bar:
         report = run_verify(ckpt, model, tokens=tokens, batch=batch, seed=seed, piece_sizes=pieces,
                             tolerance=tolerance, interval=interval, text=text_path,
                             providers=[p for p in providers.split(",") if p] if providers else None,
