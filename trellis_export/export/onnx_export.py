@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -113,6 +114,10 @@ def export_model_proto(model: nn.Module, *, dtype: str = "float32",
     dynamic_shapes = ({0: B, 1: T}, tuple({0: B} for _ in names))
     input_names = ["input_ids", *(t.past_name for t in spec)]
     output_names = ["logits", *(t.present_name for t in spec)]
+    # torch's exporter logs one line per torchvision op it cannot register; none is used here
+    reg_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = reg_log.level
+    reg_log.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -124,6 +129,8 @@ def export_model_proto(model: nn.Module, *, dtype: str = "float32",
         except Exception as exc:  # torch's exporter raises many types; report one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"torch.onnx.export failed: {first}") from exc
+        finally:
+            reg_log.setLevel(level)
     proto = program.model_proto
     got_in = [i.name for i in proto.graph.input]
     got_out = [o.name for o in proto.graph.output]
