@@ -218,7 +218,8 @@ def make_inputs(case: dict[str, Any], device: Any, seed: int) -> tuple[list[Any]
     v, a = r(B, T, H, d), r(B, T, H, m)
     beta = 0.5 + 0.5 * torch.rand(B, T, H, generator=g)
     gamma = torch.rand(B, T, H, generator=g)
-    acts = [x.to(dt).to(device) for x in (q, k, v, a, beta, gamma)]
+    acts = [x.to(dt).to(device) for x in (q, k, v, a)]
+    acts += [x.to(device) for x in (beta, gamma)]          # gates stay float32 (spec section 1)
     state = [(r(B, H, m, d) / d ** 0.5).to(device) for _ in range(4)]
     pos = torch.randint(0, 3 * case["C"] + 5, (B,), generator=g).to(device)
     return acts, state, pos
@@ -532,7 +533,7 @@ def run_timing(args: argparse.Namespace) -> dict[str, Any]:
         if chunk_gated_delta_rule is not None:
             q, k, v = acts[0], acts[1], acts[2]
             g = torch.log(acts[4].float())
-            beta = acts[5]
+            beta = acts[5].to(q.dtype)                               # fla takes beta in q's dtype
             h0 = state[0].transpose(-1, -2).contiguous()          # [B, H, d_k, d_v]
             try:
                 tf = time_cuda(functools.partial(chunk_gated_delta_rule, q, k, v, g, beta, initial_state=h0,

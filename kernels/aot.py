@@ -161,7 +161,7 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
 
     if kernel not in KERNELS:
         raise AOTError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    gate_dtype = gate_dtype or dtype
+    gate_dtype = gate_dtype or "float32"        # gates are float32 (spec section 1)
     for name, val in (("heads", heads), ("slots", slots), ("head_dim", head_dim), ("chunk_size", chunk_size)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise AOTError(f"{name} must be an integer >= 1, got {val!r}")

@@ -24,12 +24,12 @@ from trellis_export.opdef import INPUTS, OUTPUTS, PLUGIN_NAME
 
 #: TensorRT type names of the activation dtypes the kernels take.
 TRT_TYPE = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}
-_ACT_INPUTS = ("q", "k", "v", "a", "beta", "gamma")
+_ACT_INPUTS = ("q", "k", "v", "a")   # gates beta, gamma are FP32 like the memories (spec 1)
 
 
 def type_combination(dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")) -> str:
     """The ``trtp.AutoTuneCombination`` type string: activations (and o) in one of ``dtypes``,
-    memories FP32, position INT64 -- inputs then outputs, in the op's order."""
+    gates and memories FP32, position INT64 -- inputs then outputs, in the op's order."""
     act = "|".join(TRT_TYPE[d] for d in dtypes)
     types = [act if n in _ACT_INPUTS else "INT64" if n == "position" else "FP32" for n in INPUTS]
     types += [act if n == "o" else "FP32" for n in OUTPUTS]

@@ -15,7 +15,8 @@ def test_type_combination_matches_the_op_io() -> None:
     assert len(types) == len(INPUTS) + len(OUTPUTS)
     io = list(INPUTS) + [f"out_{o}" for o in OUTPUTS]
     kinds = dict(zip(io, types))
-    assert kinds["q"] == kinds["beta"] == kinds["out_o"] == "FP32|FP16|BF16"
+    assert kinds["q"] == kinds["a"] == kinds["out_o"] == "FP32|FP16|BF16"
+    assert kinds["beta"] == kinds["gamma"] == "FP32"      # gates are float32 (spec section 1)
     assert kinds["position"] == "INT64"
     assert all(kinds[n] == "FP32" for n in io if "memory" in n or "snapshot" in n)
     assert type_combination(("float16",)).split(", ")[0] == "FP16"
