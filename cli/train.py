@@ -15,7 +15,7 @@ from trellis_export.config import NONLINEARITIES, QK_NORMS
 _CONFIG_FLAGS = {"vocab_size": "vocab_size", "d_model": "d_model", "layers": "n_layers", "heads": "n_heads",
                  "head_dim": "head_dim", "slots": "n_slots", "chunk_size": "chunk_size", "phi": "phi",
                  "f": "f", "rho": "rho", "qk_norm": "qk_norm", "ffn_dim": "ffn_dim",
-                 "beta_init": "beta_init"}
+                 "beta_init": "beta_init", "gamma_init": "gamma_init"}
 #: CLI option -> TrainArgs field.
 _TRAIN_FLAGS = {"task": "task", "steps": "steps", "batch_size": "batch_size", "lr": "lr",
                 "min_lr_ratio": "min_lr_ratio", "warmup": "warmup_steps", "weight_decay": "weight_decay",
@@ -79,6 +79,8 @@ _nl = click.Choice(NONLINEARITIES)
 @click.option("--ffn-dim", type=_pos, default=128, show_default=True)
 @click.option("--beta-init", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.95,
               show_default=True)
+@click.option("--gamma-init", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+              show_default=True, help="Initial inner step size gamma (sigmoid of the gamma bias).")
 @click.pass_context
 def train(ctx: click.Context, out: str | None, resume: bool, state_path: str | None,
           stop_after: int | None, no_progress: bool, eval_only: str | None, **opts: object) -> None:

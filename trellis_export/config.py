@@ -19,6 +19,10 @@ NONLINEARITIES: tuple[str, ...] = ("identity", "ln_silu", "l2_silu")
 QK_NORMS: tuple[str, ...] = ("l2", "none")
 
 
+#: Default of ``TrellisConfig.gamma_init`` (the initialisation before the field existed: b_gamma = 0).
+_GAMMA_INIT_DEFAULT = 0.5
+
+
 class ConfigError(TrellisExportError, ValueError):
     """A configuration value is invalid; the message names the field and what was expected."""
 
@@ -44,6 +48,7 @@ class TrellisConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     beta_init: float = 0.95
+    gamma_init: float = _GAMMA_INIT_DEFAULT   # initial inner step size sigmoid(b_gamma); see to_dict
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +76,9 @@ class TrellisConfig:
                 raise ConfigError(f"config field '{name}' must be a number > 0, got {value!r}")
         if not (isinstance(self.beta_init, (int, float)) and 0.0 < self.beta_init < 1.0):
             raise ConfigError(f"config field 'beta_init' must be in (0, 1), got {self.beta_init!r}")
+        if not (isinstance(self.gamma_init, (int, float)) and not isinstance(self.gamma_init, bool)
+                and 0.0 < self.gamma_init < 1.0):
+            raise ConfigError(f"config field 'gamma_init' must be in (0, 1), got {self.gamma_init!r}")
         if self.d_model % self.n_heads != 0:
             raise ConfigError(f"config field 'd_model' ({self.d_model}) must be divisible by "
                               f"'n_heads' ({self.n_heads})")
@@ -102,6 +110,10 @@ class TrellisConfig:
         out = dataclasses.asdict(self)
         if not out["extra"]:
             out.pop("extra")
+        if out["gamma_init"] == _GAMMA_INIT_DEFAULT:
+            # Omitted at its default so configs (and fingerprints) written before the field existed
+            # stay byte-identical.
+            out.pop("gamma_init")
         return out
 
     def to_json(self) -> str:

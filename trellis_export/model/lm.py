@@ -76,7 +76,7 @@ class TrellisLayer(nn.Module):
             self.beta_proj.weight.mul_(0.1)
             self.beta_proj.bias.fill_(math.log(c.beta_init / (1.0 - c.beta_init)))
             self.gamma_proj.weight.mul_(0.1)
-            self.gamma_proj.bias.zero_()
+            self.gamma_proj.bias.fill_(math.log(c.gamma_init / (1.0 - c.gamma_init)))
 
     def conv(self, x: Tensor, cache: Tensor) -> tuple[Tensor, Tensor]:
         """Causal depthwise conv over time. x ``[B, T, Ch]``, cache ``[B, Ch, K-1]``."""
