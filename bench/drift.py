@@ -143,6 +143,10 @@ def format_table(result: dict[str, Any]) -> list[str]:
             v = s["summary"].get(str(m))
             cells.append(f"{v['window']:.1e} / {v['worst_so_far']:.1e}" if v else "-")
         lines.append(f"{kind:<8}" + "".join(f"{c:>20}" for c in cells))
+        if s["stopped_early"]:
+            last = s["rows"][-1]
+            lines.append(f"{'':<8}stopped at {last['end']} tokens: window drift {last['rel_rms']:.1e} "
+                         f"> --stop-above {result['stop_above']}")
     return lines
 
 

@@ -124,5 +124,9 @@ def test_drift_script_writes_json_with_the_machine(tiny_checkpoint, tmp_path: Pa
     assert data["machine"] and set(data["streams"]) == {"random", "text"}
     assert [r["end"] for r in data["streams"]["text"]["rows"]] == [12, 24]
     assert "random" in capsys.readouterr().out
+    assert drift.main(["--checkpoint", str(path), "--tokens", "24", "--window", "8", "--stop-above", "0",
+                       "--streams", "text", "--json", str(out)]) == 0
+    assert "stopped at 8 tokens" in capsys.readouterr().out
+    assert json.loads(out.read_text())["streams"]["text"]["stopped_early"]
     assert drift.main(["--checkpoint", str(tmp_path / "nope"), "--tokens", "8"]) == 1
     assert "error:" in capsys.readouterr().err
