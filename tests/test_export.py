@@ -302,7 +302,18 @@ def test_decode_branch_has_no_loop(exported: dict[str, Exported]) -> None:
     assert len(ifs) == 1
     branches = {a.name: a.g for a in ifs[0].attribute}
     assert "Loop" not in op_types(branches["then_branch"])      # T == 1: straight line
-    assert "Loop" in op_types(branches["else_branch"])          # T > 1: Loop over tokens
+    # T > 1: If(C == 1) -> Loop over tokens, else Loop over chunks whose body has no nested Loop
+    pre = [n for n in branches["else_branch"].node if n.op_type == "If"]
+    assert len(pre) == 1
+    pre_branches = {a.name: a.g for a in pre[0].attribute}
+    assert pre_branches["then_branch"].name == "trellis_prefill_tokens"
+    chunked = pre_branches["else_branch"]
+    assert chunked.name == "trellis_prefill_chunks"
+    loops = [n for n in chunked.node if n.op_type == "Loop"]
+    assert len(loops) == 1
+    body = loops[0].attribute[0].g
+    assert body.name == "trellis_chunk" and "Loop" not in op_types(body)
+    assert {"MatMul", "CumSum", "Exp"} <= op_types(chunked)
     # the attributes the body reads by reference
     refs = {a.ref_attr_name for n in fn.node for a in n.attribute if a.ref_attr_name}
     assert refs == {"chunk_size", "eps"}
@@ -332,14 +343,34 @@ def test_tensorrt_view(exported: dict[str, Exported], tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- function body alone
-GRID = [  # (phi, f, rho, C, T): each nonlinearity in each slot, C in {1, 3, 4, 16}, T % C != 0
+# (phi, f, rho, C, T): each nonlinearity in each slot, C in {1, 3, 4, 16}; T = 1 (decode branch),
+# T < C, T not a multiple of C, T spanning several chunks (C > 1: the chunked prefill branch; C = 1:
+# the token loop). Rows sit at positions 0, 5, 17, 1003: every chunk phase differs for C = 3, 4, 16.
+GRID = [
     ("ln_silu", "ln_silu", "identity", 3, 11),
     ("identity", "l2_silu", "ln_silu", 4, 9),
     ("l2_silu", "identity", "l2_silu", 1, 6),
     ("ln_silu", "identity", "ln_silu", 16, 37),
     ("identity", "ln_silu", "identity", 3, 1),
     ("l2_silu", "l2_silu", "identity", 16, 1),
+    ("l2_silu", "ln_silu", "l2_silu", 4, 2),        # T < C
+    ("ln_silu", "l2_silu", "ln_silu", 16, 12),      # T < C: rows end in chunk 0 or 1 (all-padding after)
+    ("identity", "identity", "identity", 16, 50),   # several chunks, T % C != 0
+    ("l2_silu", "ln_silu", "identity", 3, 64),      # T = 64: the short tolerance's longest call
+    ("ln_silu", "ln_silu", "identity", 1, 13),      # C = 1 token loop, default phi/f/rho
 ]
+POSITIONS = [0, 5, 17, 1003]
+
+
+def run_function_body(x: object, C: int, phi: str = "ln_silu", f: str = "ln_silu",
+                      rho: str = "identity", sess: object = None) -> list[np.ndarray]:
+    """The one-node TrellisMemory model (function body inlined by ORT) on an OpInputs, float32."""
+    if sess is None:
+        sess = ort_session(memory_node_model(tiny_config(chunk_size=C, phi=phi, f=f, rho=rho))
+                           .SerializeToString())
+    feeds = {f"in_{n}": t.float().numpy() for n, t in zip(INPUTS[:10], (*x.activations(), *x.state))}
+    feeds["in_position"] = x.position.numpy()
+    return sess.run([f"out_{n}" for n in OUTPUTS], feeds)
 
 
 @pytest.mark.parametrize("phi,f,rho,C,T", GRID)
@@ -349,14 +380,56 @@ def test_function_body_matches_reference_op(phi: str, f: str, rho: str, C: int, 
     onnx.checker.check_model(model, full_check=True)
     onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     sess = ort_session(model.SerializeToString())
-    x = make_op_inputs(B=3, T=T, seed=T + C, positions=[0, 5, 17])
+    x = make_op_inputs(B=len(POSITIONS), T=T, seed=T + C, positions=POSITIONS)
     o, st = trellis_memory(*x.activations(), x.state, x.position, chunk_size=C, phi=phi, f=f, rho=rho,
                            eps=cfg.eps)
-    feeds = {f"in_{n}": t.float().numpy() for n, t in zip(INPUTS[:10], (*x.activations(), *x.state))}
-    feeds["in_position"] = x.position.numpy()
-    outs = sess.run([f"out_{n}" for n in OUTPUTS], feeds)
+    outs = run_function_body(x, C, sess=sess)
     for name, got, ref in zip(OUTPUTS, outs, (o, *st)):
         assert_rel_close(got, ref, TOL_SHORT, f"{phi}/{f}/{rho} C={C} T={T} {name}")
+
+
+@pytest.mark.parametrize("C", [3, 16])
+def test_function_body_split_stream(C: int) -> None:
+    """One 53-token stream in calls of 1, 7, 1, 19, 25 tokens (decode and prefill branches, the
+    snapshot handed from call to call) equals the reference over the whole stream."""
+    x = make_op_inputs(B=3, T=53, seed=C, positions=[0, 5, 1003])
+    o_ref, st_ref = trellis_memory(*x.activations(), x.state, x.position, chunk_size=C)
+    sess = ort_session(memory_node_model(tiny_config(chunk_size=C)).SerializeToString())
+    state, pieces, t0 = x.state, [], 0
+    for n in (1, 7, 1, 19, 25):
+        outs = run_function_body(x.slice(t0, t0 + n).with_state(state), C, sess=sess)
+        pieces.append(outs[0])
+        state = MemoryState(*(torch.from_numpy(t) for t in outs[1:]))
+        t0 += n
+    assert_rel_close(np.concatenate(pieces, axis=1), o_ref, TOL_SHORT, f"C={C} split o")
+    for name, got, ref in zip(OUTPUTS[1:], state, st_ref):
+        assert_rel_close(got, ref, TOL_SHORT, f"C={C} split {name}")
+
+
+def test_function_body_extreme_gates() -> None:
+    """beta = 0 (log guarded like the reference), beta ~ 1e-30, gamma = 0 and 1, in one chunk: the
+    decay matrix is masked before Exp, so nothing overflows and the result still matches."""
+    x = make_op_inputs(B=2, T=37, seed=4, positions=[0, 1003])
+    x.beta[:, 3:5] = 0.0                     # log b spans > 88 inside a chunk: exp(-log b) = inf
+    x.beta[0, 20, 1] = 1e-30
+    x.beta[1, 21:25] = 1.0
+    x.gamma[:, 5] = 0.0
+    x.gamma[1, 30] = 1.0
+    o, st = trellis_memory(*x.activations(), x.state, x.position, chunk_size=16)
+    outs = run_function_body(x, 16)
+    for name, got, ref in zip(OUTPUTS, outs, (o, *st)):
+        assert np.isfinite(got).all(), name
+        assert_rel_close(got, ref, TOL_SHORT, f"extreme gates {name}")
+
+
+def test_function_body_long_call() -> None:
+    """One 1000-token prefill call (63 chunks of 16), rows at different phases: long-stream tolerance.
+    gamma in (0, 0.5): see make_op_inputs (C = 16 at d = 5 is chaotic over long streams otherwise)."""
+    x = make_op_inputs(B=2, T=1000, seed=9, positions=[0, 1003], gamma_scale=0.5)
+    o, st = trellis_memory(*x.activations(), x.state, x.position, chunk_size=16, mode="chunked")
+    outs = run_function_body(x, 16)
+    for name, got, ref in zip(OUTPUTS, outs, (o, *st)):
+        assert_rel_close(got, ref, TOL_LONG, f"T=1000 {name}")
 
 
 def test_function_body_float16_activations() -> None:

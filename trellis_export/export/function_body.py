@@ -1,11 +1,24 @@
 """The model-local ONNX function ``trellis::TrellisMemory`` built from standard opset-18 operators.
 
 Any ONNX runtime without the TensorRT plugin runs the custom op through this body (ONNX Runtime
-inlines it). It computes TRELLIS_SPEC.md sections 2-3 token by token in float32:
+inlines it). It computes TRELLIS_SPEC.md sections 2-3 in float32 (activations cast in, o cast back
+to q's dtype):
 
 * ``T == 1`` (decode): an ``If`` whose then-branch is one straight-line step, no ``Loop``;
-* ``T > 1``: a ``Loop`` over tokens carrying K, V, S_K, S_V, with the per-row snapshot rule
-  ``if (position + t) % C == 0: S <- K``.
+* ``T > 1``, ``C > 1`` (prefill): the chunked closed form of spec section 3, the math of
+  ``model.memory._chunked``. Row b is left-padded by ``position_b % C`` no-op tokens (beta = 1,
+  gamma = 0) so that chunk boundaries line up across rows; everything independent of the memories
+  (log-space decays ``D[t, j] = gamma_j b_t / b_j`` masked before ``Exp``, ``D * (Q K^T)``, write
+  weights ``gamma_j b_C / b_j``) is computed for all chunks at once; then a ``Loop`` over chunks
+  carries the memories stacked as ``[K; V]`` and, per chunk, computes all C inner gradients from the
+  chunk-start snapshot with one MatMul and one VJP pass, the C reads
+  ``Kq = b * (Q K0^T) - (D * Q K^T) U_k`` and ``o = rho(b * (R V0) - (D * R U_v^T) V)`` and the
+  end-of-chunk memories, all by MatMul (65 operators per chunk of C tokens with the default
+  phi/f/rho, against 92 per token in the token loop). The output snapshot is that of the chunk
+  holding each row's last real token: later all-padding chunks do not overwrite it;
+* ``T > 1``, ``C == 1``: a ``Loop`` over tokens carrying K, V, S_K, S_V with the per-row snapshot
+  rule ``if (position + t) % C == 0: S <- K`` (a chunk is one token; the chunked form would only
+  add operators). ``If(C == 1)`` picks the branch at run time.
 
 ``chunk_size`` and ``eps`` are read from the calling node's attributes (``ref_attr_name``). The slot
 nonlinearities ``phi``, ``f``, ``rho`` select different operator sequences, which opset 18 cannot
@@ -19,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import onnx
 from onnx import AttributeProto, FunctionProto, TensorProto, helper
 
@@ -78,6 +92,11 @@ def _const(b: _Builder, values: Sequence[int], hint: str) -> str:
     return b.op("Constant", [], hint, value=t)  # type: ignore[return-value]
 
 
+def _scalar(b: _Builder, dtype: int, value: float, hint: str) -> str:
+    return b.op("Constant", [], hint,  # type: ignore[return-value]
+                value=helper.make_tensor(b.name(hint + "_t"), dtype, [], [value]))
+
+
 class _Consts:
     """Constants shared by the whole body (outer scope is visible from If/Loop subgraphs)."""
 
@@ -91,14 +110,27 @@ class _Consts:
                           value=helper.make_tensor(b.name("one_t"), TensorProto.FLOAT, [], [1.0]))
         self.zero_i = b.op("Constant", [], "zero_i",
                            value=helper.make_tensor(b.name("zero_t"), TensorProto.INT64, [], [0]))
+        self.one_i = _scalar(b, TensorProto.INT64, 1, "one_i")
+        self.three_i = _scalar(b, TensorProto.INT64, 3, "three_i")
+        self.zero_f = _scalar(b, TensorProto.FLOAT, 0.0, "zero_f")
+        self.neg_inf = _scalar(b, TensorProto.FLOAT, float("-inf"), "neg_inf")
+        # the reference's guard of log(0): beta clamped to the smallest normal float32
+        self.tiny = _scalar(b, TensorProto.FLOAT, float(np.finfo(np.float32).tiny), "tiny")
+        self.ax0 = _const(b, [0], "axis0")
+        self.ax3 = _const(b, [3], "axis3")
+        self.minus1 = _const(b, [-1], "minus1")
+        self.int_max = _const(b, [np.iinfo(np.int64).max], "int_max")
+        self.shape_1b1111 = _const(b, [1, -1, 1, 1, 1], "shape_1b111")
         self.chunk = _ref_constant(b, "chunk_size", "value_int", "chunk_size")
         self.eps = _ref_constant(b, "eps", "value_float", "eps")
 
 
-def _silu(b: _Builder, c: _Consts, z: str) -> tuple[str, str]:
-    """s = SiLU(z) and s' = sigmoid(z) (1 + z (1 - sigmoid(z)))."""
+def _silu(b: _Builder, c: _Consts, z: str, want_ds: bool) -> tuple[str, str | None]:
+    """s = SiLU(z) and, if ``want_ds``, s' = sigmoid(z) (1 + z (1 - sigmoid(z)))."""
     sig = b.op("Sigmoid", [z], "sig")
     s = b.op("Mul", [z, sig], "s")
+    if not want_ds:
+        return s, None  # type: ignore[return-value]
     one_minus = b.op("Sub", [c.one_f, sig], "one_minus_sig")
     ds = b.op("Mul", [sig, b.op("Add", [c.one_f, b.op("Mul", [z, one_minus])])], "ds")
     return s, ds  # type: ignore[return-value]
@@ -106,28 +138,29 @@ def _silu(b: _Builder, c: _Consts, z: str) -> tuple[str, str]:
 
 def _nonlin(b: _Builder, c: _Consts, name: str, z: str, want_vjp: bool = False
             ) -> tuple[str, dict[str, str]]:
-    """y = g(z) over the last axis, and the intermediates its vector-Jacobian product needs."""
+    """y = g(z) over the last axis, and (``want_vjp``) the intermediates its vector-Jacobian product
+    needs; without ``want_vjp`` no operator of s' is emitted (ORT would run them for nothing)."""
     if name == "identity":
         return z, {}
-    s, ds = _silu(b, c, z)
+    s, ds = _silu(b, c, z, want_vjp)
     if name == "ln_silu":
         mu = b.op("ReduceMean", [s, c.last], "mu", keepdims=1)
         cen = b.op("Sub", [s, mu], "cen")
         var = b.op("ReduceMean", [b.op("Mul", [cen, cen]), c.last], "var", keepdims=1)
         sd = b.op("Sqrt", [b.op("Add", [var, c.eps])], "sd")
         y = b.op("Div", [cen, sd], "y")
-        return y, {"ds": ds, "den": sd}  # type: ignore[return-value]
+        return y, {"ds": ds, "den": sd} if want_vjp else {}  # type: ignore[return-value]
     if name == "l2_silu":
         ss = b.op("ReduceSum", [b.op("Mul", [s, s]), c.last], "ss", keepdims=1)
         nrm = b.op("Sqrt", [b.op("Add", [ss, c.eps])], "nrm")
         y = b.op("Div", [s, nrm], "y")
-        return y, {"ds": ds, "den": nrm}  # type: ignore[return-value]
+        return y, {"ds": ds, "den": nrm} if want_vjp else {}  # type: ignore[return-value]
     raise ValueError(f"nonlinearity must be one of {', '.join(NONLINEARITIES)}; got {name!r}")
 
 
 def _inner_grad(b: _Builder, c: _Consts, phi: str, z: str, a: str) -> str:
     """u = J_phi(z)^T (phi(z) - a) in closed form (TRELLIS_SPEC.md section 2)."""
-    y, aux = _nonlin(b, c, phi, z)
+    y, aux = _nonlin(b, c, phi, z, want_vjp=True)
     e = b.op("Sub", [y, a], "e")
     if phi == "identity":
         return e  # type: ignore[return-value]
@@ -174,6 +207,172 @@ def _step(b: _Builder, c: _Consts, variant: tuple[str, str, str], tok: dict[str,
     return o, [K, V, SK, SV]
 
 
+def _token_loop(b: _Builder, c: _Consts, variant: tuple[str, str, str], act: dict[str, str],
+                mem: Sequence[str], position: str, T: str) -> onnx.GraphProto:
+    """T > 1 token by token: a Loop over tokens carrying K, V, S_K, S_V, o as scan output. Used for
+    C == 1, where a chunk is one token and the chunked form would only add operators."""
+    f32 = TensorProto.FLOAT
+    lb = b.child("loop_")
+    it, cond_in = lb.name("t"), lb.name("cond_in")
+    carried_in = [lb.name(f"{x}_in") for x in ("K", "V", "SK", "SV")]
+    tok = {n: lb.op("Gather", [act[n], it], n + "_t", axis=1) for n in act}
+    n_abs = lb.op("Add", [position, it], "n")
+    o, new_mem = _step(lb, c, variant, tok, carried_in, n_abs)
+    cond_out = lb.op("Identity", [cond_in], "cond_out")
+    body = helper.make_graph(
+        lb.nodes, "trellis_token",
+        [helper.make_tensor_value_info(it, TensorProto.INT64, []),
+         helper.make_tensor_value_info(cond_in, TensorProto.BOOL, []),
+         *[helper.make_tensor_value_info(x, f32, None) for x in carried_in]],
+        [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []),
+         *[helper.make_tensor_value_info(x, f32, None) for x in (*new_mem, o)]])
+    trip = b.op("Squeeze", [T], "trip")
+    loop_outs = b.op("Loop", [trip, "", *mem], n_out=5, body=body)
+    o_pre = b.op("Transpose", [loop_outs[4]], "o_pre", perm=[1, 0, 2, 3])
+    return helper.make_graph(b.nodes, "trellis_prefill_tokens", [],
+                             [helper.make_tensor_value_info(x, f32, None) for x in (o_pre, *loop_outs[:4])])
+
+
+def _chunked_prefill(b: _Builder, c: _Consts, variant: tuple[str, str, str], act: dict[str, str],
+                     mem: Sequence[str], position: str, T: str) -> onnx.GraphProto:
+    """T > 1 in the chunked closed form of spec section 3 (the math of ``memory._chunked``).
+
+    Row b is left-padded by ``phase_b = position_b % C`` no-op tokens (beta = 1, gamma = 0, zeros
+    elsewhere) to L = N C tokens, N = ceil((max phase + T) / C); everything that does not depend on
+    the memories (decay matrices, q k^T, write weights) is computed for all N chunks at once, then a
+    Loop over the chunks carries the memories stacked as M = [K; V] ``[2, B, H, m, d]`` (one MatMul
+    and one inner-gradient pass serve both), the chunk-start snapshot and the output snapshot. Layout
+    inside: ``[N, B, H, C, *]`` (chunk-major, so the Loop gathers chunk ``i`` on axis 0)."""
+    phi, f, rho = variant
+    f32 = TensorProto.FLOAT
+    C = c.chunk                                                            # scalar int64
+    Ts = b.op("Squeeze", [T], "T_s")                                       # scalar int64
+    phase = b.op("Mod", [position, C], "phase")                            # [B]
+    max_phase = b.op("ReduceMax", [phase], "max_phase", keepdims=0)
+    n_chunks = b.op("Div", [b.op("Add", [b.op("Add", [max_phase, Ts]), b.op("Sub", [C, c.one_i])]), C],
+                    "n_chunks")                                            # ceil((max phase + T) / C)
+    L = b.op("Mul", [n_chunks, C], "L")
+    s_idx = b.op("Range", [c.zero_i, L, c.one_i], "s_idx")                 # [L]
+    idx = b.op("Sub", [b.op("Unsqueeze", [s_idx, c.ax0]), b.op("Unsqueeze", [phase, c.ax1])], "idx")
+    valid = b.op("And", [b.op("GreaterOrEqual", [idx, c.zero_i]), b.op("Less", [idx, Ts])], "valid")
+    t_last = b.op("Sub", [Ts, c.one_i], "t_last")
+    gidx = b.op("Unsqueeze", [b.op("Min", [b.op("Max", [idx, c.zero_i]), t_last]), c.last], "gidx")
+    valid3 = b.op("Unsqueeze", [valid, c.last], "valid3")                  # [B, L, 1]
+    valid4 = b.op("Unsqueeze", [valid3, c.last], "valid4")                 # [B, L, 1, 1]
+
+    def pad(x: str, mask: str, fill: str) -> str:                          # [B, T, ...] -> [B, L, ...]
+        g = b.op("GatherND", [x, gidx], "padded", batch_dims=1)
+        return b.op("Where", [mask, g, fill], "padded")  # type: ignore[return-value]
+
+    B1 = b.op("Shape", [position], "B1")
+    N1 = b.op("Unsqueeze", [n_chunks, c.ax0], "N1")
+    C1 = b.op("Unsqueeze", [C, c.ax0], "C1")
+    H1 = b.op("Shape", [act["q"]], "H1", start=2, end=3)
+    shape5 = b.op("Concat", [B1, N1, C1, H1, c.minus1], "shape_bnchx", axis=0)
+    shape4 = b.op("Concat", [B1, N1, C1, H1], "shape_bnch", axis=0)
+
+    def chunks(x: str, hint: str) -> str:                                  # [B, L, H, x] -> [N, B, H, C, x]
+        return b.op("Transpose", [b.op("Reshape", [x, shape5])], hint,  # type: ignore[return-value]
+                    perm=[1, 0, 3, 2, 4])
+
+    def gate_chunks(x: str, hint: str) -> str:                             # [B, L, H] -> [N, B, H, C]
+        return b.op("Transpose", [b.op("Reshape", [x, shape4])], hint,  # type: ignore[return-value]
+                    perm=[1, 0, 3, 2])
+
+    qc, kc, vc, ac = (chunks(pad(act[n], valid4, c.zero_f), n + "_c") for n in ("q", "k", "v", "a"))
+    beta = pad(act["beta"], valid3, c.one_f)
+    logb = gate_chunks(b.op("Log", [b.op("Max", [beta, c.tiny])]), "log_beta")
+    gc = gate_chunks(pad(act["gamma"], valid3, c.zero_f), "gamma_c")
+    cb = b.op("CumSum", [logb, c.three_i], "cb")                           # [N, B, H, C] log b_t
+    total = b.op("Slice", [cb, c.minus1, c.int_max, c.ax3], "cb_total")  # [N, B, H, 1] log b_C
+    bt = b.op("Unsqueeze", [b.op("Exp", [cb]), c.last], "bt")              # [N, B, H, C, 1]
+    decay = b.op("Unsqueeze", [b.op("Exp", [total]), c.last], "decay")     # [N, B, H, 1, 1]
+    # log(b_t / b_j) = cb_t - cb_j is summed directly over j < i <= t, not subtracted: after a beta
+    # near 0 (log clamped to -87) cb_t - cb_j would cancel two large numbers in float32 (measured
+    # 1.4e-5 on the key memory with two zero betas in a chunk, 4e-7 summed directly: see
+    # tests/test_export.py::test_function_body_extreme_gates).
+    after = b.op("CumSum", [logb, c.three_i], "log_b_after", exclusive=1, reverse=1)   # sum_{i > j}
+    w = b.op("Unsqueeze", [b.op("Mul", [b.op("Exp", [after]), gc]), c.last], "w")     # gamma_j b_C / b_j
+    c_idx = b.op("Range", [c.zero_i, C, c.one_i], "c_idx")
+    row, col = b.op("Unsqueeze", [c_idx, c.ax1], "c_row"), b.op("Unsqueeze", [c_idx, c.ax0], "c_col")
+    causal = b.op("GreaterOrEqual", [row, col], "causal")                 # [C, C]: j <= t
+    later = b.op("Where", [b.op("Greater", [row, col]), b.op("Unsqueeze", [logb, c.last]), c.zero_f],
+                 "log_b_ij")                                               # [N, B, H, C(i), C(j)]: i > j
+    seg = b.op("CumSum", [later, c.three_i], "seg")                       # [t, j]: sum_{j < i <= t}
+    D = b.op("Mul", [b.op("Exp", [b.op("Where", [causal, seg, c.neg_inf])]),  # masked before Exp
+                     b.op("Unsqueeze", [gc, c.last2])], "D")               # [N, B, H, C(t), C(j)]
+    qk = b.op("MatMul", [qc, b.op("Transpose", [kc], perm=[0, 1, 2, 4, 3])], "qk")
+    Dqk = b.op("Mul", [D, qk], "D_qk")
+    kvc = b.op("Concat", [b.op("Unsqueeze", [kc, c.ax1]), b.op("Unsqueeze", [vc, c.ax1])], "kv_c",
+               axis=1)                                                     # [N, 2, B, H, C, d]
+    kvw = b.op("Mul", [kvc, b.op("Unsqueeze", [w, c.ax1])], "kv_w")
+
+    def stack(x: str, y: str, hint: str) -> str:
+        return b.op("Concat", [b.op("Unsqueeze", [x, c.ax0]), b.op("Unsqueeze", [y, c.ax0])],  # type: ignore
+                    hint, axis=0)
+
+    M0 = stack(mem[0], mem[1], "M0")                                       # [2, B, H, m, d]
+    S_stored = stack(mem[2], mem[3], "S_stored")
+    mid = b.op("Reshape", [b.op("Greater", [phase, c.zero_i]), c.shape_1b1111], "mid_chunk")
+    S0 = b.op("Where", [mid, S_stored, M0], "S0")                          # first chunk's stale state
+    last_chunk = b.op("Div", [b.op("Add", [phase, t_last]), C], "last_chunk")  # [B]
+    n_idx = b.op("Range", [c.zero_i, n_chunks, c.one_i], "n_idx")
+    sel_shape = b.op("Concat", [N1, c.shape_1b1111], "sel_shape", axis=0)
+    sel = b.op("Reshape", [b.op("Equal", [b.op("Unsqueeze", [n_idx, c.ax1]),
+                                          b.op("Unsqueeze", [last_chunk, c.ax0])]), sel_shape],
+               "sel")                                                      # [N, 1, B, 1, 1, 1]
+
+    # ---- Loop over chunks: carried M, S (chunk-start snapshot), S_out (snapshot of the last real chunk)
+    lb = b.child("chunk_")
+    it, cond_in = lb.name("i"), lb.name("cond_in")
+    M, S, S_out = (lb.name(x + "_in") for x in ("M", "S", "S_out"))
+    q_i, kv_i, a_i, bt_i, D_i, Dqk_i, kvw_i, decay_i, sel_i = (
+        lb.op("Gather", [x, it], hint + "_i", axis=0)
+        for x, hint in ((qc, "q"), (kvc, "kv"), (ac, "a"), (bt, "bt"), (D, "D"), (Dqk, "Dqk"),
+                        (kvw, "kvw"), (decay, "decay"), (sel, "sel")))
+    perm_t = [0, 1, 2, 4, 3]
+    Z = lb.op("MatMul", [kv_i, lb.op("Transpose", [S], "S_T", perm=perm_t)], "Z")   # [2, B, H, C, m]
+    U = _inner_grad(lb, c, phi, Z, a_i)                                    # [uk; uv]
+    U_T = lb.op("Transpose", [U], "U_T", perm=perm_t)                     # [2, B, H, m, C]
+    K_T = lb.op("Gather", [lb.op("Transpose", [M], "M_T", perm=perm_t), c.zero_i], "K_T", axis=0)
+    V = lb.op("Gather", [M, c.one_i], "V", axis=0)
+    uk = lb.op("Gather", [U, c.zero_i], "uk", axis=0)
+    # K_t q_t = b_t K0 q_t - sum_j D[t, j] (k_j . q_t) uk_j
+    Kq = lb.op("Sub", [lb.op("Mul", [bt_i, lb.op("MatMul", [q_i, K_T])]), lb.op("MatMul", [Dqk_i, uk])],
+               "Kq")                                                       # [B, H, C, m]
+    r, _ = _nonlin(lb, c, f, Kq)
+    # V_t^T r_t = b_t V0^T r_t - sum_j D[t, j] (uv_j . r_t) v_j
+    ur = lb.op("MatMul", [r, lb.op("Gather", [U_T, c.one_i], "uv_T", axis=0)], "ur")
+    v_i = lb.op("Gather", [kv_i, c.one_i], "v_i", axis=0)
+    Vr = lb.op("Sub", [lb.op("Mul", [bt_i, lb.op("MatMul", [r, V])]),
+                       lb.op("MatMul", [lb.op("Mul", [D_i, ur]), v_i])], "Vr")   # [B, H, C, d]
+    M_new = lb.op("Sub", [lb.op("Mul", [decay_i, M]), lb.op("MatMul", [U_T, kvw_i])], "M_new")
+    S_out_new = lb.op("Where", [sel_i, S, S_out], "S_out_new")
+    S_new = lb.op("Identity", [M_new], "S_new")                            # the next chunk starts here
+    cond_out = lb.op("Identity", [cond_in], "cond_out")
+    body = helper.make_graph(
+        lb.nodes, "trellis_chunk",
+        [helper.make_tensor_value_info(it, TensorProto.INT64, []),
+         helper.make_tensor_value_info(cond_in, TensorProto.BOOL, []),
+         *[helper.make_tensor_value_info(x, f32, None) for x in (M, S, S_out)]],
+        [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []),
+         *[helper.make_tensor_value_info(x, f32, None) for x in (M_new, S_new, S_out_new, Vr)]])
+    M_fin, _, S_fin, Vr_all = b.op("Loop", [n_chunks, "", M0, S0, S0], n_out=4, body=body)
+
+    # ---- outputs: o gathered back to [B, T, H, d] (rho per token), memories unstacked
+    shape_bl = b.op("Concat", [B1, c.minus1, b.op("Shape", [act["q"]], "Hd", start=2, end=4)], "shape_blhd",
+                    axis=0)
+    o_pad = b.op("Reshape", [b.op("Transpose", [Vr_all], perm=[1, 0, 3, 2, 4]), shape_bl], "o_pad")
+    t_idx = b.op("Range", [c.zero_i, Ts, c.one_i], "t_idx")
+    t_pad = b.op("Add", [b.op("Unsqueeze", [t_idx, c.ax0]), b.op("Unsqueeze", [phase, c.ax1])], "t_pad")
+    take = b.op("Unsqueeze", [t_pad, c.last], "take")                     # [B, T, 1]
+    o, _ = _nonlin(b, c, rho, b.op("GatherND", [o_pad, take], "Vr_bt", batch_dims=1))
+    outs = [o, *(b.op("Gather", [x, i], "mem_out", axis=0)
+                 for x in (M_fin, S_fin) for i in (c.zero_i, c.one_i))]           # K, V, S_K, S_V
+    return helper.make_graph(b.nodes, "trellis_prefill_chunks", [],
+                             [helper.make_tensor_value_info(x, f32, None) for x in outs])
+
+
 def function_variant(function: FunctionProto) -> tuple[str, str, str] | None:
     """The (phi, f, rho) a TrellisMemory function body was specialised to, from its doc string."""
     for line in function.doc_string.splitlines():
@@ -212,28 +411,15 @@ def memory_function(phi: str, f: str, rho: str, opset: int = OPSET) -> FunctionP
     then_graph = helper.make_graph(tb.nodes, "trellis_decode", [],
                                    [helper.make_tensor_value_info(x, f32, None) for x in then_outs])
 
-    # ---- else: T > 1, Loop over tokens carrying K, V, S_K, S_V; o is a scan output [T, B, H, d]
-    lb = b.child("loop_")
-    it, cond_in = lb.name("t"), lb.name("cond_in")
-    carried_in = [lb.name(f"{x}_in") for x in ("K", "V", "SK", "SV")]
-    tok = {n: lb.op("Gather", [act[n], it], n + "_t", axis=1) for n in act}
-    n_abs = lb.op("Add", [position, it], "n")
-    o, mem = _step(lb, c, variant, tok, carried_in, n_abs)
-    cond_out = lb.op("Identity", [cond_in], "cond_out")
-    body = helper.make_graph(
-        lb.nodes, "trellis_token",
-        [helper.make_tensor_value_info(it, TensorProto.INT64, []),
-         helper.make_tensor_value_info(cond_in, TensorProto.BOOL, []),
-         *[helper.make_tensor_value_info(x, f32, None) for x in carried_in]],
-        [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []),
-         *[helper.make_tensor_value_info(x, f32, None) for x in (*mem, o)]])
+    # ---- else: T > 1. C == 1: Loop over tokens (the chunked form would do the same work per token
+    # with more operators); C > 1: Loop over chunks of C tokens in the closed form of spec section 3.
     eb = b.child("pre_")
-    trip = eb.op("Squeeze", [T], "trip")
-    loop_outs = eb.op("Loop", [trip, "", *mem_in], n_out=5, body=body)
-    o_pre = eb.op("Transpose", [loop_outs[4]], "o_pre", perm=[1, 0, 2, 3])
+    c1 = eb.op("Equal", [c.chunk, c.one_i], "is_c1")
+    token_graph = _token_loop(b.child("tok_"), c, variant, act, mem_in, position, T)
+    chunk_graph = _chunked_prefill(b.child("chk_"), c, variant, act, mem_in, position, T)
+    pre = eb.op("If", [c1], n_out=5, then_branch=token_graph, else_branch=chunk_graph)
     else_graph = helper.make_graph(eb.nodes, "trellis_prefill", [],
-                                   [helper.make_tensor_value_info(x, f32, None)
-                                    for x in (o_pre, *loop_outs[:4])])
+                                   [helper.make_tensor_value_info(x, f32, None) for x in pre])
 
     res = b.op("If", [is_one], n_out=5, then_branch=then_graph, else_branch=else_graph)
     b.op("CastLike", [res[0], INPUTS[0]], outputs=[FUNCTION_OUTPUTS[0]])
