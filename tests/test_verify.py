@@ -133,18 +133,19 @@ def test_tolerances_and_text_stream() -> None:
 @pytest.mark.skipif(not (default_checkpoint_path() / "model.safetensors").is_file(),
                     reason="bundled checkpoint trellis_export/assets/default not trained yet")
 def test_bundled_checkpoint_long_stream(tmp_path: Path) -> None:
-    """The bundled model, exported, streamed for 10k tokens (pieces 1..300) against float64 (< 60 s).
+    """The bundled model, exported, streamed straight through for 10k tokens (pieces 1..300, no resync)
+    against float64 (< 60 s).
 
-    The trained model's recurrence amplifies float32 rounding (PyTorch float32 itself leaves 1e-4 of
-    float64 after ~3k tokens; see DEVIATIONS.md), so the runtime restarts from the reference state
-    after every 128-token check (``resync``): each interval, at positions up to 10k, is judged alone.
+    The bundled model is trained with C = 4, whose recurrence does not amplify float32 rounding
+    (docs/training.md, "Long-stream drift trials": PyTorch float32 stays within 2.2e-6 of float64 over
+    16k tokens of random ids and of text), so every 128-token check carries the whole stream's error.
     """
     from trellis_export.checkpoint import load_checkpoint
     from trellis_export.export import export_onnx
 
     path = tmp_path / "default.onnx"
     export_onnx(load_checkpoint(), path)
-    rep = verify(None, path, tokens=10_000, piece_sizes=(1, 7, 13, 300, 64), interval=128, resync=True)
+    rep = verify(None, path, tokens=10_000, piece_sizes=(1, 7, 13, 300, 64), interval=128, resync=False)
     checks = sorted({64, 10_000} | set(range(128, 10_000, 128)))
     for s in rep["streams"].values():
         assert [d["position"] for d in s["drift"]] == checks
