@@ -47,6 +47,7 @@ def test_verify_passes_on_faithful_export(exported, tmp_path: Path) -> None:
     rep = json.loads(report_path.read_text())
     assert rep["status"] == "PASSED"
     assert rep["providers"] == ["CPUExecutionProvider"]
+    assert rep["machine"]["logical_cores"] >= 1 and "onnxruntime" in rep["machine"]["versions"]
     names = {"logits"} | {t.name for t in state_spec(model.config)}
     for sname in ("random", "text"):
         s = rep["streams"][sname]

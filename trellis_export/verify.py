@@ -282,6 +282,7 @@ def verify(checkpoint: str | os.PathLike[str] | None, model_path: str | os.PathL
                        "float16": TOL_FLOAT16}),
         "reference": f"PyTorch float64, chunked memory mode, calls of <= {REFERENCE_PIECE} tokens",
         "timing": timing,
+        "machine": _machine(),
         "top1_agreement": min(r["top1_agreement"] for r in results.values()),
         "tensors": summary,
         "streams": results,
@@ -319,3 +320,9 @@ def format_report(report: dict[str, Any]) -> list[str]:
                  f"{t['runtime_s']:.1f} s)")
     lines.append(report["status"])
     return lines
+
+
+def _machine() -> dict[str, Any]:
+    """Where the timings in the report were taken (the bench's machine description)."""
+    from .bench.machine import describe_machine
+    return describe_machine()
