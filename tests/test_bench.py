@@ -384,3 +384,32 @@ def test_bench_refuses_unwritable_outputs_before_running(tmp_path: Path) -> None
     for flag in ("--json", "--plot"):
         res = CliRunner().invoke(main, ["bench", flag, str(blocker / "out"), "--backend", "torch"])
         assert res.exit_code == 2 and f"Invalid value for '{flag}'" in res.output
+
+
+def test_time_interleaved_alternates_calls_and_counts() -> None:
+    from trellis_export.bench.stats import time_interleaved
+    order: list[str] = []
+    clock_t = [0.0]
+
+    def clock() -> float:
+        clock_t[0] += 0.001
+        return clock_t[0]
+
+    times = time_interleaved([lambda: order.append("a"), lambda: order.append("b")], warmup_calls=2,
+                             duration=0.0, iterations=5, clock=clock)
+    assert order[:4] == ["a", "a", "b", "b"]                  # warm-up, each call on its own
+    assert order[4:] == ["a", "b"] * 5                        # then strictly alternating
+    assert [len(t) for t in times] == [5, 5]
+    with pytest.raises(ValueError):
+        time_interleaved([lambda: None], warmup_calls=0, duration=0.0, iterations=0)
+
+
+def test_flatness_aim_prefers_interleaved_pairs() -> None:
+    cells = [_cell(TRELLIS, "ort", 1024, 1.0), _cell(TRELLIS, "ort", 65536, 1.5)]
+    pairs = [{"backend": "ort", "batch": 1, "n_slots": 7, "p50_1k_ms": 1.0, "p50_64k_ms": 1.02,
+              "ratio": 1.02, "met": True}]
+    flat_seq = aims(cells)[0]
+    assert flat_seq["status"] == "not met" and flat_seq["method"] == "separately timed cells"
+    flat = aims(cells, pairs)[0]
+    assert flat["status"] == "met" and flat["method"].startswith("interleaved")
+    assert flat["results"][0]["sequential_ratio"] == pytest.approx(1.5)

@@ -80,9 +80,16 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append("")
     lines.append("aims")
     for a in report["aims"]:
-        lines.append(f"  [{a['status']}] {a['aim']} ({a['target']})")
+        method = f"; {a['method']}" if a.get("method") else ""
+        lines.append(f"  [{a['status']}] {a['aim']} ({a['target']}{method})")
         for r in a["results"]:
-            what = (f"ratio {r['ratio']:.3f}" if "ratio" in r else f"speedup {r['speedup']:.2f}x")
+            if "error" in r:
+                what = f"error: {r['error']}"
+            elif "ratio" in r:
+                seq = r.get("sequential_ratio")
+                what = f"ratio {r['ratio']:.3f}" + (f" (cells timed apart: {seq:.3f})" if seq else "")
+            else:
+                what = f"speedup {r['speedup']:.2f}x"
             lines.append(f"      {r['backend']:<7}B={r['batch']:<3} m={r['n_slots']:<5} {what} "
                          f"{'met' if r['met'] else 'NOT met'}")
     return "\n".join(lines)

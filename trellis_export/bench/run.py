@@ -30,7 +30,7 @@ from . import synthetic
 from .backends import BACKENDS, BackendStatus, check_backend, ort_call, torch_call, triton_model
 from .machine import describe_machine
 from .parse import Amount
-from .stats import latency_stats, time_calls
+from .stats import latency_stats, time_calls, time_interleaved
 
 SCHEMA = "trellis-export-bench/1"
 TRELLIS, KV = "trellis", "kv_cache"
@@ -310,6 +310,7 @@ def run_bench(settings: BenchSettings, log: Log | None = None) -> dict[str, Any]
                             log(_progress(len(cells), n_total, subject, cell))
                     del state
                     gc.collect()
+        flat_pairs = _flat_pairs(settings, subjects, statuses, prepare, phases, log)
     finally:
         sessions.clear()
         cuda_models.clear()
@@ -335,23 +336,67 @@ def run_bench(settings: BenchSettings, log: Log | None = None) -> dict[str, Any]
         "backends": {name: st.to_dict() for name, st in statuses.items()},
         "cells": cells,
         "crossover": crossover(cells),
-        "aims": aims(cells),
+        "aims": aims(cells, flat_pairs),
         "elapsed_s": time.perf_counter() - t_start,
         "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     return report
 
 
+def _call(subject: Subject, backend: str, handle: Any, ids: np.ndarray,
+          state: dict[str, np.ndarray]) -> tuple[Callable[[], Any], Any]:
+    trellis = subject.model == TRELLIS
+    if backend == "ort":
+        return ort_call(handle, ids, state)
+    if backend == "triton":
+        return torch_call(handle, ids, state, trellis=trellis, device="cuda")
+    return torch_call(handle, ids, state, trellis=trellis)
+
+
+def _flat_pairs(settings: BenchSettings, subjects: list[Subject], statuses: dict[str, BackendStatus],
+                prepare: Callable[[Subject, str], Any], phases: list[str], log: Log
+                ) -> list[dict[str, Any]] | None:
+    """The context-flatness aim measured as a ratio in one loop: Trellis decode calls from the 1k
+    and the 64k state, interleaved (the per-cell figures above are taken minutes apart)."""
+    lo, hi = AIM_FLAT_CONTEXTS
+    if "decode" not in phases or lo not in settings.contexts or hi not in settings.contexts:
+        return None
+    out: list[dict[str, Any]] = []
+    for batch in settings.batches:
+        for subject in subjects:
+            if subject.model != TRELLIS:
+                continue
+            for backend in settings.backends:
+                if not statuses[backend].available or backend in subject.unavailable:
+                    continue
+                entry: dict[str, Any] = {"backend": backend, "batch": batch, "n_slots": subject.n_slots}
+                try:
+                    rng = np.random.default_rng([settings.seed, batch, lo, hi])
+                    handle = prepare(subject, backend)
+                    ids = rng.integers(0, subject.config.vocab_size, (batch, 1), dtype=np.int64)
+                    calls = [_call(subject, backend, handle, ids,
+                                   synthetic.trellis_state(subject.config, batch, ctx, rng))
+                             for ctx in (lo, hi)]
+                    t_lo, t_hi = time_interleaved([c[0] for c in calls], warmup_calls=3,
+                                                  duration=2 * settings.duration,
+                                                  iterations=settings.iterations, sync=calls[0][1])
+                    s_lo, s_hi = latency_stats(t_lo), latency_stats(t_hi)
+                    entry.update(p50_1k_ms=s_lo["p50_ms"], p50_64k_ms=s_hi["p50_ms"],
+                                 cv_1k=s_lo["cv"], cv_64k=s_hi["cv"], calls_each=len(t_lo),
+                                 ratio=s_hi["p50_ms"] / s_lo["p50_ms"])
+                    entry["met"] = entry["ratio"] <= AIM_FLAT_MAX_RATIO
+                    log(f"interleaved 1k/64k {backend} trellis m={subject.n_slots} B={batch}: "
+                        f"ratio {entry['ratio']:.3f}")
+                except Exception as exc:  # report it, keep going
+                    entry.update(error=_first_line(exc), met=False)
+                out.append(entry)
+    return out
+
+
 def _measure(cell: dict[str, Any], subject: Subject, backend: str, handle: Any,
              state: dict[str, np.ndarray], rng: np.random.Generator, settings: BenchSettings) -> None:
     ids = rng.integers(0, subject.config.vocab_size, (cell["batch"], cell["tokens"]), dtype=np.int64)
-    trellis = subject.model == TRELLIS
-    if backend == "ort":
-        fn, sync = ort_call(handle, ids, state)
-    elif backend == "triton":
-        fn, sync = torch_call(handle, ids, state, trellis=trellis, device="cuda")
-    else:
-        fn, sync = torch_call(handle, ids, state, trellis=trellis)
+    fn, sync = _call(subject, backend, handle, ids, state)
     times, info = time_calls(fn, warmup=settings.warmup, duration=settings.duration,
                              iterations=settings.iterations, sync=sync)
     stats = latency_stats(times)
@@ -441,8 +486,12 @@ def crossover(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def aims(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's aims as measured ratios, met or not; 'not measured' when the cells are missing."""
+def aims(cells: list[dict[str, Any]], flat_pairs: list[dict[str, Any]] | None = None
+         ) -> list[dict[str, Any]]:
+    """The issue's aims as measured ratios, met or not; 'not measured' when the cells are missing.
+
+    ``flat_pairs`` (from interleaved 1k / 64k calls) judges the flatness aim when given; the ratio of
+    the separately timed cells is kept beside it as ``sequential_ratio``."""
     p50 = _decode_p50(cells)
     out: list[dict[str, Any]] = []
     lo, hi = AIM_FLAT_CONTEXTS
@@ -452,8 +501,14 @@ def aims(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ratio = tr[hi] / tr[lo]
             flat.append({"backend": backend, "batch": batch, "n_slots": slots, "p50_1k_ms": tr[lo],
                          "p50_64k_ms": tr[hi], "ratio": ratio, "met": ratio <= AIM_FLAT_MAX_RATIO})
+    method = "separately timed cells"
+    if flat_pairs:
+        seq = {(f["backend"], f["batch"], f["n_slots"]): f["ratio"] for f in flat}
+        flat = [dict(f, sequential_ratio=seq.get((f["backend"], f["batch"], f["n_slots"])))
+                for f in flat_pairs]
+        method = "interleaved 1k / 64k decode calls in one loop"
     out.append({"aim": "Trellis decode p50 at 64k context within 10% of its p50 at 1k",
-                "target": f"ratio <= {AIM_FLAT_MAX_RATIO}",
+                "target": f"ratio <= {AIM_FLAT_MAX_RATIO}", "method": method,
                 "status": ("met" if flat and all(f["met"] for f in flat) else
                            "not met" if flat else "not measured (needs --context 1k,64k)"),
                 "results": flat})

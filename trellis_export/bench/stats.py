@@ -66,3 +66,28 @@ def time_calls(fn: Callable[[], Any], *, warmup: Amount, duration: float, iterat
             sync()
         times.append(clock() - a)
     return times, {"warmup_iterations": n_warm, "warmup_s": warm_s, "measure_s": clock() - start}
+
+
+def time_interleaved(fns: Sequence[Callable[[], Any]], *, warmup_calls: int, duration: float,
+                     iterations: int, sync: Callable[[], None] | None = None,
+                     clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
+    """Time several calls alternately (a, b, a, b, ...) in one loop, so that whatever the machine does
+    meanwhile (other processes, frequency, caches) weighs on each alike: the way to measure a ratio.
+    Runs until every call has ``iterations`` timings and ``duration`` seconds have passed."""
+    if iterations < 1:
+        raise ValueError("iterations must be >= 1")
+    for fn in fns:
+        for _ in range(warmup_calls):
+            fn()
+            if sync is not None:
+                sync()
+    times: list[list[float]] = [[] for _ in fns]
+    start = clock()
+    while len(times[0]) < iterations or clock() - start < duration:
+        for fn, out in zip(fns, times):
+            a = clock()
+            fn()
+            if sync is not None:
+                sync()
+            out.append(clock() - a)
+    return times
