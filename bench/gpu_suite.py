@@ -309,17 +309,16 @@ class CudaDriver:
         data = ptx.encode() + b"\0"
         self._check(self.lib.cuModuleLoadDataEx(ctypes.byref(mod), ctypes.c_char_p(data), 0, None, None),
                     "cuModuleLoadDataEx")
-        fn = ctypes.c_void_p()
-        self._check(self.lib.cuModuleGetFunction(ctypes.byref(fn), mod, name.encode()), "cuModuleGetFunction")
-        if shared_mem > 48 * 1024:
-            self._check(self.lib.cuFuncSetAttribute(fn, self.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                                    ctypes.c_int(shared_mem)), "cuFuncSetAttribute")
-        return fn
+        return self._function(mod, name, shared_mem)
 
     def load_cubin(self, cubin: bytes, name: str, shared_mem: int) -> ctypes.c_void_p:
         mod = ctypes.c_void_p()
         buf = ctypes.create_string_buffer(cubin, len(cubin))
         self._check(self.lib.cuModuleLoadData(ctypes.byref(mod), buf), "cuModuleLoadData")
+        return self._function(mod, name, shared_mem)
+
+    def _function(self, mod: ctypes.c_void_p, name: str, shared_mem: int) -> ctypes.c_void_p:
+        """The kernel ``name`` of a loaded module, allowed ``shared_mem`` bytes of dynamic shared memory."""
         fn = ctypes.c_void_p()
         self._check(self.lib.cuModuleGetFunction(ctypes.byref(fn), mod, name.encode()), "cuModuleGetFunction")
         if shared_mem > 48 * 1024:

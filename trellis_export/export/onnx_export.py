@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .. import __version__
 from ..checkpoint import model_fingerprint
 from ..errors import TrellisExportError
+from ..fileio import current_umask
 from ..opdef import DOMAIN, OP_TYPE, OP_VERSION, OPSET
 from ..state import state_spec, state_spec_json
 from .custom_op import TRANSLATION_TABLE, export_memory_fn
@@ -230,9 +231,7 @@ def save_model_atomic(proto: onnx.ModelProto, path: str | os.PathLike[str], *, e
         if check:
             check_exported(tmp_model, strict_shapes=strict_shapes)
         if external_data and (tmpdir / data_name).exists():
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmpdir / data_name, 0o666 & ~umask)
+            os.chmod(tmpdir / data_name, 0o666 & ~current_umask())
             os.replace(tmpdir / data_name, dest.parent / data_name)
         os.replace(tmp_model, dest)
     finally:
