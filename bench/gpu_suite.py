@@ -5,9 +5,10 @@
 (a) JIT kernels vs the float64 reference op over a grid of shapes (odd ones included), outputs
     poisoned with NaN before each run;
 (b) the AOT artifact: PTX compiled by ``trellis_export.kernels.aot`` (or read from ``--aot-json``),
-    loaded with the CUDA driver API through ctypes (cuModuleLoadDataEx / cuModuleGetFunction /
-    cuLaunchKernel on torch tensors' data_ptr()) and launched with the recorded launch parameters
-    and argument order, outputs checked against the reference;
+    loaded and launched by the package's driver-API launcher ``trellis_export.kernels.cuda_launch``
+    (the one the TensorRT plugin's enqueue uses: cuModuleLoadData / cuModuleGetFunction /
+    cuLaunchKernel on torch tensors' data_ptr()) with the recorded launch parameters and argument
+    order, outputs checked against the reference;
 (c) timings with CUDA events (warm-up, median of N): fused_recurrent decode vs the PyTorch eager
     reference step (aim >= 10x at B=64, H=8, m=64, d=64); the decode step's achieved state bandwidth
     against the measured device-to-device copy bandwidth (aim >= 50% at large B*H); chunk prefill vs
@@ -21,8 +22,6 @@ Runs from a source checkout (the package need not be installed) with torch >= 2.
 from __future__ import annotations
 
 import argparse
-import base64
-import ctypes
 import functools
 import importlib.util
 import json
@@ -277,82 +276,18 @@ def run_jit(cases: list[dict[str, Any]], seed: int, device: str = "cuda") -> dic
 
 
 # =========================================================================== (b) AOT via driver API
-class CudaDriver:
-    """The few CUDA driver API calls the AOT launch needs, through ctypes on libcuda.so.1."""
-
-    CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
-
-    def __init__(self) -> None:
-        self.lib = ctypes.CDLL("libcuda.so.1")
-        self._check(self.lib.cuInit(0), "cuInit")
-        ctx = ctypes.c_void_p()
-        self._check(self.lib.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
-        if not ctx.value:                       # torch normally made its primary context current
-            dev = ctypes.c_int()
-            self._check(self.lib.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
-            self._check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
-            self._check(self.lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
-
-    def _check(self, rc: int, what: str) -> None:
-        if rc != 0:
-            msg = ctypes.c_char_p()
-            self.lib.cuGetErrorString(rc, ctypes.byref(msg))
-            raise RuntimeError(f"{what} failed: CUresult {rc} ({(msg.value or b'?').decode()})")
-
-    def driver_version(self) -> int:
-        v = ctypes.c_int()
-        self._check(self.lib.cuDriverGetVersion(ctypes.byref(v)), "cuDriverGetVersion")
-        return v.value
-
-    def load(self, ptx: str, name: str, shared_mem: int) -> ctypes.c_void_p:
-        mod = ctypes.c_void_p()
-        data = ptx.encode() + b"\0"
-        self._check(self.lib.cuModuleLoadDataEx(ctypes.byref(mod), ctypes.c_char_p(data), 0, None, None),
-                    "cuModuleLoadDataEx")
-        return self._function(mod, name, shared_mem)
-
-    def load_cubin(self, cubin: bytes, name: str, shared_mem: int) -> ctypes.c_void_p:
-        mod = ctypes.c_void_p()
-        buf = ctypes.create_string_buffer(cubin, len(cubin))
-        self._check(self.lib.cuModuleLoadData(ctypes.byref(mod), buf), "cuModuleLoadData")
-        return self._function(mod, name, shared_mem)
-
-    def _function(self, mod: ctypes.c_void_p, name: str, shared_mem: int) -> ctypes.c_void_p:
-        """The kernel ``name`` of a loaded module, allowed ``shared_mem`` bytes of dynamic shared memory."""
-        fn = ctypes.c_void_p()
-        self._check(self.lib.cuModuleGetFunction(ctypes.byref(fn), mod, name.encode()), "cuModuleGetFunction")
-        if shared_mem > 48 * 1024:
-            self._check(self.lib.cuFuncSetAttribute(fn, self.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                                    ctypes.c_int(shared_mem)), "cuFuncSetAttribute")
-        return fn
-
-    def launch(self, fn: ctypes.c_void_p, grid: tuple[int, int, int], block: tuple[int, int, int],
-               shared_mem: int, stream: int, params: Any) -> None:
-        self._check(self.lib.cuLaunchKernel(fn, ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]),
-                                            ctypes.c_uint(grid[2]), ctypes.c_uint(block[0]),
-                                            ctypes.c_uint(block[1]), ctypes.c_uint(block[2]),
-                                            ctypes.c_uint(shared_mem), ctypes.c_void_p(stream),
-                                            params, None), "cuLaunchKernel")
+def cuda_launch() -> Any:
+    """The package's driver-API launcher, ``trellis_export.kernels.cuda_launch`` (the one the TensorRT
+    plugin's enqueue uses), so the suite launches the AOT records exactly as the plugin does."""
+    import_project()
+    from trellis_export.kernels import cuda_launch as cl
+    return cl
 
 
 def pack_params(record: dict[str, Any], pointers: dict[str, int], scalars: dict[str, int]
                 ) -> tuple[Any, list[Any]]:
-    """cuLaunchKernel's kernelParams in the record's order: input pointers, scalars, output
-    pointers, then triton's hidden trailing pointers (null). Returns (void** array, keep-alive)."""
-    values: list[Any] = []
-    for name, ty in record["signature"]:
-        if ty.startswith("*"):
-            values.append(ctypes.c_uint64(pointers[name]))
-        elif ty == "i32":
-            values.append(ctypes.c_int32(scalars[name]))
-        else:
-            raise ValueError(f"unsupported kernel argument type {ty!r} of {name}")
-    values += [ctypes.c_uint64(0) for _ in record["hidden_params"]]
-    arr = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
-    if len(values) != len(record["ptx_params"]):
-        raise ValueError(f"{record['name']}: {len(values)} launch values but the PTX entry declares "
-                         f"{len(record['ptx_params'])} params")
-    return arr, values
+    """``cuda_launch.pack_params``: kernelParams in the record's order (hidden params null)."""
+    return cuda_launch().pack_params(record, pointers, scalars)
 
 
 def aot_records(case: dict[str, Any], cc: int, records: list[dict[str, Any]] | None) -> dict[str, Any]:
@@ -375,7 +310,7 @@ def run_aot(cases: list[dict[str, Any]], seed: int, aot_json: str | None) -> dic
     import torch
     cc = int("".join(map(str, torch.cuda.get_device_capability())))
     records = json.loads(Path(aot_json).read_text()) if aot_json else None
-    drv = CudaDriver()
+    cl = cuda_launch().CudaDriver()
     checks = []
     for i, case in enumerate(cases):
         if records is not None:
@@ -391,23 +326,13 @@ def run_aot(cases: list[dict[str, Any]], seed: int, aot_json: str | None) -> dic
         ins = [x.contiguous() for x in acts] + [s.contiguous() for s in state] + [pos.contiguous()]
         ptrs = {n: t.data_ptr() for n, t in zip(rec["inputs"], ins)}
         ptrs.update({n: t.data_ptr() for n, t in zip(rec["outputs"], out)})
-        params, keep = pack_params(rec, ptrs, {"T": case["T"]})
-        if rec.get("global_scratch_size", 0):
-            raise RuntimeError(f"{rec['name']} needs {rec['global_scratch_size']} B of global scratch")
-        try:
-            fn = drv.load(rec["ptx"], rec["name"], rec["shared_mem"])
-            loaded = "ptx"
-        except RuntimeError as exc:
-            # e.g. CUresult 222: the driver is older than the PTX ISA triton emitted; the plugin would
-            # hit the same. Check the kernel itself through the cubin of the same compilation.
-            if not rec.get("cubin_b64"):
-                raise
-            fn = drv.load_cubin(base64.b64decode(rec["cubin_b64"]), rec["name"], rec["shared_mem"])
-            loaded = f"cubin (PTX load failed: {exc})"
-        grid = (case["B"] * case["H"], 1, 1)
+        # loaded and launched by the package's launcher, as the TensorRT plugin's enqueue does: PTX
+        # first (prefer="ptx"), the cubin of the same compilation when the driver rejects the PTX ISA
+        kern = cl.load_record(rec, prefer="ptx")
+        loaded = kern.image
+        grid = cuda_launch().grid_for(rec, case["B"])
         torch.cuda.synchronize()
-        drv.launch(fn, grid, tuple(rec["block"]), rec["shared_mem"], torch.cuda.current_stream().cuda_stream,
-                   params)
+        cl.launch_record(kern, ptrs, {"T": case["T"]}, case["B"], torch.cuda.current_stream().cuda_stream)
         torch.cuda.synchronize()
         res = compare(case, out, ref)
         res.update(target=rec["target"], ptx_target=rec["ptx_target"], ptx_version=rec["ptx_version"],
@@ -415,7 +340,6 @@ def run_aot(cases: list[dict[str, Any]], seed: int, aot_json: str | None) -> dic
                    grid=list(grid), block=list(rec["block"]), record_triton=rec["triton_version"],
                    loaded=loaded)
         checks.append(res)
-        del keep
     return {"checks": checks, "ok": all(c["ok"] for c in checks), "cc": cc,
             "source": aot_json or "compiled in this run"}
 
@@ -568,7 +492,7 @@ def machine_info() -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         info["triton_error"] = repr(exc)
     try:
-        v = CudaDriver().driver_version()
+        v = cuda_launch().CudaDriver().driver_version()
         info["cuda_driver_api"] = f"{v // 1000}.{(v % 1000) // 10}"
     except Exception as exc:  # noqa: BLE001
         info["cuda_driver_error"] = repr(exc)

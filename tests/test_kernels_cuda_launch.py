@@ -1,0 +1,171 @@
+"""The pure parts of ``trellis_export.kernels.cuda_launch`` on the CPU (no GPU, no libcuda).
+
+The driver calls themselves (``CudaDriver``) need a GPU and run only in ``bench/gpu_suite.py``;
+here a fake ``libcuda`` checks the call sequence of ``load_record`` / ``launch_record``.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from trellis_export.kernels import cuda_launch as cl
+
+from trellis_export.opdef import INPUTS, OUTPUTS
+
+
+def record(**extra: Any) -> dict[str, Any]:
+    """A launch record shaped like ``AOTKernel.to_dict()`` (the full op signature)."""
+    sig = [[n, "*i64" if n == "position" else "*fp32"] for n in INPUTS] + [["T", "i32"]]
+    sig += [[f"out_{n}", "*fp32"] for n in OUTPUTS]
+    rec = {"name": "fused_recurrent_trellis_fwd_kernel", "signature": sig, "inputs": list(INPUTS),
+           "scalars": ["T"], "outputs": [f"out_{n}" for n in OUTPUTS],
+           "hidden_params": ["global_scratch", "profile_scratch"],
+           "ptx_params": ["u64"] * len(INPUTS) + ["u32"] + ["u64"] * (len(OUTPUTS) + 2),
+           "constexprs": {"H": 3, "M": 7, "D": 5, "C": 3}, "block": [128, 1, 1], "shared_mem": 0,
+           "global_scratch_size": 0, "ptx": ".version 8.5\n.target sm_87\n", "cubin_b64": ""}
+    rec.update(extra)
+    return rec
+
+
+def pointers(base: int = 0x7F0000000000, in_place: bool = False) -> dict[str, int]:
+    names = list(INPUTS) + [f"out_{n}" for n in OUTPUTS]
+    p = {n: base + 0x10000 * i for i, n in enumerate(names)}
+    if in_place:
+        for out, inp in cl.STATE_ALIASES.items():
+            p[out] = p[inp]
+    return p
+
+
+def test_import_needs_neither_torch_nor_triton() -> None:
+    code = ("import sys; import trellis_export.kernels.cuda_launch as c; "
+            "assert 'torch' not in sys.modules and 'triton' not in sys.modules, sorted(sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_launch_args_follow_the_record_order_with_null_hidden_params() -> None:
+    rec, ptrs = record(), pointers()
+    args = cl.launch_args(rec, ptrs, {"T": 9})
+    names = [a.name for a in args]
+    assert names == [n for n, _ in rec["signature"]] + ["global_scratch", "profile_scratch"]
+    assert names[:len(INPUTS)] == list(INPUTS) and names[len(INPUTS)] == "T"
+    assert [a.ptx_type for a in args] == rec["ptx_params"]
+    assert [a.value for a in args] == [ptrs[n] for n in INPUTS] + [9] + \
+        [ptrs[f"out_{n}"] for n in OUTPUTS] + [0, 0]
+
+
+def test_pack_params_points_at_each_value() -> None:
+    rec, ptrs = record(), pointers()
+    arr, keep = cl.pack_params(rec, ptrs, {"T": 7})
+    assert len(keep) == len(rec["ptx_params"]) == 19
+    i_t = len(INPUTS)
+    assert ctypes.cast(arr[i_t], ctypes.POINTER(ctypes.c_int32)).contents.value == 7
+    assert ctypes.cast(arr[0], ctypes.POINTER(ctypes.c_uint64)).contents.value == ptrs["q"]
+    assert ctypes.cast(arr[i_t + 1], ctypes.POINTER(ctypes.c_uint64)).contents.value == ptrs["out_o"]
+    assert ctypes.cast(arr[18], ctypes.POINTER(ctypes.c_uint64)).contents.value == 0
+
+
+def test_mismatches_raise_with_the_offending_name() -> None:
+    rec, ptrs = record(), pointers()
+    with pytest.raises(cl.LaunchError, match="PTX entry declares 18 params"):
+        cl.launch_args(record(ptx_params=rec["ptx_params"][:-1]), ptrs, {"T": 1})
+    bad = list(rec["ptx_params"])
+    bad[len(INPUTS)] = "u64"
+    with pytest.raises(cl.LaunchError, match=r"T is u32 here but \.param \.u64"):
+        cl.launch_args(record(ptx_params=bad), ptrs, {"T": 1})
+    del ptrs["out_o"]
+    with pytest.raises(cl.LaunchError, match="no pointer given for out_o"):
+        cl.launch_args(rec, ptrs, {"T": 1})
+    with pytest.raises(cl.LaunchError, match="no value given for scalar T"):
+        cl.launch_args(rec, pointers(), {})
+    with pytest.raises(cl.LaunchError, match="does not fit int32"):
+        cl.launch_args(rec, pointers(), {"T": 1 << 31})
+
+
+def test_specialised_records_check_their_preconditions() -> None:
+    aligned = record(aligned=True, alignment=16)
+    cl.launch_args(aligned, pointers(), {"T": 3})
+    odd = pointers()
+    odd["k"] += 4
+    with pytest.raises(cl.LaunchError, match="k = .* is not 16-byte aligned"):
+        cl.launch_args(aligned, odd, {"T": 3})
+    decode = record(decode=True)
+    cl.launch_args(decode, pointers(), {"T": 1})
+    with pytest.raises(cl.LaunchError, match="decode record takes T = 1 only"):
+        cl.launch_args(decode, pointers(), {"T": 2})
+    inplace = record(in_place=True)
+    cl.launch_args(inplace, pointers(in_place=True), {"T": 1})
+    with pytest.raises(cl.LaunchError, match="out_key_memory == key_memory"):
+        cl.launch_args(inplace, pointers(), {"T": 1})
+    # most specialised first; the general record takes what the others refuse
+    general = record()
+    recs = [record(aligned=True, decode=True, name="a"), record(aligned=True, name="b"), general]
+    assert cl.select_record(recs, pointers(), {"T": 1})["name"] == "a"
+    assert cl.select_record(recs, pointers(), {"T": 5})["name"] == "b"
+    assert cl.select_record(recs, odd, {"T": 1}) is general
+    with pytest.raises(cl.LaunchError, match="no record fits"):
+        cl.select_record(recs[:2], odd, {"T": 1})
+
+
+def test_grid_and_module_image() -> None:
+    assert cl.grid_for(record(), 5) == (15, 1, 1)
+    two_axis = record(grid_dims=["(NC + 1) * 2", "B * H", "1"], constexprs={"H": 3, "NC": 4})
+    assert cl.grid_for(two_axis, 2) == (10, 6, 1)
+    with pytest.raises(cl.LaunchError, match="unsupported grid expression"):
+        cl.grid_for(record(grid_dims=["__import__('os')", "1", "1"]), 1)
+    kind, img = cl.module_image(record())
+    assert kind == "ptx" and img.endswith(b"\0") and img.startswith(b".version 8.5")
+    rec = record(cubin_b64=base64.b64encode(b"\x7fELF...").decode())
+    assert cl.module_image(rec) == ("cubin", b"\x7fELF...")
+    assert cl.module_image(rec, prefer="ptx")[0] == "ptx"
+    with pytest.raises(cl.LaunchError, match="carries no cubin"):
+        cl.module_image(record(), prefer="cubin")
+
+
+class FakeLib:
+    """Records the driver calls; ``cuModuleLoadData`` fails on PTX when ``reject_ptx``."""
+
+    def __init__(self, reject_ptx: bool = False) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.reject_ptx = reject_ptx
+
+    def __getattr__(self, name: str) -> Any:
+        def call(*args: Any) -> int:
+            self.calls.append((name, *args))
+            if name == "cuModuleLoadData" and self.reject_ptx:
+                buf = args[1]
+                if not bytes(buf.raw).startswith(b"\x7fELF"):
+                    return 222
+            if name == "cuCtxGetCurrent":
+                ctypes.cast(args[0], ctypes.POINTER(ctypes.c_void_p)).contents.value = 0x1234
+            if name == "cuGetErrorString":
+                ctypes.cast(args[1], ctypes.POINTER(ctypes.c_char_p)).contents.value = b"unsupported PTX"
+            return 0
+        return call
+
+
+def test_driver_call_sequence_with_a_fake_libcuda() -> None:
+    lib = FakeLib(reject_ptx=True)
+    drv = cl.CudaDriver(lib=lib)
+    rec = record(shared_mem=64 * 1024, cubin_b64=base64.b64encode(b"\x7fELFcubin").decode())
+    k = drv.load_record(rec, prefer="ptx")
+    assert k.image.startswith("cubin (PTX load failed: cuModuleLoadData failed: CUresult 222")
+    names = [c[0] for c in lib.calls]
+    assert names[:2] == ["cuInit", "cuCtxGetCurrent"]
+    assert "cuFuncSetAttribute" in names                      # > 48 KB: the opt-in
+    attr = [c for c in lib.calls if c[0] == "cuFuncSetAttribute"][0]
+    assert attr[2] == cl.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES and attr[3].value == 64 * 1024
+    drv.launch_record(k, pointers(), {"T": 4}, B=5, stream=0xABC)
+    launch = lib.calls[-1]
+    assert launch[0] == "cuLaunchKernel"
+    assert [x.value for x in launch[2:8]] == [15, 1, 1, 128, 1, 1]
+    assert launch[8].value == 64 * 1024 and launch[9].value == 0xABC
+    small = cl.CudaDriver(lib=FakeLib()).load_record(record())
+    assert small.image == "ptx"
+    with pytest.raises(cl.CudaError, match="CUresult 222"):
+        cl.CudaDriver(lib=FakeLib(reject_ptx=True)).load_record(record())
