@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 from click.testing import CliRunner
@@ -30,7 +31,15 @@ from trellis_export.cli.main import main
 
 from trellis_export.checkpoint import model_fingerprint, save_checkpoint
 from trellis_export.export.custom_op import memory_op
-from trellis_export.export.function_body import memory_function, memory_node_model
+from trellis_export.export.function_body import (
+    FLAVOURS,
+    BodyVariant,
+    check_function_matches,
+    function_variant,
+    memory_function,
+    memory_node_model,
+    with_flavour,
+)
 from trellis_export.export.meta import (
     META_ACTIVATION_DTYPE,
     META_CONFIG,
@@ -73,7 +82,11 @@ class Exported:
         self.model = model                       # float64 reference
         self.path = path
         self.proto = onnx.load(str(path))
-        self.session = ort_session(path)
+        self.session = ort_session(path)                       # the ORT flavour (swapped in at load)
+        self.portable = ort_session(path, function_body="as-is")   # the file's own (portable) body
+
+    def sess(self, body: str) -> object:
+        return self.portable if body == "portable" else self.session
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +129,11 @@ def state_at(model: torch.nn.Module, positions: list[int], seed: int) -> dict[st
 
 
 def assert_step_matches(ex: Exported, ids: torch.Tensor, state: dict[str, torch.Tensor],
-                        tol: float = TOL_SHORT) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                        tol: float = TOL_SHORT, body: str = "ort"
+                        ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     with torch.no_grad():
         ref_logits, ref_state = ex.model.step(ids, state)
-    logits, new_state = run_ort(ex.session, ids, state)
+    logits, new_state = run_ort(ex.sess(body), ids, state)
     assert_rel_close(logits, ref_logits, tol, "logits")
     assert set(new_state) == set(ref_state)
     for k in ref_state:
@@ -160,17 +174,20 @@ def expected_attrs(config: object) -> dict[str, object]:
 
 
 # --------------------------------------------------------------------------- whole model vs reference
+@pytest.mark.parametrize("body", ["ort", "portable"])
 @pytest.mark.parametrize("key", ["c3", "c1", "c16"])
 @pytest.mark.parametrize("T", [1, 5, 37])
-def test_step_matches_reference_mixed_positions(exported: dict[str, Exported], key: str, T: int) -> None:
+def test_step_matches_reference_mixed_positions(exported: dict[str, Exported], key: str, T: int,
+                                                body: str) -> None:
     ex = exported[key]
     state = state_at(ex.model, [0, 5, 17], seed=10 * T)
     ids = random_ids(3, T, ex.model.config.vocab_size, seed=T)
-    assert_step_matches(ex, ids, state)
+    assert_step_matches(ex, ids, state, body=body)
 
 
+@pytest.mark.parametrize("body", ["ort", "portable"])
 @pytest.mark.parametrize("key", ["c3", "c16"])
-def test_split_stream_equals_one_call(exported: dict[str, Exported], key: str) -> None:
+def test_split_stream_equals_one_call(exported: dict[str, Exported], key: str, body: str) -> None:
     ex = exported[key]
     ids = random_ids(2, 41, ex.model.config.vocab_size, seed=7)
     with torch.no_grad():
@@ -178,7 +195,7 @@ def test_split_stream_equals_one_call(exported: dict[str, Exported], key: str) -
     state = {k: v.numpy() for k, v in ex.model.init_state(2).items()}
     pieces, t0 = [], 0
     for n in (1, 7, 1, 19, 13):                 # 41 tokens in five calls, T = 1 and T > 1
-        logits, state = run_ort(ex.session, ids[:, t0:t0 + n], state)
+        logits, state = run_ort(ex.sess(body), ids[:, t0:t0 + n], state)
         pieces.append(logits)
         t0 += n
     assert_rel_close(np.concatenate(pieces, axis=1), ref_logits, TOL_SHORT, "split logits")
@@ -295,28 +312,81 @@ def test_graph_structure(exported: dict[str, Exported], key: str) -> None:
                                       strict_mode=True, data_prop=True)
 
 
-def test_decode_branch_has_no_loop(exported: dict[str, Exported]) -> None:
-    fn = exported["c3"].proto.functions[0]
+def _loops(g: onnx.GraphProto) -> list[onnx.NodeProto]:
+    return [n for n in g.node if n.op_type == "Loop"]
+
+
+@pytest.mark.parametrize("key", ["c3", "c1"])
+def test_portable_body_has_no_runtime_if(exported: dict[str, Exported], key: str) -> None:
+    """The exported body (what TensorRT parses): no If anywhere, one for-Loop (no cond input) whose
+    body's condition is a literal true; C is a literal (specialised), eps an attribute reference."""
+    ex = exported[key]
+    fn = ex.proto.functions[0]
+    assert function_variant(fn) == BodyVariant(ex.model.config.phi, ex.model.config.f, ex.model.config.rho,
+                                               ex.model.config.chunk_size, "portable")
+    assert all(n.op_type != "If" for g in (fn, *subgraphs(fn)) for n in g.node)
+    loops = [n for n in fn.node if n.op_type == "Loop"]
+    assert len(loops) == 1
+    loop = loops[0]
+    assert loop.input[1] == "", "a for-loop: no cond input"
+    body = loop.attribute[0].g
+    cond_src = next(n for n in body.node if body.output[0].name in n.output)
+    assert cond_src.op_type == "Constant", "the body's cond must not pass cond_in through (TensorRT)"
+    assert onnx.numpy_helper.to_array(helper.get_attribute_value(cond_src.attribute[0])).item() is True
+    assert body.name == ("trellis_token" if ex.model.config.chunk_size == 1 else "trellis_chunk")
+    assert not _loops(body)
+    if ex.model.config.chunk_size > 1:
+        assert {"MatMul", "CumSum", "Exp"} <= {n.op_type for n in fn.node}
+    refs = {a.ref_attr_name for n in fn.node for a in n.attribute if a.ref_attr_name}
+    assert refs == {"eps"}
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_ort_flavour_has_a_loop_free_decode_branch(C: int) -> None:
+    fn = memory_function("ln_silu", "l2_silu", "identity", C, flavour="ort")
+    assert function_variant(fn) == BodyVariant("ln_silu", "l2_silu", "identity", C, "ort")
     assert "Loop" not in {n.op_type for n in fn.node}
     ifs = [n for n in fn.node if n.op_type == "If"]
     assert len(ifs) == 1
     branches = {a.name: a.g for a in ifs[0].attribute}
     assert "Loop" not in op_types(branches["then_branch"])      # T == 1: straight line
-    # T > 1: If(C == 1) -> Loop over tokens, else Loop over chunks whose body has no nested Loop
-    pre = [n for n in branches["else_branch"].node if n.op_type == "If"]
-    assert len(pre) == 1
-    pre_branches = {a.name: a.g for a in pre[0].attribute}
-    assert pre_branches["then_branch"].name == "trellis_prefill_tokens"
-    chunked = pre_branches["else_branch"]
-    assert chunked.name == "trellis_prefill_chunks"
-    loops = [n for n in chunked.node if n.op_type == "Loop"]
-    assert len(loops) == 1
-    body = loops[0].attribute[0].g
-    assert body.name == "trellis_chunk" and "Loop" not in op_types(body)
-    assert {"MatMul", "CumSum", "Exp"} <= op_types(chunked)
-    # the attributes the body reads by reference
-    refs = {a.ref_attr_name for n in fn.node for a in n.attribute if a.ref_attr_name}
-    assert refs == {"chunk_size", "eps"}
+    loops = _loops(branches["else_branch"])
+    assert len(loops) == 1 and loops[0].input[1] == ""
+    assert loops[0].attribute[0].g.name == ("trellis_token" if C == 1 else "trellis_chunk")
+
+
+def test_with_flavour_swaps_only_the_body(exported: dict[str, Exported]) -> None:
+    ex = exported["c3"]
+    copy_ = onnx.ModelProto()
+    copy_.CopyFrom(ex.proto)
+    with_flavour(copy_, "ort")
+    assert function_variant(copy_.functions[0]).flavour == "ort"
+    assert function_variant(ex.proto.functions[0]).flavour == "portable"
+    assert [n.name for n in copy_.graph.node] == [n.name for n in ex.proto.graph.node]
+    assert list(copy_.graph.initializer) == list(ex.proto.graph.initializer)
+    with_flavour(copy_, "portable")
+    assert copy_.functions[0] == ex.proto.functions[0]
+
+
+def test_body_specialisation_is_checked(exported: dict[str, Exported]) -> None:
+    """A node whose chunk_size (or phi) differs from the body's record is refused, as is a body that
+    does not record its specialisation."""
+    for attr, value in (("chunk_size", 5), ("phi", "identity")):
+        bad = onnx.ModelProto()
+        bad.CopyFrom(exported["c3"].proto)
+        node = next(n for n in bad.graph.node if n.domain == DOMAIN)
+        a = next(a for a in node.attribute if a.name == attr)
+        if attr == "chunk_size":
+            a.i = value
+        else:
+            a.s = value.encode()
+        with pytest.raises(ValueError, match="differ from the attached"):
+            check_function_matches(bad)
+    bare = onnx.ModelProto()
+    bare.CopyFrom(exported["c3"].proto)
+    bare.functions[0].doc_string = "no record"
+    with pytest.raises(ValueError, match="does not record"):
+        check_function_matches(bare)
 
 
 def test_tensorrt_view(exported: dict[str, Exported], tmp_path: Path) -> None:
@@ -362,24 +432,31 @@ GRID = [
 POSITIONS = [0, 5, 17, 1003]
 
 
+def body_session(cfg: object, flavour: str, act_dtype: int = TensorProto.FLOAT) -> object:
+    """ORT on the one-node TrellisMemory model with exactly this body flavour (no rewrite at load)."""
+    return ort_session(memory_node_model(cfg, act_dtype, flavour=flavour).SerializeToString(),
+                       function_body="as-is")
+
+
 def run_function_body(x: object, C: int, phi: str = "ln_silu", f: str = "ln_silu",
-                      rho: str = "identity", sess: object = None) -> list[np.ndarray]:
+                      rho: str = "identity", sess: object = None, flavour: str = "portable"
+                      ) -> list[np.ndarray]:
     """The one-node TrellisMemory model (function body inlined by ORT) on an OpInputs, float32."""
     if sess is None:
-        sess = ort_session(memory_node_model(tiny_config(chunk_size=C, phi=phi, f=f, rho=rho))
-                           .SerializeToString())
+        sess = body_session(tiny_config(chunk_size=C, phi=phi, f=f, rho=rho), flavour)
     feeds = {f"in_{n}": t.float().numpy() for n, t in zip(INPUTS[:10], (*x.activations(), *x.state))}
     feeds["in_position"] = x.position.numpy()
     return sess.run([f"out_{n}" for n in OUTPUTS], feeds)
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("phi,f,rho,C,T", GRID)
-def test_function_body_matches_reference_op(phi: str, f: str, rho: str, C: int, T: int) -> None:
+def test_function_body_matches_reference_op(phi: str, f: str, rho: str, C: int, T: int, flavour: str) -> None:
     cfg = tiny_config(chunk_size=C, phi=phi, f=f, rho=rho)
-    model = memory_node_model(cfg)
+    model = memory_node_model(cfg, flavour=flavour)
     onnx.checker.check_model(model, full_check=True)
     onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-    sess = ort_session(model.SerializeToString())
+    sess = ort_session(model.SerializeToString(), function_body="as-is")
     x = make_op_inputs(B=len(POSITIONS), T=T, seed=T + C, positions=POSITIONS)
     o, st = trellis_memory(*x.activations(), x.state, x.position, chunk_size=C, phi=phi, f=f, rho=rho,
                            eps=cfg.eps)
@@ -388,13 +465,14 @@ def test_function_body_matches_reference_op(phi: str, f: str, rho: str, C: int, 
         assert_rel_close(got, ref, TOL_SHORT, f"{phi}/{f}/{rho} C={C} T={T} {name}")
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
 @pytest.mark.parametrize("C", [3, 16])
-def test_function_body_split_stream(C: int) -> None:
+def test_function_body_split_stream(C: int, flavour: str) -> None:
     """One 53-token stream in calls of 1, 7, 1, 19, 25 tokens (decode and prefill branches, the
     snapshot handed from call to call) equals the reference over the whole stream."""
     x = make_op_inputs(B=3, T=53, seed=C, positions=[0, 5, 1003])
     o_ref, st_ref = trellis_memory(*x.activations(), x.state, x.position, chunk_size=C)
-    sess = ort_session(memory_node_model(tiny_config(chunk_size=C)).SerializeToString())
+    sess = body_session(tiny_config(chunk_size=C), flavour)
     state, pieces, t0 = x.state, [], 0
     for n in (1, 7, 1, 19, 25):
         outs = run_function_body(x.slice(t0, t0 + n).with_state(state), C, sess=sess)
@@ -434,7 +512,7 @@ def test_function_body_long_call() -> None:
 
 def test_function_body_float16_activations() -> None:
     cfg = tiny_config(chunk_size=3)
-    sess = ort_session(memory_node_model(cfg, act_dtype=TensorProto.FLOAT16).SerializeToString())
+    sess = body_session(cfg, "portable", TensorProto.FLOAT16)
     x = make_op_inputs(B=3, T=7, seed=1, positions=[0, 5, 17])
     o, st = trellis_memory(*x.activations(), x.state, x.position, chunk_size=3)
     feeds = {f"in_{n}": t.numpy().astype(np.float16) for n, t in zip(INPUTS[:4], x.activations())}
@@ -448,7 +526,11 @@ def test_function_body_float16_activations() -> None:
 
 def test_function_rejects_unknown_nonlinearity() -> None:
     with pytest.raises(ValueError, match="phi must be one of"):
-        memory_function("relu", "ln_silu", "identity")
+        memory_function("relu", "ln_silu", "identity", 4)
+    with pytest.raises(ValueError, match="chunk_size must be"):
+        memory_function("ln_silu", "ln_silu", "identity", 0)
+    with pytest.raises(ValueError, match="flavour must be"):
+        memory_function("ln_silu", "ln_silu", "identity", 4, flavour="fast")
 
 
 def test_custom_op_eager_is_the_reference() -> None:

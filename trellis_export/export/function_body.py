@@ -1,36 +1,39 @@
 """The model-local ONNX function ``trellis::TrellisMemory`` built from standard opset-18 operators.
 
 Any ONNX runtime without the TensorRT plugin runs the custom op through this body (ONNX Runtime
-inlines it). It computes TRELLIS_SPEC.md sections 2-3 in float32 (activations cast in, o cast back
-to q's dtype):
+inlines it), and a TensorRT without the plugin falls back to it. It computes TRELLIS_SPEC.md
+sections 2-3 in float32 (activations cast in, o cast back to q's dtype). The body is specialised to
+one (phi, f, rho, chunk_size) -- a model has one config, hence one function, still named
+``TrellisMemory``; the specialisation is recorded in the function's doc string and
+:func:`check_function_matches` refuses a node whose attributes differ from it. ``eps`` is read from
+the calling node's attribute (``ref_attr_name``). Two flavours (:data:`FLAVOURS`):
 
-* ``T == 1`` (decode): an ``If`` whose then-branch is one straight-line step, no ``Loop``;
-* ``T > 1``, ``C > 1`` (prefill): the chunked closed form of spec section 3, the math of
-  ``model.memory._chunked``. Row b is left-padded by ``position_b % C`` no-op tokens (beta = 1,
-  gamma = 0) so that chunk boundaries line up across rows; everything independent of the memories
-  (log-space decays ``D[t, j] = gamma_j b_t / b_j`` masked before ``Exp``, ``D * (Q K^T)``, write
-  weights ``gamma_j b_C / b_j``) is computed for all chunks at once; then a ``Loop`` over chunks
-  carries the memories stacked as ``[K; V]`` and, per chunk, computes all C inner gradients from the
-  chunk-start snapshot with one MatMul and one VJP pass, the C reads
-  ``Kq = b * (Q K0^T) - (D * Q K^T) U_k`` and ``o = rho(b * (R V0) - (D * R U_v^T) V)`` and the
-  end-of-chunk memories, all by MatMul (65 operators per chunk of C tokens with the default
-  phi/f/rho, against 92 per token in the token loop). The output snapshot is that of the chunk
-  holding each row's last real token: later all-padding chunks do not overwrite it;
-* ``T > 1``, ``C == 1``: a ``Loop`` over tokens carrying K, V, S_K, S_V with the per-row snapshot
-  rule ``if (position + t) % C == 0: S <- K`` (a chunk is one token; the chunked form would only
-  add operators). ``If(C == 1)`` picks the branch at run time.
-
-``chunk_size`` and ``eps`` are read from the calling node's attributes (``ref_attr_name``). The slot
-nonlinearities ``phi``, ``f``, ``rho`` select different operator sequences, which opset 18 cannot
-branch on (string ``Equal`` arrives in opset 19), so the body is specialised to one (phi, f, rho)
-triple: a model has one config, hence one function, still named ``TrellisMemory``. The triple is
-recorded in the function's doc string and :func:`check_function_matches` refuses a node whose
-attributes differ from it.
+* ``"portable"`` (what every export carries; what ``trtexec --onnx`` parses): no run-time ``If``
+  at all -- TensorRT imports both branches of an If it cannot fold, and its builder asserts on a
+  Loop nested in a run-time If that reads outer tensors. One recurrence serves every T:
+  - C > 1: the chunked closed form of spec section 3, the math of ``model.memory._chunked``. Row b
+    is left-padded by ``position_b % C`` no-op tokens (beta = 1, gamma = 0) so that chunk
+    boundaries line up across rows; everything independent of the memories (log-space decays
+    ``D[t, j] = gamma_j b_t / b_j`` masked before ``Exp``, ``D * (Q K^T)``, write weights
+    ``gamma_j b_C / b_j``) is computed for all chunks at once; then a ``Loop`` over chunks carries
+    the memories stacked as ``[K; V]`` and, per chunk, computes all C inner gradients from the
+    chunk-start snapshot with one MatMul and one VJP pass, the C reads
+    ``Kq = b * (Q K0^T) - (D * Q K^T) U_k`` and ``o = rho(b * (R V0) - (D * R U_v^T) V)`` and the
+    end-of-chunk memories, all by MatMul. The output snapshot is that of the chunk holding each
+    row's last real token. T = 1 is one real token in one chunk: exact, no special case.
+  - C = 1: a ``Loop`` over tokens carrying K, V, S_K, S_V (a chunk is one token; the chunked form
+    would only add operators).
+  The Loops are for-loops (no cond input) whose bodies output a literal true condition: TensorRT's
+  Loop importer does not register a body's cond input that the node leaves empty.
+* ``"ort"``: the same recurrence behind ``If(T == 1)``, whose then-branch is one straight-line
+  decode step (no Loop). ONNX Runtime runs it fastest; this project's ORT sessions swap it in at
+  load (:func:`with_flavour`, in memory: the file keeps its portable body).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -41,13 +44,18 @@ from ..opdef import ATTRIBUTES, DOMAIN, INPUTS, OP_TYPE, OPSET, OUTPUTS, op_attr
 from ..state import MEMORY_FIELDS
 
 __all__ = ["memory_function", "memory_node_model", "function_variant", "check_function_matches",
-           "FUNCTION_OUTPUTS", "FUNCTION_ATTRIBUTES"]
+           "with_flavour", "node_variant", "BodyVariant", "FLAVOURS", "FUNCTION_OUTPUTS",
+           "FUNCTION_ATTRIBUTES"]
 
 #: Formal output names of the function (its inputs are ``opdef.INPUTS``; names must not repeat).
 FUNCTION_OUTPUTS: tuple[str, ...] = tuple(n if n == "o" else f"new_{n}" for n in OUTPUTS)
 #: Attributes the function declares: the math attributes and the plugin mapping attributes.
 FUNCTION_ATTRIBUTES: tuple[str, ...] = tuple(ATTRIBUTES) + ("plugin_namespace", "plugin_version")
 _VARIANT_PREFIX = "trellis-variant:"
+_CHUNK_PREFIX = "trellis-chunk-size:"
+_FLAVOUR_PREFIX = "trellis-flavour:"
+#: Function-body flavours: "portable" (every ONNX runtime and TensorRT parser) and "ort".
+FLAVOURS: tuple[str, ...] = ("portable", "ort")
 
 
 class _Builder:
@@ -62,13 +70,24 @@ class _Builder:
         self._counter[0] += 1
         return f"{self._prefix}{hint}_{self._counter[0]}"
 
-    def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None, n_out: int = 1,
-           outputs: Sequence[str] | None = None, **attrs: object) -> str | list[str]:
+    def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None,
+           output: str | None = None, **attrs: object) -> str:
+        """One node with one output; returns the output's name."""
+        return self.ops(op_type, inputs, hint, outputs=[output] if output is not None else None,
+                        **attrs)[0]
+
+    def ops(self, op_type: str, inputs: Sequence[str], hint: str | None = None, n_out: int = 1,
+            outputs: Sequence[str] | None = None, **attrs: object) -> list[str]:
+        """One node with ``n_out`` outputs (or the given ``outputs``); returns their names."""
         outs = list(outputs) if outputs is not None else [self.name(hint or op_type.lower())
                                                           for _ in range(n_out)]
+        if op_type == "Reshape":
+            # no shape here ever holds a literal 0 meaning "copy": say so, so that TensorRT need not
+            # treat run-time dims as possible placeholders (its IShuffleLayer warning)
+            attrs.setdefault("allowzero", 1)
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.name("n_" + op_type),
                                            **attrs))
-        return outs[0] if n_out == 1 and outputs is None else outs
+        return outs
 
     def child(self, prefix: str) -> _Builder:
         return _Builder(self._counter, self._prefix + prefix)
@@ -89,18 +108,27 @@ def _ref_constant(b: _Builder, attr: str, kind: str, hint: str) -> str:
 
 def _const(b: _Builder, values: Sequence[int], hint: str) -> str:
     t = helper.make_tensor(b.name(hint + "_t"), TensorProto.INT64, [len(values)], list(values))
-    return b.op("Constant", [], hint, value=t)  # type: ignore[return-value]
+    return b.op("Constant", [], hint, value=t)
 
 
 def _scalar(b: _Builder, dtype: int, value: float, hint: str) -> str:
-    return b.op("Constant", [], hint,  # type: ignore[return-value]
+    return b.op("Constant", [], hint,
                 value=helper.make_tensor(b.name(hint + "_t"), dtype, [], [value]))
+
+
+def _true(b: _Builder, hint: str) -> str:
+    """A Loop body's condition output: a literal true. The Loops are plain for-loops (empty cond
+    input); TensorRT's Loop importer registers the body's cond input only when the node supplies
+    one, so a body that passes ``cond_in`` through fails to parse there ("Node input was not
+    registered"), and a supplied cond input draws a trip-limit-and-condition warning."""
+    true = helper.make_tensor(b.name(hint + "_t"), TensorProto.BOOL, [], [True])
+    return b.op("Constant", [], hint, value=true)
 
 
 class _Consts:
     """Constants shared by the whole body (outer scope is visible from If/Loop subgraphs)."""
 
-    def __init__(self, b: _Builder) -> None:
+    def __init__(self, b: _Builder, chunk_size: int) -> None:
         self.last = _const(b, [-1], "axis_last")
         self.ax1 = _const(b, [1], "axis1")
         self.ax23 = _const(b, [2, 3], "axes23")
@@ -121,7 +149,7 @@ class _Consts:
         self.minus1 = _const(b, [-1], "minus1")
         self.int_max = _const(b, [np.iinfo(np.int64).max], "int_max")
         self.shape_1b1111 = _const(b, [1, -1, 1, 1, 1], "shape_1b111")
-        self.chunk = _ref_constant(b, "chunk_size", "value_int", "chunk_size")
+        self.chunk = _scalar(b, TensorProto.INT64, chunk_size, "chunk_size")
         self.eps = _ref_constant(b, "eps", "value_float", "eps")
 
 
@@ -130,10 +158,10 @@ def _silu(b: _Builder, c: _Consts, z: str, want_ds: bool) -> tuple[str, str | No
     sig = b.op("Sigmoid", [z], "sig")
     s = b.op("Mul", [z, sig], "s")
     if not want_ds:
-        return s, None  # type: ignore[return-value]
+        return s, None
     one_minus = b.op("Sub", [c.one_f, sig], "one_minus_sig")
     ds = b.op("Mul", [sig, b.op("Add", [c.one_f, b.op("Mul", [z, one_minus])])], "ds")
-    return s, ds  # type: ignore[return-value]
+    return s, ds
 
 
 def _nonlin(b: _Builder, c: _Consts, name: str, z: str, want_vjp: bool = False
@@ -149,12 +177,12 @@ def _nonlin(b: _Builder, c: _Consts, name: str, z: str, want_vjp: bool = False
         var = b.op("ReduceMean", [b.op("Mul", [cen, cen]), c.last], "var", keepdims=1)
         sd = b.op("Sqrt", [b.op("Add", [var, c.eps])], "sd")
         y = b.op("Div", [cen, sd], "y")
-        return y, {"ds": ds, "den": sd} if want_vjp else {}  # type: ignore[return-value]
+        return y, {"ds": ds, "den": sd} if want_vjp else {}
     if name == "l2_silu":
         ss = b.op("ReduceSum", [b.op("Mul", [s, s]), c.last], "ss", keepdims=1)
         nrm = b.op("Sqrt", [b.op("Add", [ss, c.eps])], "nrm")
         y = b.op("Div", [s, nrm], "y")
-        return y, {"ds": ds, "den": nrm} if want_vjp else {}  # type: ignore[return-value]
+        return y, {"ds": ds, "den": nrm} if want_vjp else {}
     raise ValueError(f"nonlinearity must be one of {', '.join(NONLINEARITIES)}; got {name!r}")
 
 
@@ -163,7 +191,7 @@ def _inner_grad(b: _Builder, c: _Consts, phi: str, z: str, a: str) -> str:
     y, aux = _nonlin(b, c, phi, z, want_vjp=True)
     e = b.op("Sub", [y, a], "e")
     if phi == "identity":
-        return e  # type: ignore[return-value]
+        return e
     if phi == "ln_silu":
         me = b.op("ReduceMean", [e, c.last], "mean_e", keepdims=1)
         mey = b.op("ReduceMean", [b.op("Mul", [e, y]), c.last], "mean_ey", keepdims=1)
@@ -171,7 +199,7 @@ def _inner_grad(b: _Builder, c: _Consts, phi: str, z: str, a: str) -> str:
     else:  # l2_silu
         dot = b.op("ReduceSum", [b.op("Mul", [y, e]), c.last], "dot_ye", keepdims=1)
         inner = b.op("Sub", [e, b.op("Mul", [y, dot])], "inner")
-    return b.op("Div", [b.op("Mul", [aux["ds"], inner]), aux["den"]], "u")  # type: ignore[return-value]
+    return b.op("Div", [b.op("Mul", [aux["ds"], inner]), aux["den"]], "u")
 
 
 def _step(b: _Builder, c: _Consts, variant: tuple[str, str, str], tok: dict[str, str],
@@ -187,7 +215,7 @@ def _step(b: _Builder, c: _Consts, variant: tuple[str, str, str], tok: dict[str,
 
     def matvec(M: str, w: str, hint: str) -> str:       # [B,H,m,d] x [B,H,d] -> [B,H,m]
         col = b.op("Unsqueeze", [w, c.last], hint + "_col")
-        return b.op("Squeeze", [b.op("MatMul", [M, col]), c.last], hint)  # type: ignore[return-value]
+        return b.op("Squeeze", [b.op("MatMul", [M, col]), c.last], hint)
 
     uk = _inner_grad(b, c, phi, matvec(SK, tok["k"], "zk"), tok["a"])
     uv = _inner_grad(b, c, phi, matvec(SV, tok["v"], "zv"), tok["a"])
@@ -196,7 +224,7 @@ def _step(b: _Builder, c: _Consts, variant: tuple[str, str, str], tok: dict[str,
 
     def write(M: str, u: str, w: str, hint: str) -> str:   # beta M - gamma outer(u, w)
         outer = b.op("Mul", [b.op("Unsqueeze", [u, c.last]), b.op("Unsqueeze", [w, c.last2])], "outer")
-        return b.op("Sub", [b.op("Mul", [b4, M]), b.op("Mul", [g4, outer])], hint)  # type: ignore
+        return b.op("Sub", [b.op("Mul", [b4, M]), b.op("Mul", [g4, outer])], hint)
 
     K = write(K, uk, tok["k"], "K")
     V = write(V, uv, tok["v"], "V")
@@ -208,9 +236,10 @@ def _step(b: _Builder, c: _Consts, variant: tuple[str, str, str], tok: dict[str,
 
 
 def _token_loop(b: _Builder, c: _Consts, variant: tuple[str, str, str], act: dict[str, str],
-                mem: Sequence[str], position: str, T: str) -> onnx.GraphProto:
-    """T > 1 token by token: a Loop over tokens carrying K, V, S_K, S_V, o as scan output. Used for
-    C == 1, where a chunk is one token and the chunked form would only add operators."""
+                mem: Sequence[str], position: str, T: str) -> list[str]:
+    """Any T token by token: a Loop over tokens carrying K, V, S_K, S_V, o as scan output. Used for
+    C == 1, where a chunk is one token and the chunked form would only add operators. Returns the
+    names of o [B, T, H, d] and the four new memories."""
     f32 = TensorProto.FLOAT
     lb = b.child("loop_")
     it, cond_in = lb.name("t"), lb.name("cond_in")
@@ -218,7 +247,7 @@ def _token_loop(b: _Builder, c: _Consts, variant: tuple[str, str, str], act: dic
     tok = {n: lb.op("Gather", [act[n], it], n + "_t", axis=1) for n in act}
     n_abs = lb.op("Add", [position, it], "n")
     o, new_mem = _step(lb, c, variant, tok, carried_in, n_abs)
-    cond_out = lb.op("Identity", [cond_in], "cond_out")
+    cond_out = _true(lb, "cond_out")
     body = helper.make_graph(
         lb.nodes, "trellis_token",
         [helper.make_tensor_value_info(it, TensorProto.INT64, []),
@@ -227,15 +256,15 @@ def _token_loop(b: _Builder, c: _Consts, variant: tuple[str, str, str], act: dic
         [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []),
          *[helper.make_tensor_value_info(x, f32, None) for x in (*new_mem, o)]])
     trip = b.op("Squeeze", [T], "trip")
-    loop_outs = b.op("Loop", [trip, "", *mem], n_out=5, body=body)
+    loop_outs = b.ops("Loop", [trip, "", *mem], n_out=5, body=body)
     o_pre = b.op("Transpose", [loop_outs[4]], "o_pre", perm=[1, 0, 2, 3])
-    return helper.make_graph(b.nodes, "trellis_prefill_tokens", [],
-                             [helper.make_tensor_value_info(x, f32, None) for x in (o_pre, *loop_outs[:4])])
+    return [o_pre, *loop_outs[:4]]
 
 
-def _chunked_prefill(b: _Builder, c: _Consts, variant: tuple[str, str, str], act: dict[str, str],
-                     mem: Sequence[str], position: str, T: str) -> onnx.GraphProto:
-    """T > 1 in the chunked closed form of spec section 3 (the math of ``memory._chunked``).
+def _chunked(b: _Builder, c: _Consts, variant: tuple[str, str, str], act: dict[str, str],
+             mem: Sequence[str], position: str, T: str) -> list[str]:
+    """Any T in the chunked closed form of spec section 3 (the math of ``memory._chunked``); for
+    T = 1 it is exact too (one real token padded to one chunk). Returns o and the new memories.
 
     Row b is left-padded by ``phase_b = position_b % C`` no-op tokens (beta = 1, gamma = 0, zeros
     elsewhere) to L = N C tokens, N = ceil((max phase + T) / C); everything that does not depend on
@@ -262,7 +291,7 @@ def _chunked_prefill(b: _Builder, c: _Consts, variant: tuple[str, str, str], act
 
     def pad(x: str, mask: str, fill: str) -> str:                          # [B, T, ...] -> [B, L, ...]
         g = b.op("GatherND", [x, gidx], "padded", batch_dims=1)
-        return b.op("Where", [mask, g, fill], "padded")  # type: ignore[return-value]
+        return b.op("Where", [mask, g, fill], "padded")
 
     B1 = b.op("Shape", [position], "B1")
     N1 = b.op("Unsqueeze", [n_chunks, c.ax0], "N1")
@@ -272,11 +301,11 @@ def _chunked_prefill(b: _Builder, c: _Consts, variant: tuple[str, str, str], act
     shape4 = b.op("Concat", [B1, N1, C1, H1], "shape_bnch", axis=0)
 
     def chunks(x: str, hint: str) -> str:                                  # [B, L, H, x] -> [N, B, H, C, x]
-        return b.op("Transpose", [b.op("Reshape", [x, shape5])], hint,  # type: ignore[return-value]
+        return b.op("Transpose", [b.op("Reshape", [x, shape5])], hint,
                     perm=[1, 0, 3, 2, 4])
 
     def gate_chunks(x: str, hint: str) -> str:                             # [B, L, H] -> [N, B, H, C]
-        return b.op("Transpose", [b.op("Reshape", [x, shape4])], hint,  # type: ignore[return-value]
+        return b.op("Transpose", [b.op("Reshape", [x, shape4])], hint,
                     perm=[1, 0, 3, 2])
 
     qc, kc, vc, ac = (chunks(pad(act[n], valid4, c.zero_f), n + "_c") for n in ("q", "k", "v", "a"))
@@ -308,7 +337,7 @@ def _chunked_prefill(b: _Builder, c: _Consts, variant: tuple[str, str, str], act
     kvw = b.op("Mul", [kvc, b.op("Unsqueeze", [w, c.ax1])], "kv_w")
 
     def stack(x: str, y: str, hint: str) -> str:
-        return b.op("Concat", [b.op("Unsqueeze", [x, c.ax0]), b.op("Unsqueeze", [y, c.ax0])],  # type: ignore
+        return b.op("Concat", [b.op("Unsqueeze", [x, c.ax0]), b.op("Unsqueeze", [y, c.ax0])],
                     hint, axis=0)
 
     M0 = stack(mem[0], mem[1], "M0")                                       # [2, B, H, m, d]
@@ -349,7 +378,7 @@ def _chunked_prefill(b: _Builder, c: _Consts, variant: tuple[str, str, str], act
     M_new = lb.op("Sub", [lb.op("Mul", [decay_i, M]), lb.op("MatMul", [U_T, kvw_i])], "M_new")
     S_out_new = lb.op("Where", [sel_i, S, S_out], "S_out_new")
     S_new = lb.op("Identity", [M_new], "S_new")                            # the next chunk starts here
-    cond_out = lb.op("Identity", [cond_in], "cond_out")
+    cond_out = _true(lb, "cond_out")
     body = helper.make_graph(
         lb.nodes, "trellis_chunk",
         [helper.make_tensor_value_info(it, TensorProto.INT64, []),
@@ -357,7 +386,7 @@ def _chunked_prefill(b: _Builder, c: _Consts, variant: tuple[str, str, str], act
          *[helper.make_tensor_value_info(x, f32, None) for x in (M, S, S_out)]],
         [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []),
          *[helper.make_tensor_value_info(x, f32, None) for x in (M_new, S_new, S_out_new, Vr)]])
-    M_fin, _, S_fin, Vr_all = b.op("Loop", [n_chunks, "", M0, S0, S0], n_out=4, body=body)
+    M_fin, _, S_fin, Vr_all = b.ops("Loop", [n_chunks, "", M0, S0, S0], n_out=4, body=body)
 
     # ---- outputs: o gathered back to [B, T, H, d] (rho per token), memories unstacked
     shape_bl = b.op("Concat", [B1, c.minus1, b.op("Shape", [act["q"]], "Hd", start=2, end=4)], "shape_blhd",
@@ -367,96 +396,173 @@ def _chunked_prefill(b: _Builder, c: _Consts, variant: tuple[str, str, str], act
     t_pad = b.op("Add", [b.op("Unsqueeze", [t_idx, c.ax0]), b.op("Unsqueeze", [phase, c.ax1])], "t_pad")
     take = b.op("Unsqueeze", [t_pad, c.last], "take")                     # [B, T, 1]
     o, _ = _nonlin(b, c, rho, b.op("GatherND", [o_pad, take], "Vr_bt", batch_dims=1))
-    outs = [o, *(b.op("Gather", [x, i], "mem_out", axis=0)
+    return [o, *(b.op("Gather", [x, i], "mem_out", axis=0)
                  for x in (M_fin, S_fin) for i in (c.zero_i, c.one_i))]           # K, V, S_K, S_V
-    return helper.make_graph(b.nodes, "trellis_prefill_chunks", [],
-                             [helper.make_tensor_value_info(x, f32, None) for x in outs])
 
 
-def function_variant(function: FunctionProto) -> tuple[str, str, str] | None:
-    """The (phi, f, rho) a TrellisMemory function body was specialised to, from its doc string."""
+@dataclass(frozen=True)
+class BodyVariant:
+    """What a TrellisMemory function body was specialised to (recorded in its doc string).
+
+    ``flavour``: ``"portable"`` (no run-time If: one recurrence serves every T; what TensorRT's
+    parser takes) or ``"ort"`` (an ``If(T == 1)`` picks a loop-free decode step; ONNX Runtime only).
+    """
+
+    phi: str
+    f: str
+    rho: str
+    chunk_size: int
+    flavour: str = "portable"
+
+    def doc_lines(self) -> str:
+        return (f"{_VARIANT_PREFIX} {self.phi},{self.f},{self.rho}\n"
+                f"{_CHUNK_PREFIX} {self.chunk_size}\n{_FLAVOUR_PREFIX} {self.flavour}")
+
+
+def function_variant(function: FunctionProto) -> BodyVariant | None:
+    """The specialisation of a TrellisMemory function body, from its doc string (None if absent)."""
+    found: dict[str, str] = {}
     for line in function.doc_string.splitlines():
-        if line.startswith(_VARIANT_PREFIX):
-            parts = line[len(_VARIANT_PREFIX):].strip().split(",")
-            if len(parts) == 3:
-                return tuple(p.strip() for p in parts)  # type: ignore[return-value]
-    return None
+        for prefix in (_VARIANT_PREFIX, _CHUNK_PREFIX, _FLAVOUR_PREFIX):
+            if line.startswith(prefix):
+                found[prefix] = line[len(prefix):].strip()
+    parts = [p.strip() for p in found.get(_VARIANT_PREFIX, "").split(",")]
+    if len(parts) != 3 or _CHUNK_PREFIX not in found:
+        return None
+    try:
+        chunk = int(found[_CHUNK_PREFIX])
+    except ValueError:
+        return None
+    return BodyVariant(parts[0], parts[1], parts[2], chunk, found.get(_FLAVOUR_PREFIX, "portable"))
 
 
-def memory_function(phi: str, f: str, rho: str, opset: int = OPSET) -> FunctionProto:
-    """The FunctionProto ``trellis::TrellisMemory`` for one (phi, f, rho) triple."""
+def memory_function(phi: str, f: str, rho: str, chunk_size: int, *, flavour: str = "portable",
+                    opset: int = OPSET) -> FunctionProto:
+    """The FunctionProto ``trellis::TrellisMemory`` for one (phi, f, rho, chunk_size).
+
+    ``flavour="portable"`` (default; what exports carry): no run-time ``If``, Loops with explicit
+    conditions; C > 1 runs the chunked closed form for every T (T = 1 included), C = 1 the token loop.
+    ``flavour="ort"``: the same plus ``If(T == 1)`` -> a straight-line decode step (no Loop); ONNX
+    Runtime sessions of this project swap it in at load (:func:`with_flavour`).
+    """
     for value, what in ((phi, "phi"), (f, "f"), (rho, "rho")):
         if value not in NONLINEARITIES:
             raise ValueError(f"{what} must be one of {', '.join(NONLINEARITIES)}; got {value!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour must be one of {', '.join(FLAVOURS)}; got {flavour!r}")
     variant = (phi, f, rho)
     counter = [0]
     b = _Builder(counter, "")
-    c = _Consts(b)
+    c = _Consts(b, chunk_size)
     f32 = TensorProto.FLOAT
     act = {n: b.op("Cast", [n], n + "_f32", to=f32) for n in INPUTS[:6]}   # q k v a beta gamma
     mem_in = list(INPUTS[6:10])
     position = INPUTS[10]
     T = b.op("Shape", [INPUTS[0]], "T", start=1, end=2)                      # [1] int64
-    is_one = b.op("Equal", [T, b.op("Constant", [], "one_i",
-                                    value=helper.make_tensor("one_i_t", TensorProto.INT64, [1], [1]))],
-                  "is_decode")
+    recurrence = _token_loop if chunk_size == 1 else _chunked
 
-    # ---- then: T == 1, straight-line decode step (no Loop)
-    tb = b.child("dec_")
-    zero = tb.op("Constant", [], "idx0", value=helper.make_tensor("idx0_t", TensorProto.INT64, [], [0]))
-    tok = {n: tb.op("Gather", [act[n], zero], n + "_t", axis=1) for n in act}
-    o, mem = _step(tb, c, variant, tok, mem_in, position)
-    o_seq = tb.op("Unsqueeze", [o, c.ax1], "o_seq")
-    then_outs = [o_seq, *mem]
-    then_graph = helper.make_graph(tb.nodes, "trellis_decode", [],
-                                   [helper.make_tensor_value_info(x, f32, None) for x in then_outs])
-
-    # ---- else: T > 1. C == 1: Loop over tokens (the chunked form would do the same work per token
-    # with more operators); C > 1: Loop over chunks of C tokens in the closed form of spec section 3.
-    eb = b.child("pre_")
-    c1 = eb.op("Equal", [c.chunk, c.one_i], "is_c1")
-    token_graph = _token_loop(b.child("tok_"), c, variant, act, mem_in, position, T)
-    chunk_graph = _chunked_prefill(b.child("chk_"), c, variant, act, mem_in, position, T)
-    pre = eb.op("If", [c1], n_out=5, then_branch=token_graph, else_branch=chunk_graph)
-    else_graph = helper.make_graph(eb.nodes, "trellis_prefill", [],
-                                   [helper.make_tensor_value_info(x, f32, None) for x in pre])
-
-    res = b.op("If", [is_one], n_out=5, then_branch=then_graph, else_branch=else_graph)
-    b.op("CastLike", [res[0], INPUTS[0]], outputs=[FUNCTION_OUTPUTS[0]])
+    if flavour == "portable":
+        rb = b.child("rec_")
+        res = recurrence(rb, c, variant, act, mem_in, position, T)
+        b.nodes.extend(rb.nodes)
+    else:
+        is_one = b.op("Equal", [T, b.op("Constant", [], "one_i", value=helper.make_tensor(
+            "one_i_t", TensorProto.INT64, [1], [1]))], "is_decode")
+        # then: T == 1, one straight-line step (no Loop)
+        tb = b.child("dec_")
+        zero = tb.op("Constant", [], "idx0", value=helper.make_tensor("idx0_t", TensorProto.INT64, [], [0]))
+        tok = {n: tb.op("Gather", [act[n], zero], n + "_t", axis=1) for n in act}
+        o, mem = _step(tb, c, variant, tok, mem_in, position)
+        then_graph = _graph(tb, "trellis_decode", [tb.op("Unsqueeze", [o, c.ax1], "o_seq"), *mem])
+        eb = b.child("pre_")
+        else_graph = _graph(eb, "trellis_prefill", recurrence(eb, c, variant, act, mem_in, position, T))
+        res = b.ops("If", [is_one], n_out=5, then_branch=then_graph, else_branch=else_graph)
+    b.op("CastLike", [res[0], INPUTS[0]], output=FUNCTION_OUTPUTS[0])
     for src, dst in zip(res[1:], FUNCTION_OUTPUTS[1:]):
-        b.op("Identity", [src], outputs=[dst])
+        b.op("Identity", [src], output=dst)
 
+    info = BodyVariant(phi, f, rho, chunk_size, flavour)
     fn = helper.make_function(
         DOMAIN, OP_TYPE, list(INPUTS), list(FUNCTION_OUTPUTS), b.nodes,
         opset_imports=[helper.make_opsetid("", opset)], attributes=list(FUNCTION_ATTRIBUTES),
         doc_string=(f"Trellis memory (TRELLIS_SPEC.md sections 2-3) in standard opset-{opset} ops, float32 "
-                    "state math; chunk_size and eps come from the node's attributes.\n"
-                    f"{_VARIANT_PREFIX} {phi},{f},{rho}"))
+                    "state math; eps comes from the node's attribute, chunk_size and phi/f/rho are "
+                    f"fixed below (checked against every node).\n{info.doc_lines()}"))
     assert tuple(MEMORY_FIELDS) == tuple(n.removeprefix("new_") for n in FUNCTION_OUTPUTS[1:])
     return fn
 
 
+def _graph(b: _Builder, name: str, outputs: Sequence[str]) -> onnx.GraphProto:
+    """The nodes of ``b`` as an If branch with float32 outputs."""
+    return helper.make_graph(b.nodes, name, [],
+                             [helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in outputs])
+
+
+def _memory_functions(model: onnx.ModelProto) -> list[FunctionProto]:
+    return [fn for fn in model.functions if fn.domain == DOMAIN and fn.name == OP_TYPE]
+
+
+def _memory_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+
+
+def node_variant(node: onnx.NodeProto) -> tuple[str, str, str, int]:
+    """(phi, f, rho, chunk_size) of a TrellisMemory node, from its attributes."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    phi, f, rho = (v.decode() if isinstance(v, bytes) else v
+                   for v in (attrs.get("phi"), attrs.get("f"), attrs.get("rho")))
+    return phi, f, rho, int(attrs.get("chunk_size", 0))
+
+
 def check_function_matches(model: onnx.ModelProto) -> None:
-    """Raise ValueError unless every TrellisMemory node's phi/f/rho equal the attached body's."""
-    fns = [fn for fn in model.functions if fn.domain == DOMAIN and fn.name == OP_TYPE]
+    """Raise ValueError unless every TrellisMemory node's phi/f/rho and chunk_size equal the ones the
+    attached body was specialised to (a body without that record is refused too)."""
+    fns = _memory_functions(model)
     if not fns:
         return
     variant = function_variant(fns[0])
-    for node in model.graph.node:
-        if node.domain == DOMAIN and node.op_type == OP_TYPE:
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            got = tuple(v.decode() if isinstance(v, bytes) else v for v in
-                        (attrs.get("phi"), attrs.get("f"), attrs.get("rho")))
-            if variant is not None and got != variant:
-                raise ValueError(f"node {node.name}: phi/f/rho {got} differ from the attached "
-                                 f"TrellisMemory function body {variant}")
+    if variant is None:
+        raise ValueError("the attached TrellisMemory function body does not record its specialisation "
+                         "(phi, f, rho, chunk_size); re-export the model with this trellis-export")
+    want = (variant.phi, variant.f, variant.rho, variant.chunk_size)
+    for node in _memory_nodes(model):
+        got = node_variant(node)
+        if got != want:
+            raise ValueError(f"node {node.name}: (phi, f, rho, chunk_size) {got} differ from the attached "
+                             f"TrellisMemory function body {want}")
 
 
-def memory_node_model(config: TrellisConfig, act_dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
+def with_flavour(model: onnx.ModelProto, flavour: str) -> onnx.ModelProto:
+    """``model`` with its TrellisMemory function body rebuilt in ``flavour`` (the model is modified in
+    place and returned). Nodes and weights are untouched; a model without the body is returned as is."""
+    fns = _memory_functions(model)
+    if not fns:
+        return model
+    variant = function_variant(fns[0])
+    if variant is None:
+        nodes = _memory_nodes(model)
+        if not nodes:
+            return model
+        phi, f, rho, chunk = node_variant(nodes[0])
+        variant = BodyVariant(phi, f, rho, chunk)
+    if variant.flavour == flavour:
+        return model
+    keep = [fn for fn in model.functions if fn not in fns]
+    del model.functions[:]
+    model.functions.extend([*keep, memory_function(variant.phi, variant.f, variant.rho,
+                                                   variant.chunk_size, flavour=flavour)])
+    check_function_matches(model)
+    return model
+
+
+def memory_node_model(config: TrellisConfig, act_dtype: int = TensorProto.FLOAT,
+                      flavour: str = "portable") -> onnx.ModelProto:
     """A one-node model ``TrellisMemory`` with its function attached (used by the tests and the
     plugin work): inputs/outputs named as in :mod:`trellis_export.opdef`, dynamic shapes."""
     attrs = op_attributes(config)
-    fn = memory_function(attrs["phi"], attrs["f"], attrs["rho"])
+    fn = memory_function(attrs["phi"], attrs["f"], attrs["rho"], attrs["chunk_size"], flavour=flavour)
     dims = {"q": ["B", "T", "H", "d"], "k": ["B", "T", "H", "d"], "v": ["B", "T", "H", "d"],
             "a": ["B", "T", "H", "m"], "beta": ["B", "T", "H"], "gamma": ["B", "T", "H"],
             "position": ["B"]}

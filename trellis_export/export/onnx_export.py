@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,11 @@ import torch
 from onnx import helper
 from torch import Tensor, nn
 
-from .. import __version__
-from ..checkpoint import model_fingerprint
+from .. import __version__, outputs
+from ..checkpoint import model_fingerprint, nonfinite_tensors
 from ..errors import TrellisExportError
-from ..fileio import current_umask
 from ..opdef import DOMAIN, OP_TYPE, OP_VERSION, OPSET
+from ..outputs import OutputError, OutputSpec, claim_outputs, current_umask, temporary_sibling, write_error
 from ..state import state_spec, state_spec_json
 from .custom_op import TRANSLATION_TABLE, export_memory_fn
 from .function_body import check_function_matches, memory_function
@@ -36,7 +35,8 @@ from .meta import (
 )
 
 __all__ = ["export_onnx", "export_model_proto", "save_model_atomic", "tensorrt_view", "save_tensorrt_view",
-           "check_exported", "check_output_path", "describe", "wants_external_data", "ExportError",
+           "check_exported", "check_output_path", "check_finite_weights", "external_data_locations",
+           "describe", "wants_external_data", "ExportError",
            "EXTERNAL_DATA_THRESHOLD", "DTYPES", "BATCH_DIM", "TOKENS_DIM"]
 
 #: Models whose weights exceed this many bytes get their tensors in an external data file.
@@ -102,6 +102,7 @@ def export_model_proto(model: nn.Module, *, dtype: str = "float32",
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "layers"):
         raise ExportError("export_onnx expects a TrellisLM (a model with .config and .layers)")
+    check_finite_weights(model)
     fp = fingerprint or getattr(model, "fingerprint", None) or model_fingerprint(model)
     m = _prepare(model, dtype)
     spec = state_spec(config)
@@ -140,7 +141,7 @@ def export_model_proto(model: nn.Module, *, dtype: str = "float32",
                           f"outputs {got_out}")
     _rename_dims(proto, "input_ids")
     _set_opsets(proto)
-    proto.functions.append(memory_function(config.phi, config.f, config.rho))
+    proto.functions.append(memory_function(config.phi, config.f, config.rho, config.chunk_size))
     proto.producer_name = "trellis-export"
     proto.producer_version = __version__
     meta = {META_CONFIG: json.dumps(config.to_dict(), sort_keys=True),
@@ -178,13 +179,33 @@ def check_exported(path: str | os.PathLike[str], *, strict_shapes: bool = True) 
 
 
 def check_output_path(path: str | os.PathLike[str]) -> Path:
-    """An output file path whose directory exists; raises ExportError otherwise."""
-    dest = Path(path)
-    if dest.is_dir():
-        raise ExportError(f"{dest}: is a directory; expected an output file path such as model.onnx")
-    if not dest.parent.is_dir():
-        raise ExportError(f"{dest.parent}: output directory does not exist")
-    return dest
+    """An output file path whose directory exists and is writable; raises ExportError otherwise
+    (the checks of :func:`trellis_export.outputs.claim_outputs` for one file)."""
+    try:
+        return claim_outputs([OutputSpec(path, "output")])[0]
+    except OutputError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Refuse a model whose parameters or buffers hold NaN / Inf, naming the tensors."""
+    bad = nonfinite_tensors({k: v for k, v in model.state_dict().items() if torch.is_tensor(v)})
+    if bad:
+        raise ExportError(f"the model's weights hold non-finite values: {bad}; refusing to export it")
+
+
+def external_data_locations(path: str | os.PathLike[str]) -> set[str]:
+    """The external data files an ONNX model on disk refers to (empty for inline weights or a file that
+    is not a readable model)."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a model: nothing it refers to
+        return set()
+    out = set()
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            out.update(e.value for e in t.external_data if e.key == "location")
+    return out
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, dtype: str = "float32",
@@ -215,27 +236,45 @@ def wants_external_data(model: nn.Module, dtype: str, external_data: bool | None
 def save_model_atomic(proto: onnx.ModelProto, path: str | os.PathLike[str], *, external_data: bool = False,
                       check: bool = True, strict_shapes: bool = True) -> Path:
     """Save ``proto`` to ``path`` through a temporary directory beside it, check it there, then move
-    it in place (the external data file ``<name>.data`` first, then the model)."""
+    it in place (the external data file ``<name>.data`` first, then the model).
+
+    Whatever the suffix of ``path`` (``.json`` included) the model is written as binary protobuf. A
+    ``<name>.data`` that the replaced model referred to is removed when the new one has inline weights.
+    On any failure the previous files are intact, the temporaries are gone and an OSError becomes one
+    :class:`~trellis_export.outputs.OutputError` line naming the path and the reason.
+    """
     dest = check_output_path(path)
     data_name = dest.name + ".data"
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        tmp_model = tmpdir / dest.name
-        if external_data:
-            copy_ = onnx.ModelProto()
-            copy_.CopyFrom(proto)
-            onnx.save_model(copy_, str(tmp_model), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        else:
-            tmp_model.write_bytes(proto.SerializeToString())
+    stale = dest.parent / data_name
+    stale_is_ours = (not external_data and stale.is_file() and dest.is_file()
+                     and data_name in external_data_locations(dest))
+    with temporary_sibling(dest, directory=True) as tmpdir:
+        tmp_model = tmpdir / "model.onnx"        # a fixed suffix: onnx picks the format from it
+        try:
+            if external_data:
+                copy_ = onnx.ModelProto()
+                copy_.CopyFrom(proto)
+                onnx.save_model(copy_, str(tmp_model), format="protobuf", save_as_external_data=True,
+                                all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            else:
+                outputs.write_file(tmp_model, proto.SerializeToString())
+        except OSError as exc:
+            raise write_error(dest, exc) from None
+        except ValueError as exc:   # protobuf's 2 GiB limit and similar
+            raise ExportError(f"{dest}: cannot serialise the model ({exc})") from None
         if check:
             check_exported(tmp_model, strict_shapes=strict_shapes)
-        if external_data and (tmpdir / data_name).exists():
-            os.chmod(tmpdir / data_name, 0o666 & ~current_umask())
-            os.replace(tmpdir / data_name, dest.parent / data_name)
-        os.replace(tmp_model, dest)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        try:
+            os.chmod(tmp_model, 0o666 & ~current_umask())
+            if external_data and (tmpdir / data_name).exists():
+                os.chmod(tmpdir / data_name, 0o666 & ~current_umask())
+                os.replace(tmpdir / data_name, dest.parent / data_name)
+            os.replace(tmp_model, dest)
+        except OSError as exc:
+            raise write_error(dest, exc) from None
+    if stale_is_ours:
+        with contextlib.suppress(OSError):
+            stale.unlink()
     return dest
 
 

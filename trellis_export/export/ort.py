@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,21 +17,57 @@ import onnxruntime as ort
 
 from ..state import PAST_PREFIX, PRESENT_PREFIX
 
-__all__ = ["ort_session", "run_ort", "ORT_NUMPY_TYPES"]
+__all__ = ["ort_session", "run_ort", "ort_model_source", "ORT_NUMPY_TYPES", "EXTERNAL_FOLDER_KEY"]
+
+#: Session config key telling ONNX Runtime where external data lives when the model comes as bytes.
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 #: ORT type strings of the graph's inputs -> numpy dtypes.
 ORT_NUMPY_TYPES: dict[str, type] = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                                     "tensor(int64)": np.int64, "tensor(double)": np.float64}
 
 
+def _has_external_data(model: Any) -> bool:
+    from onnx.external_data_helper import uses_external_data
+
+    return any(uses_external_data(t) for t in model.graph.initializer)
+
+
+def ort_model_source(path: str | os.PathLike[str] | bytes, options: ort.SessionOptions,
+                     function_body: str = "ort") -> str | bytes:
+    """What to hand ``InferenceSession`` for a Trellis model: the model with its TrellisMemory function
+    body in ``function_body`` flavour (``"ort"``: the loop-free T = 1 decode step ONNX Runtime runs
+    fastest; ``"portable"``: the body every runtime and TensorRT parses; ``"as-is"``: the file
+    untouched). Files exported by trellis-export carry the portable body; the rewrite happens in
+    memory, the file is never changed. External data stays where it is (``options`` learn its folder).
+    """
+    if function_body == "as-is":
+        return path if isinstance(path, bytes) else str(path)
+    import onnx
+
+    from .function_body import FLAVOURS, with_flavour
+
+    if function_body not in FLAVOURS:
+        raise ValueError(f"function_body must be one of {', '.join((*FLAVOURS, 'as-is'))}, "
+                         f"got {function_body!r}")
+    if isinstance(path, bytes):
+        model = onnx.load_model_from_string(path)
+    else:
+        model = onnx.load(str(path), load_external_data=False)
+        if _has_external_data(model):
+            options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(Path(path).resolve().parent))
+    return with_flavour(model, function_body).SerializeToString()
+
+
 def ort_session(path: str | os.PathLike[str] | bytes, providers: Sequence[str] | None = None,
-                threads: int | None = None) -> ort.InferenceSession:
-    """An InferenceSession (CPU EP unless ``providers`` say otherwise). ``path`` may be model bytes."""
+                threads: int | None = None, function_body: str = "ort") -> ort.InferenceSession:
+    """An InferenceSession (CPU EP unless ``providers`` say otherwise). ``path`` may be model bytes;
+    ``function_body``: see :func:`ort_model_source`."""
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    src = path if isinstance(path, bytes) else str(path)
+    src = ort_model_source(path, opts, function_body)
     return ort.InferenceSession(src, sess_options=opts, providers=list(providers or ["CPUExecutionProvider"]))
 
 

@@ -33,20 +33,43 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
 
 
+def check_providers(requested: Sequence[str], allow_fallback: bool = False) -> list[str]:
+    """The requested providers this onnxruntime build lacks; raises SessionError for a name onnxruntime
+    does not know (a typo) always, and for a known but unavailable one unless ``allow_fallback``."""
+    import onnxruntime as ort
+
+    known, available = ort.get_all_providers(), ort.get_available_providers()
+    typos = [p for p in requested if p not in known]
+    if typos:
+        raise SessionError(f"unknown execution provider(s) {', '.join(typos)}; this onnxruntime has "
+                           f"{', '.join(available)}")
+    missing = [p for p in requested if p not in available]
+    if missing and not allow_fallback:
+        raise SessionError(f"execution provider(s) {', '.join(missing)} not available in this onnxruntime "
+                           f"build (available: {', '.join(available)}); pass allow_fallback=True "
+                           "(--allow-fallback) to run on the others")
+    return missing
+
+
 class OrtSession(Session):
     """Streams an exported Trellis ONNX model with onnxruntime.
 
     ``providers``: execution providers to request (default: CUDA if available, then CPU); the ones in use
     are in ``self.providers`` and any requested one that did not load is in ``self.providers_missing``.
+    A requested provider that is unknown is an error; one that is not available (or did not load) is an
+    error unless ``allow_fallback=True``.
     ``threads``: intra-op threads (None: onnxruntime's default). ``profile``: a file prefix to enable
-    ORT profiling (see :meth:`end_profiling`).
+    ORT profiling (see :meth:`end_profiling`). ``function_body``: the TrellisMemory body ONNX Runtime
+    runs (``"ort"``, default: the portable body of the file swapped in memory for one with a
+    loop-free T = 1 decode step; ``"portable"`` / ``"as-is"``: the file's own body, as e.g. Triton's
+    onnxruntime backend would run it); see :func:`trellis_export.export.ort.ort_model_source`.
     """
 
     backend = "ort"
 
     def __init__(self, model_path: str | os.PathLike[str], *, providers: Sequence[str] | None = None,
                  threads: int | None = None, profile: str | None = None,
-                 optimization: str = "all") -> None:
+                 optimization: str = "all", allow_fallback: bool = False, function_body: str = "ort") -> None:
         import onnxruntime as ort
 
         path = Path(model_path)
@@ -68,11 +91,20 @@ class OrtSession(Session):
             so.enable_profiling = True
             so.profile_file_prefix = str(profile)
         requested = list(providers) if providers else default_providers()
-        available = ort.get_available_providers()
-        unknown = [p for p in requested if p not in available]
+        unknown = check_providers(requested, allow_fallback)
+        from ..export.ort import ort_model_source
+
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=so,
-                                                providers=[p for p in requested if p in available]
+            source = ort_model_source(path, so, function_body)
+        except ValueError as exc:
+            raise SessionError(str(exc)) from None
+        except Exception as exc:  # onnx raises DecodeError / OSError on a file that is not a model
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SessionError(f"{path}: not a readable ONNX model ({msg})") from None
+        self.function_body = function_body
+        try:
+            self.session = ort.InferenceSession(source, sess_options=so,
+                                                providers=[p for p in requested if p not in unknown]
                                                 or ["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf / InvalidGraph ...
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -81,6 +113,12 @@ class OrtSession(Session):
         self.providers = list(self.session.get_providers())
         self.providers_requested = requested
         self.providers_missing = sorted(set(unknown) | (set(requested) - set(self.providers)))
+        if self.providers_missing and not allow_fallback:
+            raise SessionError(f"{path}: onnxruntime did not load the requested execution provider(s) "
+                               f"{', '.join(self.providers_missing)} (it runs on "
+                               f"{', '.join(self.providers)}); "
+                               "pass allow_fallback=True (--allow-fallback) to accept that")
+        self.allow_fallback = allow_fallback
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         self._read_metadata(path)
         self._check_graph(path)
@@ -142,7 +180,8 @@ class OrtSession(Session):
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
-        out.update(model=self.model_path, providers_requested=self.providers_requested,
+        out.update(model=self.model_path, function_body=self.function_body,
+                   providers_requested=self.providers_requested,
                    providers_missing=self.providers_missing)
         return out
 
