@@ -43,6 +43,10 @@ def _register() -> None:
     main.add_command(train.train)
     from . import bench
     main.add_command(bench.bench)
+    from . import serve
+    main.add_command(serve.triton_repo)
+    main.add_command(serve.serve)
+    main.add_command(serve.stream)
 
 
 _register()
