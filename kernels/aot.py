@@ -9,6 +9,27 @@ output pointers. Triton appends hidden pointer parameters after those (global / 
 triton >= 3.3); they are recorded in ``hidden_params`` and must be passed as null pointers (the
 kernels need no scratch: ``global_scratch_size`` is recorded and checked to be 0).
 
+Record fields added by issue 14 (all optional when reading: records without them mean
+``aligned=False, decode=False, in_place=False``; nothing was renamed or removed):
+
+* ``variant``: a short name of the specialisation: ``"aligned"`` (the default), ``"unaligned"``,
+  ``"decode"``, ``"decode_in_place"``, with a ``"+tf32x3"`` suffix when the dots run in three tf32 passes.
+* ``aligned`` (bool) and ``alignment`` (bytes, 16): every pointer argument was declared
+  ``alignment``-byte aligned (``tt.divisibility``), which lets triton emit 16-byte vector loads. A
+  launcher must check the pointers (``cuda_launch.check_launch``) and use the ``unaligned`` record of
+  the same kernel otherwise. TensorRT's buffers are 256-byte aligned.
+* ``decode`` (bool): T is a compile-time 1 (constexpr ``DECODE``); the ``T`` parameter is still in the
+  signature (so the plugin's launch is unchanged) but unread. Launch with T == 1 only.
+* ``in_place`` (bool): the output memories must alias the input memories (``out_key_memory ==
+  key_memory`` ...); the kernel writes the snapshots only when a chunk starts in the call, so a
+  distinct output buffer would keep stale snapshots. For TensorRT this needs the plugin to declare the
+  aliasing; a ping-pong session whose past and present buffers differ must use a non in-place record.
+* ``min_cuda_driver`` (str): the oldest CUDA driver that accepts the PTX ISA (``ptx_version``), e.g.
+  ``"12.6"`` for PTX 8.5 (JetPack 6). The PTX ISA is chosen per target (``DEFAULT_PTX_VERSION``).
+* ``cubin_b64`` (existing field, now filled by default for the targets in ``CUBIN_TARGETS``): the
+  cubin of the same compilation, for a driver older than the PTX ISA or to skip the JIT at load.
+* ``cubin_ptxas`` (str): the ptxas that made the cubin (triton's bundled one).
+
 The kernels must have been imported with ``TRITON_INTERPRET`` unset (interpreted kernels cannot be
 compiled): run ``python -m trellis_export.kernels.aot ...`` in its own process when in doubt.
 """
@@ -30,6 +51,7 @@ from trellis_export.opdef import PLUGIN_NAME, op_attributes
 
 from .trellis_memory.utils import (
     CONSTEXPR_ARGS,
+    DOT_PRECISIONS,
     INPUT_ARGS,
     KERNELS,
     OUTPUT_ARGS,
@@ -42,6 +64,16 @@ from .trellis_memory.utils import (
 
 #: Targets compiled by default: A100 / Orin / Ada / Hopper.
 DEFAULT_TARGETS: tuple[int, ...] = (80, 87, 89, 90)
+#: PTX ISA written per target (``.version`` 8.5 = CUDA 12.6, the JetPack 6 driver; triton's default,
+#: the ISA of its bundled ptxas, was 8.7 = CUDA 12.8). Targets not listed get triton's default.
+DEFAULT_PTX_VERSION: dict[int, int] = {80: 85, 87: 85, 89: 85, 90: 85}
+#: CUDA driver that first accepts each PTX ISA (the PTX ISA release notes).
+PTX_MIN_DRIVER: dict[str, str] = {"8.0": "12.0", "8.1": "12.1", "8.2": "12.2", "8.3": "12.3", "8.4": "12.4",
+                                  "8.5": "12.6", "8.6": "12.7", "8.7": "12.8", "8.8": "12.9", "9.0": "13.0"}
+#: Targets whose records carry the cubin by default (Jetson: an old driver, slow PTX JIT at load).
+CUBIN_TARGETS: frozenset[int] = frozenset({87})
+#: Pointer alignment of the ``aligned`` records (bytes).
+ALIGNMENT = 16
 _PTR = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
 #: PTX parameter type of each triton signature type.
 PTX_PARAM = {"ptr": "u64", "i32": "u32"}
@@ -83,6 +115,14 @@ class AOTKernel:
     block: tuple[int, int, int] = (32, 1, 1)
     plugin: dict[str, Any] = field(default_factory=dict)
     cubin_b64: str = ""               # optional: the cubin triton's ptxas made from the same PTX
+    # issue 14 (see the module docstring); defaults = the meaning of records that predate them
+    variant: str = "unaligned"
+    aligned: bool = False
+    alignment: int = ALIGNMENT
+    decode: bool = False
+    in_place: bool = False
+    min_cuda_driver: str = ""
+    cubin_ptxas: str = ""
 
     def grid_fn(self, B: int, H: int) -> tuple[int, int, int]:
         """The grid for B rows of H heads (the data in ``grid``: one program per (row, head))."""
@@ -96,7 +136,8 @@ class AOTKernel:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AOTKernel:
-        d = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in data.items() if k in known}      # fields of newer records are ignored
         d["signature"] = [tuple(x) for x in d["signature"]]
         d["block"] = tuple(d["block"])
         return cls(**d)
@@ -140,21 +181,55 @@ def kernel_signature(dtype: str, gate_dtype: str) -> list[tuple[str, str]]:
 
 
 def constexprs_for(cfg: LaunchConfig, *, heads: int, slots: int, head_dim: int, chunk_size: int,
-                   phi: str, f: str, rho: str, eps: float, dot_precision: str = "ieee") -> dict[str, Any]:
+                   phi: str, f: str, rho: str, eps: float, dot_precision: str = "ieee",
+                   decode: bool = False, in_place: bool = False) -> dict[str, Any]:
     """The constexpr specialisation (one source for the JIT wrappers' keyword arguments too)."""
+    if dot_precision not in DOT_PRECISIONS:
+        raise ValueError(f"dot_precision must be one of {', '.join(DOT_PRECISIONS)}, got {dot_precision!r}")
     cx = {"H": heads, "M": slots, "D": head_dim, "C": chunk_size, "BM": cfg.BM, "BD": cfg.BD,
           "BC": cfg.BC, "PHI": nl_code(phi, "phi"), "F": nl_code(f, "f"), "RHO": nl_code(rho, "rho"),
-          "EPS": float(eps), "DOT_PRECISION": dot_precision}
+          "EPS": float(eps), "DOT_PRECISION": dot_precision, "DECODE": bool(decode),
+          "IN_PLACE": bool(in_place)}
     assert tuple(cx) == CONSTEXPR_ARGS
     return cx
+
+
+def variant_name(*, aligned: bool, decode: bool, in_place: bool, dot_precision: str = "ieee") -> str:
+    """The ``variant`` field of a record."""
+    name = ("decode_in_place" if in_place else "decode") if decode else \
+        ("in_place" if in_place else "aligned" if aligned else "unaligned")
+    if decode and not aligned:
+        name += "_unaligned"
+    return name + (f"+{dot_precision}" if dot_precision != "ieee" else "")
+
+
+def variants_for(kernel: str, which: str = "all") -> list[dict[str, Any]]:
+    """The specialisations ``compile_config`` builds per kernel and target, most specialised first
+    (the order ``cuda_launch.select_record`` expects). ``which="default"``: the aligned record only."""
+    if which == "default":
+        return [dict(aligned=True)]
+    if which != "all":
+        raise AOTError(f"variants must be 'default' or 'all', got {which!r}")
+    if kernel == "fused_recurrent":
+        return [dict(aligned=True, decode=True, in_place=True), dict(aligned=True, decode=True),
+                dict(aligned=True), dict(aligned=False)]
+    return [dict(aligned=True), dict(aligned=False)]
 
 
 def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: int, chunk_size: int,
                    phi: str = "ln_silu", f: str = "ln_silu", rho: str = "identity", eps: float = 1e-5,
                    dtype: str = "float32", gate_dtype: str | None = None,
-                   include_cubin: bool = False) -> AOTKernel:
+                   include_cubin: bool | None = None, aligned: bool = True, decode: bool = False,
+                   in_place: bool = False, dot_precision: str = "ieee",
+                   ptx_version: int | None = None) -> AOTKernel:
     """Compile one kernel for ``sm_<cc>`` and return its launch record (no GPU needed).
-    ``include_cubin`` adds the cubin of the same compilation (base64) for drivers older than the PTX."""
+
+    ``include_cubin`` adds the cubin of the same compilation (base64) for drivers older than the PTX
+    (default: for the targets in ``CUBIN_TARGETS``). ``aligned``: pointers declared 16-byte aligned
+    (vector loads; the launcher checks). ``decode``: T a compile-time 1. ``in_place``: outputs alias
+    the input memories (snapshots stored only when a chunk starts). ``dot_precision``: the chunk
+    kernel's ``tl.dot`` precision (ieee, tf32, tf32x3). ``ptx_version``: the PTX ISA as an int (85 =
+    8.5; default ``DEFAULT_PTX_VERSION[cc]``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -168,16 +243,26 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
     try:
         cfg = launch_config(kernel, slots, head_dim, chunk_size)
         cx = constexprs_for(cfg, heads=heads, slots=slots, head_dim=head_dim, chunk_size=chunk_size,
-                            phi=phi, f=f, rho=rho, eps=eps)
+                            phi=phi, f=f, rho=rho, eps=eps, dot_precision=dot_precision, decode=decode,
+                            in_place=in_place)
     except ValueError as exc:
         raise AOTError(str(exc)) from None
+    if include_cubin is None:
+        include_cubin = cc in CUBIN_TARGETS
+    if ptx_version is None:
+        ptx_version = DEFAULT_PTX_VERSION.get(cc)
     sig = kernel_signature(dtype, gate_dtype)
     full_sig = dict(sig)
     full_sig.update({k: "constexpr" for k in cx})
     fn = _kernel_fn(kernel)
-    src = ASTSource(fn, full_sig, constexprs=cx)
-    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    # 16-byte alignment of every pointer, as triton's JIT specialises when the pointers allow it
+    attrs = {(i,): [["tt.divisibility", ALIGNMENT]] for i, (_, ty) in enumerate(sig) if ty.startswith("*")} \
+        if aligned else {}
+    src = ASTSource(fn, full_sig, constexprs=cx, attrs=attrs)
+    options: dict[str, Any] = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if ptx_version is not None:
+        options["ptx_version"] = int(ptx_version)
+    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     md = compiled.metadata
     ptx = compiled.asm["ptx"]
     entry, params = parse_ptx_entry(ptx)
@@ -199,7 +284,19 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
                                     "32*num_warps, shared_mem), SymIntExprs([T]))",
                 "hidden_params_note": "triton appends these pointer params after the outputs; a "
                                       "launcher passes null (global_scratch_size must be 0)"},
-        cubin_b64=base64.b64encode(compiled.asm["cubin"]).decode() if include_cubin else "")
+        cubin_b64=base64.b64encode(compiled.asm["cubin"]).decode() if include_cubin else "",
+        variant=variant_name(aligned=aligned, decode=decode, in_place=in_place, dot_precision=dot_precision),
+        aligned=bool(aligned), alignment=ALIGNMENT, decode=bool(decode), in_place=bool(in_place),
+        min_cuda_driver=PTX_MIN_DRIVER.get(mver.group(1) if mver else "", ""),
+        cubin_ptxas=_bundled_ptxas_version() if include_cubin else "")
+
+
+def _bundled_ptxas_version() -> str:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return str(get_ptxas(80).version)
+    except Exception:  # noqa: BLE001 - informational field only
+        return ""
 
 
 def op_attributes_from(**attrs: Any) -> dict[str, Any]:
@@ -211,12 +308,14 @@ def op_attributes_from(**attrs: Any) -> dict[str, Any]:
 
 def compile_config(config: TrellisConfig, targets: tuple[int, ...] = DEFAULT_TARGETS,
                    dtype: str = "float32", gate_dtype: str | None = None,
-                   kernels: tuple[str, ...] = KERNELS) -> list[AOTKernel]:
-    """Every kernel for every target, specialised to a model config."""
+                   kernels: tuple[str, ...] = KERNELS, variants: str = "default") -> list[AOTKernel]:
+    """Every kernel for every target, specialised to a model config. ``variants="default"``: one
+    (aligned) record per kernel and target, as before issue 14; ``"all"``: every ``variants_for``
+    specialisation, most specialised first within each (kernel, target)."""
     return [compile_kernel(k, cc, heads=config.n_heads, slots=config.n_slots, head_dim=config.head_dim,
                            chunk_size=config.chunk_size, phi=config.phi, f=config.f, rho=config.rho,
-                           eps=config.eps, dtype=dtype, gate_dtype=gate_dtype)
-            for k in kernels for cc in targets]
+                           eps=config.eps, dtype=dtype, gate_dtype=gate_dtype, **var)
+            for k in kernels for cc in targets for var in variants_for(k, variants)]
 
 
 def _parse_targets(text: str) -> tuple[int, ...]:
@@ -237,20 +336,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=sorted(_PTR))
     p.add_argument("--gate-dtype", default=None, choices=sorted(_PTR))
     p.add_argument("--kernels", default=",".join(KERNELS))
+    p.add_argument("--variants", default="default", choices=("default", "all"),
+                   help="default: one aligned record per kernel and target; all: also the decode, "
+                        "in-place decode and unaligned fallback records")
     p.add_argument("--out", required=True, help="JSON file of the launch records (written atomically)")
     args = p.parse_args(argv)
     try:
         config = TrellisConfig.load(args.config) if args.config else TrellisConfig()
         kernels = tuple(k.strip() for k in args.kernels.split(","))
-        recs = compile_config(config, _parse_targets(args.targets), args.dtype, args.gate_dtype, kernels)
+        recs = compile_config(config, _parse_targets(args.targets), args.dtype, args.gate_dtype, kernels,
+                              args.variants)
         from trellis_export.fileio import atomic_write_bytes
         atomic_write_bytes(args.out, json.dumps([r.to_dict() for r in recs], indent=1).encode())
     except TrellisExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for r in recs:
-        print(f"{r.kernel:16s} {r.target:6s} {r.name} warps={r.num_warps} shared={r.shared_mem} "
-              f"params={len(r.ptx_params)} ptx={len(r.ptx)}B")
+        print(f"{r.kernel:16s} {r.variant:16s} {r.target:6s} {r.name} ptx {r.ptx_version} "
+              f"warps={r.num_warps} shared={r.shared_mem} params={len(r.ptx_params)} ptx={len(r.ptx)}B")
     return 0
 
 

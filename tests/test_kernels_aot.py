@@ -6,6 +6,7 @@ and other test modules import the kernels in interpreter mode).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -22,7 +23,10 @@ from trellis_export.kernels.aot import (  # noqa: E402
     PTX_PARAM,
     AOTKernel,
     parse_ptx_entry,
+    variant_name,
+    variants_for,
 )
+from trellis_export.kernels.ptx_stats import find_ptxas, ptxas_stats  # noqa: E402
 from trellis_export.kernels.trellis_memory.utils import (  # noqa: E402
     INPUT_ARGS,
     KERNELS,
@@ -48,14 +52,68 @@ def _run_aot(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def records(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("aot")
     (tmp / "config.json").write_text(CONFIG.to_json())
-    proc = _run_aot(tmp, "--config", "config.json", "--out", "aot.json")
+    proc = _run_aot(tmp, "--config", "config.json", "--variants", "all", "--out", "aot.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((tmp / "aot.json").read_text())
 
 
 def test_every_kernel_compiled_for_every_target(records: list[dict[str, Any]]) -> None:
-    got = sorted((r["kernel"], r["cc"]) for r in records)
-    assert got == sorted((k, cc) for k in KERNELS for cc in DEFAULT_TARGETS)
+    got = sorted((r["kernel"], r["cc"], r["variant"]) for r in records)
+    want = [(k, cc, variant_name(**{"decode": False, "in_place": False, **v}))
+            for k in KERNELS for cc in DEFAULT_TARGETS for v in variants_for(k)]
+    assert got == sorted(want)
+    names = {r["variant"] for r in records if r["kernel"] == "fused_recurrent"}
+    assert names == {"decode_in_place", "decode", "aligned", "unaligned"}
+    assert {r["variant"] for r in records if r["kernel"] == "chunk"} == {"aligned", "unaligned"}
+
+
+def test_issue14_record_fields(records: list[dict[str, Any]]) -> None:
+    """Alignment, decode, in-place and PTX ISA fields; the constexprs say the same as the flags."""
+    for r in records:
+        cx = r["constexprs"]
+        assert cx["DECODE"] is r["decode"] and cx["IN_PLACE"] is r["in_place"]
+        assert r["aligned"] is (r["variant"] != "unaligned") and r["alignment"] == 16
+        # PTX 8.5 on every target: a CUDA 12.6 driver (JetPack 6 on Orin) accepts it
+        assert r["ptx_version"] == "8.5" and ".version 8.5" in r["ptx"] and r["min_cuda_driver"] == "12.6"
+        assert bool(r["cubin_b64"]) is (r["cc"] == 87)          # the Orin records carry the cubin
+        if r["cubin_b64"]:
+            assert base64.b64decode(r["cubin_b64"])[:4] == b"\x7fELF" and r["cubin_ptxas"]
+        # (the vector loads the alignment buys are checked at d >= 32 in test_kernels_ptxas.py; at d = 5
+        # rows are not 16-byte multiples and both builds load scalars)
+
+
+def test_default_records_are_one_aligned_per_kernel_and_target(tmp_path: Path) -> None:
+    """Without --variants the CLI writes what it wrote before issue 14 (one record per kernel and
+    target; the plugin and the session look records up by kernel and cc)."""
+    (tmp_path / "config.json").write_text(CONFIG.to_json())
+    proc = _run_aot(tmp_path, "--config", "config.json", "--targets", "87", "--out", "aot.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = json.loads((tmp_path / "aot.json").read_text())
+    assert [(r["kernel"], r["cc"], r["variant"]) for r in recs] == [(k, 87, "aligned") for k in KERNELS]
+
+
+def test_old_records_still_load() -> None:
+    """A record written before issue 14 (no new fields) reads with the old meaning, and a record
+    with fields this version does not know is read too."""
+    rec = dict(kernel="chunk", name="k", target="sm_90", cc=90, ptx="", ptx_target="sm_90a",
+               ptx_version="8.7", triton_version="3.7.1", dtype="float32", gate_dtype="float32",
+               constexprs={"H": 1}, signature=[["q", "*fp32"]], inputs=["q"], scalars=["T"], outputs=[],
+               scalar_exprs={}, hidden_params=[], ptx_params=["u64"], num_warps=4, num_stages=1,
+               shared_mem=0, global_scratch_size=0, grid="(B*H, 1, 1)", block=[128, 1, 1], plugin={},
+               cubin_b64="")
+    old = AOTKernel.from_dict(rec)
+    assert (old.aligned, old.decode, old.in_place, old.variant) == (False, False, False, "unaligned")
+    assert AOTKernel.from_dict({**rec, "some_future_field": 1}).name == "k"
+
+
+def test_every_record_assembles_with_ptxas(records: list[dict[str, Any]]) -> None:
+    """ptxas accepts the shipped PTX (ISA 8.5) of every variant for sm_80 / 87 / 89 / 90."""
+    ptxas = find_ptxas()
+    if ptxas is None:
+        pytest.skip("no ptxas on this machine (CUDA toolkit absent; set TRELLIS_PTXAS)")
+    for r in records:
+        st = ptxas_stats(r["ptx"], r["cc"], ptxas)
+        assert st.spill_stores == 0, (r["kernel"], r["variant"], r["cc"], st)
 
 
 def test_ptx_target_and_entry_params(records: list[dict[str, Any]]) -> None:

@@ -194,3 +194,59 @@ def test_torch_export_traces_through_the_custom_op() -> None:
         out, _ = ep.module()(ids, mode="chunked")
         ref, _ = use_backend(model, "reference")(ids, mode="chunked")
     assert rel_rms(out, ref) <= TOL
+
+
+# --------------------------------------------------------------------------- issue 14: lean decode
+@pytest.mark.parametrize("C,T,positions", [(3, 1, [0, 4, 3, 8]), (4, 1, [7, 0]), (1, 1, [2, 0]),
+                                           (3, 5, [1, 0, 6]), (4, 7, [2, 13])])
+def test_in_place_update_matches_reference(C: int, T: int, positions: list[int]) -> None:
+    """``in_place=True``: the state tensors are updated themselves; snapshots are written only by rows
+    where a chunk starts in the call (T = 1 is the DECODE specialisation)."""
+    acts, state, pos = make_inputs(len(positions), T, positions, seed=11 * C + T)
+    kw = dict(chunk_size=C, phi="ln_silu", f="l2_silu", rho="identity", eps=1e-5)
+    ref = reference(acts, state, pos, **kw)
+    st = [s.clone() for s in state]
+    out = fused_recurrent_trellis_fwd(*acts, *st, pos, in_place=True, **kw)
+    assert all(o is s for o, s in zip(out[1:], st))             # the caller's tensors, updated
+    check(out, ref)
+
+
+def test_in_place_leaves_snapshots_of_mid_chunk_rows_untouched() -> None:
+    """A row with no chunk start in the call keeps its snapshot storage bit for bit (not rewritten);
+    a row whose chunk starts overwrites it."""
+    C, T = 4, 2
+    positions = [1, 3, 5]                  # first chunk start at t = 3, 1, 3: only row 1 has one in T = 2
+    acts, state, pos = make_inputs(3, T, positions, seed=21)
+    kw = dict(chunk_size=C, phi="ln_silu", f="ln_silu", rho="identity", eps=1e-5)
+    ref = reference(acts, state, pos, **kw)
+    st = [s.clone() for s in state]
+    out = fused_recurrent_trellis_fwd(*acts, *st, pos, in_place=True, **kw)
+    check(out, ref)
+    for i in (2, 3):
+        assert torch.equal(out[i + 1][[0, 2]], state[i][[0, 2]])   # untouched rows
+        assert not torch.equal(out[i + 1][1], state[i][1])         # a chunk started in row 1
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_snapshot_not_read_when_the_call_starts_a_chunk(kernel: str) -> None:
+    """Rows at position % C == 0 overwrite the snapshot before using it: the kernels do not load it,
+    so NaN there must not reach any output (rows mid-chunk read theirs and stay correct)."""
+    C = 3
+    positions = [0, 4, 6]
+    acts, state, pos = make_inputs(3, 1, positions, seed=31)
+    kw = dict(chunk_size=C, phi="ln_silu", f="ln_silu", rho="identity", eps=1e-5)
+    ref = reference(acts, state, pos, **kw)
+    poisoned = [s.clone() for s in state]
+    for i in (2, 3):
+        poisoned[i][[0, 2]] = float("nan")
+    out = KERNELS[kernel](*acts, *poisoned, pos, **kw)
+    check(out, ref)
+
+
+def test_in_place_needs_float32_contiguous_state() -> None:
+    acts, state, pos = make_inputs(1, 1, [0], seed=6)
+    bad = [state[0].transpose(-1, -2).contiguous().transpose(-1, -2), *state[1:]]
+    with pytest.raises(ValueError, match="in_place needs contiguous float32"):
+        fused_recurrent_trellis_fwd(*acts, *bad, pos, chunk_size=2, in_place=True)
+    with pytest.raises(ValueError, match="in_place needs contiguous float32"):
+        fused_recurrent_trellis_fwd(*acts, *[s.double() for s in state], pos, chunk_size=2, in_place=True)

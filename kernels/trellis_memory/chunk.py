@@ -10,7 +10,9 @@ Rows at different chunk phases: chunk c of row b covers the row's tokens
 tokens (beta = 1, gamma = 0), i.e. the row is left-padded to its chunk phase as in the reference.
 The first chunk's stale state is the stored snapshot when the row is mid-chunk.
 
-Float32 compute; ``DOT_PRECISION`` is "ieee" (default, needed for the 1e-5 tolerance) or "tf32".
+Float32 compute; ``DOT_PRECISION`` is "ieee" (default: FMA, meets the 1e-5 tolerance), "tf32"
+(tensor cores, misses it) or "tf32x3" (three tf32 passes on tensor cores). ``DECODE`` / ``IN_PLACE``
+as in the streaming kernel.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import inner_grad, launch_config, nl_code, nl_fwd
+from .utils import DOT_PRECISIONS, inner_grad, launch_config, nl_code, nl_fwd
 
 
 @triton.jit
@@ -30,7 +32,7 @@ def chunk_trellis_fwd_kernel(
     H: tl.constexpr, M: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
     BM: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
     PHI: tl.constexpr, F: tl.constexpr, RHO: tl.constexpr, EPS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DECODE: tl.constexpr = False, IN_PLACE: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     i_b = pid // H
@@ -43,13 +45,16 @@ def chunk_trellis_fwd_kernel(
     mask_md = mask_m[:, None] & mask_d[None, :]
     causal = (offs_c[:, None] >= offs_c[None, :]) & (offs_c[None, :] < C)
     st = pid.to(tl.int64) * (M * D) + offs_m[:, None] * D + offs_d[None, :]
+    if DECODE:
+        T = 1
     Km = tl.load(key_memory + st, mask=mask_md, other=0.0).to(tl.float32)
     Vm = tl.load(value_memory + st, mask=mask_md, other=0.0).to(tl.float32)
     pos = tl.load(position + i_b).to(tl.int64)
     phase = pos % C
-    # stale state of the first chunk: the stored snapshot if the row is mid-chunk
-    SK = tl.where(phase > 0, tl.load(key_snapshot + st, mask=mask_md, other=0.0).to(tl.float32), Km)
-    SV = tl.where(phase > 0, tl.load(value_snapshot + st, mask=mask_md, other=0.0).to(tl.float32), Vm)
+    # stale state of the first chunk: the stored snapshot if the row is mid-chunk (not read otherwise)
+    mid = phase > 0
+    SK = tl.where(mid, tl.load(key_snapshot + st, mask=mask_md & mid, other=0.0).to(tl.float32), Km)
+    SV = tl.where(mid, tl.load(value_snapshot + st, mask=mask_md & mid, other=0.0).to(tl.float32), Vm)
     n_chunks = ((phase + T + C - 1) // C).to(tl.int32)
     for ci in range(0, n_chunks):
         SK = tl.where(ci > 0, Km, SK)
@@ -96,8 +101,14 @@ def chunk_trellis_fwd_kernel(
         Vm = decay * Vm - tl.dot(tl.trans(UV * w[:, None]), Vc, input_precision=DOT_PRECISION)
     tl.store(out_key_memory + st, Km, mask=mask_md)
     tl.store(out_value_memory + st, Vm, mask=mask_md)
-    tl.store(out_key_snapshot + st, SK, mask=mask_md)
-    tl.store(out_value_snapshot + st, SV, mask=mask_md)
+    if IN_PLACE:
+        # out_* alias the inputs: the snapshots change only when a chunk starts in this call
+        wrote = (phase == 0) | (n_chunks > 1)
+        tl.store(out_key_snapshot + st, SK, mask=mask_md & wrote)
+        tl.store(out_value_snapshot + st, SV, mask=mask_md & wrote)
+    else:
+        tl.store(out_key_snapshot + st, SK, mask=mask_md)
+        tl.store(out_value_snapshot + st, SV, mask=mask_md)
 
 
 def chunk_trellis_fwd(
@@ -110,8 +121,8 @@ def chunk_trellis_fwd(
     """Launch the chunked kernel. Same contract as ``fused_recurrent_trellis_fwd``."""
     from .common import _check_out, prepare
     from .fused_recurrent import _alloc
-    if dot_precision not in ("ieee", "tf32"):
-        raise ValueError(f"dot_precision must be 'ieee' or 'tf32', got {dot_precision!r}")
+    if dot_precision not in DOT_PRECISIONS:
+        raise ValueError(f"dot_precision must be one of {', '.join(DOT_PRECISIONS)}, got {dot_precision!r}")
     args, (B, T, H, m, d) = prepare(q, k, v, a, beta, gamma, key_memory, value_memory, key_snapshot,
                                     value_snapshot, position)
     cfg = launch_config("chunk", m, d, chunk_size)
@@ -120,5 +131,6 @@ def chunk_trellis_fwd(
         *args, T, *outs,
         H=H, M=m, D=d, C=chunk_size, BM=cfg.BM, BD=cfg.BD, BC=cfg.BC,
         PHI=nl_code(phi, "phi"), F=nl_code(f, "f"), RHO=nl_code(rho, "rho"), EPS=float(eps),
-        DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_PRECISION=dot_precision, DECODE=T == 1, IN_PLACE=False, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return outs

@@ -27,8 +27,13 @@ SCALAR_ARGS: tuple[str, ...] = ("T",)
 OUTPUT_ARGS: tuple[str, ...] = tuple(f"out_{n}" for n in OUTPUTS)
 RUNTIME_ARGS: tuple[str, ...] = INPUT_ARGS + SCALAR_ARGS + OUTPUT_ARGS
 #: Kernel constexprs, in signature order after the runtime arguments.
+#: ``DECODE`` (T a compile-time 1) and ``IN_PLACE`` (outputs alias the input memories) default to
+#: False and come last, so records and callers that predate them keep their meaning.
 CONSTEXPR_ARGS: tuple[str, ...] = ("H", "M", "D", "C", "BM", "BD", "BC", "PHI", "F", "RHO", "EPS",
-                                   "DOT_PRECISION")
+                                   "DOT_PRECISION", "DECODE", "IN_PLACE")
+#: ``tl.dot`` precisions: ieee (FMA, meets 1e-5), tf32 (tensor cores, misses 1e-5), tf32x3 (three
+#: tf32 passes on tensor cores, float32-like accuracy).
+DOT_PRECISIONS: tuple[str, ...] = ("ieee", "tf32", "tf32x3")
 
 KERNELS: tuple[str, ...] = ("fused_recurrent", "chunk")
 
