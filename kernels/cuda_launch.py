@@ -52,7 +52,8 @@ Driver calls (need ``libcuda.so.1`` and a GPU):
     Asynchronous, as ``cuLaunchKernel``.
 ``CudaDriver.load(ptx, name, shared_mem)``, ``load_cubin(cubin, name, shared_mem)``,
 ``get_function(module, name, shared_mem)``, ``launch(fn, grid, block, shared_mem, stream, params)``,
-``driver_version()``, ``unload(module)``: the lower-level calls the above use.
+``driver_version()``, ``compute_capability()`` (e.g. 87, 90), ``unload(module)``: the lower-level
+calls the above use.
 
 Errors: :class:`CudaError` (a driver call failed; carries the ``CUresult`` and its string) and
 :class:`LaunchError` (arguments that do not fit the record; a ``ValueError``). ``CudaError`` is a
@@ -76,6 +77,9 @@ __all__ = ["CudaDriver", "CudaError", "LaunchArg", "LaunchError", "LoadedKernel"
 
 #: CUfunction_attribute value of the dynamic shared memory limit (cuda.h).
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+#: CUdevice_attribute values of the compute capability (cuda.h).
+CU_DEVICE_ATTRIBUTE_CC_MAJOR = 75
+CU_DEVICE_ATTRIBUTE_CC_MINOR = 76
 #: Dynamic shared memory a kernel gets without the opt-in.
 DEFAULT_SHARED_LIMIT = 48 * 1024
 #: Pointer alignment an ``aligned`` record was compiled for (bytes).
@@ -269,6 +273,17 @@ class CudaDriver:
         v = ctypes.c_int()
         self._check(self.lib.cuDriverGetVersion(ctypes.byref(v)), "cuDriverGetVersion")
         return v.value
+
+    def compute_capability(self) -> int:
+        """The current context's device as ``major * 10 + minor`` (87 for Orin, 90 for H100 / H200)."""
+        dev = ctypes.c_int()
+        self._check(self.lib.cuCtxGetDevice(ctypes.byref(dev)), "cuCtxGetDevice")
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        self._check(self.lib.cuDeviceGetAttribute(ctypes.byref(major), CU_DEVICE_ATTRIBUTE_CC_MAJOR, dev),
+                    "cuDeviceGetAttribute")
+        self._check(self.lib.cuDeviceGetAttribute(ctypes.byref(minor), CU_DEVICE_ATTRIBUTE_CC_MINOR, dev),
+                    "cuDeviceGetAttribute")
+        return 10 * major.value + minor.value
 
     def load_module(self, image: bytes) -> ctypes.c_void_p:
         """``cuModuleLoadData`` on a PTX (NUL-terminated) or cubin image."""

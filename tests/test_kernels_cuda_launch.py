@@ -143,6 +143,9 @@ class FakeLib:
                     return 222
             if name == "cuCtxGetCurrent":
                 ctypes.cast(args[0], ctypes.POINTER(ctypes.c_void_p)).contents.value = 0x1234
+            if name == "cuDeviceGetAttribute":
+                val = {cl.CU_DEVICE_ATTRIBUTE_CC_MAJOR: 8, cl.CU_DEVICE_ATTRIBUTE_CC_MINOR: 7}[args[1]]
+                ctypes.cast(args[0], ctypes.POINTER(ctypes.c_int)).contents.value = val
             if name == "cuGetErrorString":
                 ctypes.cast(args[1], ctypes.POINTER(ctypes.c_char_p)).contents.value = b"unsupported PTX"
             return 0
@@ -165,6 +168,7 @@ def test_driver_call_sequence_with_a_fake_libcuda() -> None:
     assert launch[0] == "cuLaunchKernel"
     assert [x.value for x in launch[2:8]] == [15, 1, 1, 128, 1, 1]
     assert launch[8].value == 64 * 1024 and launch[9].value == 0xABC
+    assert drv.compute_capability() == 87
     small = cl.CudaDriver(lib=FakeLib()).load_record(record())
     assert small.image == "ptx"
     with pytest.raises(cl.CudaError, match="CUresult 222"):
