@@ -139,9 +139,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="add an ORT profile of decode and prefill")
     ap.add_argument("--out", default=None, help="result JSON (default bench/results/ort_<date>.json)")
     args = ap.parse_args(argv)
+    from trellis_export.errors import TrellisExportError
+    try:
+        return _main(args)
+    except TrellisExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
+
+def _main(args: argparse.Namespace) -> int:
     import torch
 
+    from trellis_export.checkpoint import default_checkpoint_path
+    from trellis_export.outputs import OutputSpec, claim_outputs, signals_raise
+
+    out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results" /
+                                           f"ort_{time.strftime('%Y%m%d-%H%M%S')}.json")
+    claim_outputs([OutputSpec(out, "--out", parents=True)],
+                  inputs=[args.checkpoint or default_checkpoint_path()])
+    with signals_raise():
+        return _run(args, out, torch)
+
+
+def _run(args: argparse.Namespace, out: Path, torch: Any) -> int:
     from trellis_export.export import export_onnx
 
     machine = describe_machine()
@@ -197,8 +217,6 @@ def main(argv: list[str] | None = None) -> int:
                   "met": prefill_ratio >= AIM_PREFILL_RATIO}],
         "profile": profile,
     }
-    out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results" /
-                                           f"ort_{time.strftime('%Y%m%d-%H%M%S')}.json")
     atomic_write_bytes(out, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
 
     print(f"model: {source}; ORT providers {', '.join(ort_s.providers)}; machine "

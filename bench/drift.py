@@ -172,17 +172,24 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(a, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(a, name)}")
     torch.set_num_threads(a.threads)
+    from trellis_export.checkpoint import default_checkpoint_path
     from trellis_export.errors import TrellisExportError
+    from trellis_export.outputs import OutputSpec, claim_outputs, signals_raise
     try:
-        result = run(a.checkpoint, a.tokens, a.piece, a.window, streams, a.mode, a.seed, a.stop_above)
+        # the output is checked before the run (minutes); the default one lands in bench/results
+        probe = a.json if a.json else RESULTS / "drift_probe.json"
+        claim_outputs([OutputSpec(probe, "--json", parents=True)],
+                      inputs=[a.checkpoint or default_checkpoint_path()])
+        with signals_raise():
+            result = run(a.checkpoint, a.tokens, a.piece, a.window, streams, a.mode, a.seed, a.stop_above)
+            for line in format_table(result):
+                print(line)
+            out = Path(a.json) if a.json else RESULTS / (
+                f"drift_{(result['fingerprint'] or 'model')[:12]}_{time.strftime('%Y%m%d-%H%M%S')}.json")
+            atomic_write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
     except TrellisExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    for line in format_table(result):
-        print(line)
-    out = Path(a.json) if a.json else RESULTS / (
-        f"drift_{(result['fingerprint'] or 'model')[:12]}_{time.strftime('%Y%m%d-%H%M%S')}.json")
-    atomic_write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
     print(f"wrote {out}")
     return 0
 

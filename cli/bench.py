@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
-from pathlib import Path
 
 import click
 
@@ -27,16 +25,6 @@ def _backends(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
         return split_choices(value or ("torch", "ort"), BACKEND_NAMES)
     except ValueError as exc:
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
-
-
-def _check_writable(ctx: click.Context, flag: str, path: str) -> None:
-    """Refuse an output path whose folder cannot hold it before running (a run can take minutes)."""
-    parent = Path(path).resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise click.BadParameter(f"{path}: cannot write there ({parent} is not a writable directory)",
-                                 ctx=ctx, param_hint=f"'{flag}'")
 
 
 @click.command(cls=_RecordArgs)
@@ -75,26 +63,35 @@ def _check_writable(ctx: click.Context, flag: str, path: str) -> None:
                                  "--slots replaces its n_slots.")
 @click.option("--no-baseline", is_flag=True, help="Time the Trellis models only.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=str), default=None,
-              help="Keep the exported ONNX models here and reuse them (default: a temporary directory).")
+              help="Keep the exported ONNX models here and reuse them (default: a temporary directory). "
+                   "Created with a .trellis-export marker; an existing one must hold that marker.")
+@click.option("--force", is_flag=True, help="Use a --work-dir that trellis-export did not make.")
 @click.pass_context
 def bench(ctx: click.Context, model: str | None, backends: list[str], slots: list[int] | None,
           contexts: list[int], batches: list[int], json_out: str | None, plot_out: str | None,
           warmup, duration: float, iterations: int, prefill_len: int, phases: str, threads: int,
           seed: int, max_memory_gb: float, config_path: str | None, no_baseline: bool,
-          work_dir: str | None) -> None:
+          work_dir: str | None, force: bool) -> None:
     """Decode and prefill latency of Trellis models per memory size against a KV-cache Transformer of
     the same width and depth, at several context lengths.
 
     Without MODEL it times random-weight models of the bundled checkpoint's config (TrellisConfig()
     defaults while there is none), one per --slots value. States at each context are synthetic
     (random memories / a random KV cache of N tokens, position = N): see the JSON's context_method.
+
+    Exit code 1 when any requested cell (or the interleaved flatness measurement) ended in an error, after
+    the table and the files are written; unavailable backends and skipped cells are not errors.
     """
     from trellis_export.bench.report import format_table, plot_report
     from trellis_export.bench.run import BenchSettings, run_bench, write_report
+    from trellis_export.outputs import OutputSpec, claim_outputs
 
-    for flag, out in (("--json", json_out), ("--plot", plot_out)):
-        if out is not None:
-            _check_writable(ctx, flag, out)
+    specs = [OutputSpec(p, flag, parents=True)
+             for flag, p in (("--json", json_out), ("--plot", plot_out)) if p]
+    if work_dir is not None:
+        from trellis_export.bench.run import is_work_file
+        specs.append(OutputSpec(work_dir, "--work-dir", kind="workdir", owns=is_work_file))
+    claim_outputs(specs, inputs=[model, config_path], force=force)   # before minutes of timing
     if plot_out is not None:
         try:
             import matplotlib  # noqa: F401
@@ -117,7 +114,8 @@ def bench(ctx: click.Context, model: str | None, backends: list[str], slots: lis
         source=model, backends=backends, slots=slots, contexts=contexts, batches=batches, warmup=warmup,
         duration=duration, iterations=iterations, prefill_len=prefill_len,
         phases=["decode", "prefill"] if phases == "both" else [phases], threads=threads, seed=seed,
-        max_memory_gb=max_memory_gb, work_dir=work_dir, baseline=not no_baseline, command=command,
+        max_memory_gb=max_memory_gb, work_dir=work_dir, force=force, baseline=not no_baseline,
+        command=command,
         config_override=config, config_source=config_path)
     report = run_bench(settings, log=lambda s: click.echo(s, err=True))
     if json_out:
@@ -130,3 +128,12 @@ def bench(ctx: click.Context, model: str | None, backends: list[str], slots: lis
     if plot_out:
         click.echo(f"wrote {plot_out}")
     sys.stdout.flush()
+    failed = [c for c in report["cells"] if c["status"] == "error"]
+    failed_aims = [r for a in report["aims"] for r in a["results"] if "error" in r]
+    if failed or failed_aims:
+        from trellis_export.errors import TrellisExportError
+
+        first = failed[0]["reason"] if failed else failed_aims[0]["error"]
+        raise TrellisExportError(f"{len(failed)} of {len(report['cells'])} cells and {len(failed_aims)} "
+                                 f"interleaved measurements failed (first: {first})"
+                                 + ("; see the JSON report" if json_out else ""))

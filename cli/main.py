@@ -11,14 +11,55 @@ from trellis_export.errors import TrellisExportError
 
 
 class _Group(click.Group):
-    """Turns project errors into one 'error: ...' line and exit code 1 (no traceback)."""
+    """One exit-code convention for every command (docs/files_and_errors.md):
+
+    * 0: success; 1: an error (bad input file, state or value, a failed write, a FAILED verify, a bench
+      cell that errored): one ``error: ...`` line on stderr, no traceback;
+    * 2: a usage error (unknown flag, bad flag value, missing argument): one ``error: ...`` line naming
+      the flag, plus where to find the help;
+    * 130 / 143: interrupted by SIGINT / SIGTERM; temporary files are removed, outputs keep their
+      previous content.
+    """
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
+        from trellis_export.outputs import signals_raise
+
         try:
-            return super().invoke(ctx)
+            with signals_raise():
+                return super().invoke(ctx)
         except TrellisExportError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+            _fail(str(exc), 1)
+        except OSError as exc:     # a write or read the command did not wrap: still one line
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(f"{where}{exc.strerror or exc}", 1)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,  # type: ignore[override]
+             **extra):
+        from trellis_export.outputs import Terminated, remove_temporaries
+
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.UsageError as exc:
+            cmd = exc.ctx.command_path if exc.ctx is not None else "trellis-export"
+            hint = f" (see '{cmd} --help')"
+            _fail(exc.format_message().replace("\n", " ") + hint, exc.exit_code)
+        except click.exceptions.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            remove_temporaries()
+            _fail("interrupted (SIGINT); temporary files removed, existing outputs unchanged", 130)
+        except Terminated as exc:
+            remove_temporaries()
+            _fail(f"terminated ({exc.signame}); temporary files removed, existing outputs unchanged",
+                  int(exc.code))
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

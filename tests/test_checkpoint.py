@@ -117,21 +117,17 @@ def test_failed_save_keeps_the_previous_checkpoint(where: str, tmp_checkpoint_pa
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     path, first, second = tmp_checkpoint_pair
     fp1 = model_fingerprint(first)
-    if where == "weights":
-        import safetensors.torch
+    if where in ("weights", "config"):   # every write goes through outputs.write_file
+        import trellis_export.outputs as outputs
+        real = outputs.write_file
+        name = WEIGHTS_FILE if where == "weights" else CONFIG_FILE
 
-        def fail_save(tensors, filename, metadata=None):  # noqa: ANN001, ANN202
-            Path(filename).write_bytes(b"half a file")
-            raise Boom("disk full")
-        monkeypatch.setattr(safetensors.torch, "save_file", fail_save)
-    elif where == "config":
-        real = Path.write_text
-
-        def fail_write(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
-            if self.name == CONFIG_FILE:
+        def fail_write(filename, data):  # noqa: ANN001, ANN202
+            if Path(filename).name == name:
+                Path(filename).write_bytes(b"half a file")
                 raise Boom("disk full")
-            return real(self, *a, **k)
-        monkeypatch.setattr(Path, "write_text", fail_write)
+            return real(filename, data)
+        monkeypatch.setattr(outputs, "write_file", fail_write)
     else:   # the final rename of the new directory onto the destination fails
         real_replace = os.replace
 
@@ -149,11 +145,11 @@ def test_failed_save_keeps_the_previous_checkpoint(where: str, tmp_checkpoint_pa
 
 
 def test_failed_first_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import safetensors.torch
+    import trellis_export.outputs as outputs
 
     def fail_save(*a, **k):  # noqa: ANN002, ANN003, ANN202
         raise Boom("disk full")
-    monkeypatch.setattr(safetensors.torch, "save_file", fail_save)
+    monkeypatch.setattr(outputs, "write_file", fail_save)
     with pytest.raises(Boom):
         save_checkpoint(tiny_model(dtype=torch.float32), tmp_path / "ck")
     assert list(tmp_path.iterdir()) == []

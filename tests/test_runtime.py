@@ -291,8 +291,11 @@ def test_ort_model_without_metadata_refused(tmp_path: Path) -> None:
 def test_ort_reports_providers_actually_used(first_onnx: Path) -> None:
     import onnxruntime as ort
 
-    s = open_session("ort", model_path=first_onnx,
-                     providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    want = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(SessionError, match="CUDAExecutionProvider not available"):
+            open_session("ort", model_path=first_onnx, providers=want)   # no silent fallback
+    s = open_session("ort", model_path=first_onnx, providers=want, allow_fallback=True)
     assert s.providers == s.session.get_providers()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert s.providers == ["CPUExecutionProvider"]

@@ -183,12 +183,15 @@ def test_an_interrupted_checkpoint_write_keeps_the_previous_checkpoint(tmp_path:
     train(args, TINY, tmp_path / "k", stop_after=3, progress=False, log=lambda s: None)
     before = read_checkpoint(tmp_path / "k")[2]["fingerprint"]
 
-    import safetensors.torch
+    import errno
+
+    import trellis_export.outputs as outputs
+    from trellis_export.outputs import OutputError
 
     def boom(*a, **k):
-        raise OSError("disk full")
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
-    with pytest.raises(OSError):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(outputs, "write_file", boom)
+    with pytest.raises(OutputError, match="No space left on device"):
         train(args, TINY, tmp_path / "k", resume=True, progress=False, log=lambda s: None)
     assert read_checkpoint(tmp_path / "k")[2]["fingerprint"] == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

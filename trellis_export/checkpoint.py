@@ -3,7 +3,8 @@
 The safetensors header's metadata carries the config and a fingerprint (sha256 of the canonical
 config JSON and every tensor's name, dtype, shape and bytes). Loading recomputes the fingerprint, so
 a corrupted or edited file is refused, and runtimes can refuse a state or an engine made for another
-model. Writes are atomic: a checkpoint directory is built beside its destination, then renamed.
+model. Writes are atomic: a checkpoint directory is built beside its destination, then renamed
+(:mod:`trellis_export.outputs`). Loading refuses weights holding NaN or Inf, naming the tensor.
 """
 
 from __future__ import annotations
@@ -11,17 +12,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import outputs
 from .config import ConfigError, TrellisConfig
 from .errors import TrellisExportError
-from .fileio import atomic_write_bytes, current_umask  # noqa: F401  (atomic_write_bytes re-exported)
+from .outputs import (  # noqa: F401  (atomic_write_bytes is re-exported for older imports)
+    atomic_write_bytes,
+    current_umask,
+    replace_dir,
+    temporary_sibling,
+    write_error,
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -55,7 +61,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str],
                     metadata: dict[str, Any] | None = None) -> str:
     """Save ``model`` (a TrellisLM) to the directory ``path``; returns the fingerprint."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     config: TrellisConfig = model.config
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -64,36 +70,32 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str],
             "config": json.dumps(config.to_dict(), sort_keys=True)}
     if metadata:
         meta["training"] = json.dumps(metadata, sort_keys=True)
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())      # a normal directory mode, not mkdtemp's 0700
-    old = None
+    dest = Path(os.path.abspath(os.fspath(path)))
+    if dest.exists() and not dest.is_dir():
+        raise CheckpointError(f"{dest}: exists and is not a directory; a checkpoint is a directory")
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata=meta)
-        cfg = config.to_dict()
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        if metadata:
-            (tmp / "training.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        for written in tmp.iterdir():       # safetensors writes 0600; give files the usual mode
-            os.chmod(written, 0o666 & ~current_umask())
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not dest.exists():
-            os.replace(old, dest)   # the previous checkpoint goes back where it was
-        raise
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(dest, exc) from None
+    files = {WEIGHTS_FILE: save(tensors, metadata=meta),
+             CONFIG_FILE: (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode()}
+    if metadata:
+        files["training.json"] = (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode()
+    with temporary_sibling(dest, directory=True) as tmp:
+        for name, data in files.items():
+            try:
+                outputs.write_file(tmp / name, data)
+                os.chmod(tmp / name, 0o666 & ~current_umask())
+            except OSError as exc:
+                raise write_error(dest / name, exc) from None
+        replace_dir(tmp, dest)
     return fp
 
 
-def read_checkpoint(path: str | os.PathLike[str] | None = None
+def read_checkpoint(path: str | os.PathLike[str] | None = None, *, check_finite: bool = True
                     ) -> tuple[TrellisConfig, dict[str, Tensor], dict[str, str]]:
-    """Read config, tensors and header metadata of a checkpoint directory, verifying its fingerprint."""
+    """Read config, tensors and header metadata of a checkpoint directory, verifying its fingerprint
+    and (unless ``check_finite=False``) that every weight is finite."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -137,18 +139,40 @@ def read_checkpoint(path: str | os.PathLike[str] | None = None
         raise CheckpointError(f"{w_path}: fingerprint mismatch (stored {stored[:12]}, computed "
                               f"{actual[:12]}): the weights or {CONFIG_FILE} changed after saving, "
                               "or the file is corrupted")
+    if check_finite:
+        bad = nonfinite_tensors(tensors)
+        if bad:
+            raise CheckpointError(f"{w_path}: weights hold non-finite values: {bad}; the checkpoint was "
+                                  "saved from a diverged model (pass check_finite=False to load it anyway)")
     return config, tensors, meta
 
 
+def nonfinite_tensors(tensors: dict[str, Tensor], limit: int = 3) -> str:
+    """'' when every floating tensor is finite, else the first offending names with NaN / Inf counts."""
+    bad = []
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan = int(torch.isnan(t).sum())
+            bad.append(f"{name} ({nan} NaN, {int((~torch.isfinite(t)).sum()) - nan} Inf)")
+    if len(bad) > limit:
+        bad = bad[:limit] + [f"and {len(bad) - limit} more"]
+    return ", ".join(bad)
+
+
 def load_checkpoint(path: str | os.PathLike[str] | None = None, *,
-                    device: str | torch.device = "cpu") -> torch.nn.Module:
+                    device: str | torch.device = "cpu", check_finite: bool = True,
+                    requires_grad: bool = False) -> torch.nn.Module:
     """Load a TrellisLM from a checkpoint directory (the bundled default when ``path`` is None).
 
-    Missing, unexpected and mis-shaped tensors are reported by name in a :class:`CheckpointError`.
+    Missing, unexpected and mis-shaped tensors are reported by name in a :class:`CheckpointError`, and
+    so are weights holding NaN / Inf (``check_finite=False`` skips that check). The model is in eval
+    mode with ``requires_grad=False`` parameters, so its outputs carry no autograd history; pass
+    ``requires_grad=True`` (or call ``model.requires_grad_()``) to fine-tune it.
     """
     from .model import TrellisLM
 
-    config, tensors, meta = read_checkpoint(path)
+    config, tensors, meta = read_checkpoint(path, check_finite=check_finite)
     root = Path(path) if path is not None else default_checkpoint_path()
     model = TrellisLM(config)
     expected = model.state_dict()
@@ -172,4 +196,5 @@ def load_checkpoint(path: str | os.PathLike[str] | None = None, *,
     model.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()})
     model.fingerprint = meta["fingerprint"]
     model.checkpoint_path = str(root)
+    model.requires_grad_(requires_grad)
     return model.to(device).eval()

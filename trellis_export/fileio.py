@@ -1,33 +1,12 @@
-"""Torch-free file helpers shared by checkpoints, runtimes and reports."""
+"""Torch-free file helpers shared by checkpoints, runtimes and reports.
+
+Kept for compatibility: the implementations live in :mod:`trellis_export.outputs`, the one place
+every writer goes through (atomic writes, OSError -> one-line OutputError, temporaries removed on
+errors and on SIGINT / SIGTERM).
+"""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
+from .outputs import OutputError, atomic_write_bytes, current_umask
 
-
-def current_umask() -> int:
-    """The process umask (read without changing it for longer than one call)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write a file through a temporary sibling and a rename: readers never see half a file.
-
-    The file gets the usual mode of a new file (0666 less the umask), not mkstemp's 0600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+__all__ = ["OutputError", "atomic_write_bytes", "current_umask"]

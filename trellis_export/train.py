@@ -252,8 +252,17 @@ def checkpoint_mqar_spec(path: str | os.PathLike[str] | None) -> MQARSpec | None
 # --------------------------------------------------------------------------- resume state
 def default_state_path(out: str | os.PathLike[str]) -> Path:
     """Where the resume state of a run writing checkpoint ``out`` lives: a sibling file."""
-    out = Path(out)
+    out = Path(os.path.abspath(os.fspath(out)))
     return out.with_name(out.name + ".train-state.safetensors")
+
+
+def run_fingerprint(args: TrainArgs, config: TrellisConfig) -> str:
+    """sha256 of what identifies a training run: its config and the training arguments a resume may not
+    change (everything but :data:`RESUME_OVERRIDABLE`). Stored in the resume state and the checkpoint."""
+    import hashlib
+    run_args = {k: v for k, v in args.to_dict().items() if k not in RESUME_OVERRIDABLE}
+    blob = json.dumps({"args": run_args, "config": config.to_dict()}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def save_train_state(path: str | os.PathLike[str], model: TrellisLM, opt: torch.optim.Optimizer,
@@ -271,7 +280,7 @@ def save_train_state(path: str | os.PathLike[str], model: TrellisLM, opt: torch.
     trainer = {"format": STATE_FORMAT, "step": step, "args": args.to_dict(),
                "config": model.config.to_dict(), "param_groups": sd["param_groups"],
                "history": history, "elapsed_seconds": elapsed, "running_loss": running_loss,
-               "fingerprint": model_fingerprint(model)}
+               "fingerprint": model_fingerprint(model), "run": run_fingerprint(args, model.config)}
     atomic_write_bytes(path, save(tensors, metadata={"trainer": json.dumps(trainer, sort_keys=True)}))
 
 
@@ -311,6 +320,23 @@ def _restore(path: Path, trainer: dict[str, Any], tensors: dict[str, torch.Tenso
         raise TrainError(f"{path}: fingerprint mismatch; the training state is corrupted")
 
 
+def check_same_run(state_file: Path, trainer: dict[str, Any], out: Path, expected: str) -> None:
+    """Refuse a resume state whose run fingerprint was edited, or that belongs to another run than the
+    checkpoint at ``out`` (e.g. ``--state`` naming the state of another ``--out``)."""
+    stored = trainer.get("run")
+    if stored is not None and stored != expected:
+        raise TrainError(f"{state_file}: its run fingerprint does not match its settings; the training "
+                         "state was edited or is corrupted")
+    meta = read_training_metadata(out) if (out / "training.json").is_file() else None
+    if meta is not None and stored is not None and meta.get("run") not in (None, stored):
+        raise TrainError(f"{state_file}: belongs to another training run than the checkpoint {out} (run "
+                         f"{stored[:12]} vs {str(meta.get('run'))[:12]}); give the --state of that run, or "
+                         "another --out")
+    if meta is not None and isinstance(meta.get("step"), int) and meta["step"] > int(trainer["step"]):
+        raise TrainError(f"{state_file}: is at step {trainer['step']} but the checkpoint {out} is at step "
+                         f"{meta['step']}; it is not this checkpoint's resume state")
+
+
 def resume_settings(path: str | os.PathLike[str]) -> tuple[TrainArgs, TrellisConfig]:
     """The training arguments and config stored in a resume state (for the CLI's defaults)."""
     trainer, _ = read_train_state(path)
@@ -321,20 +347,27 @@ def resume_settings(path: str | os.PathLike[str]) -> tuple[TrainArgs, TrellisCon
 def train(args: TrainArgs, config: TrellisConfig, out: str | os.PathLike[str], *,
           state_path: str | os.PathLike[str] | None = None, resume: bool = False,
           stop_after: int | None = None, progress: bool = True,
-          log: Callable[[str], None] | None = None, extra_metadata: dict[str, Any] | None = None
-          ) -> TrainResult:
+          log: Callable[[str], None] | None = None, extra_metadata: dict[str, Any] | None = None,
+          force: bool = False) -> TrainResult:
     """Train and write the checkpoint ``out`` (and the resume state) at every evaluation and at the end.
 
     ``stop_after``: stop (with a checkpoint) once this many steps are done, as if interrupted; the
     schedule still spans ``args.steps``. ``resume``: continue from the state file; the stored
-    arguments must equal ``args`` except for :data:`RESUME_OVERRIDABLE`.
+    arguments must equal ``args`` except for :data:`RESUME_OVERRIDABLE`, and the state must belong to the
+    run that wrote ``out`` (:func:`check_same_run`).
+
+    Both outputs are checked before training starts (:func:`trellis_export.outputs.claim_outputs`): an
+    existing ``out`` is replaced only when it is a trellis-export checkpoint (or ``force``).
     """
     import click
 
     log = log or (lambda s: click.echo(s, err=True))
+    from .outputs import OutputSpec, claim_outputs
+
     check_compatible(args, config)
-    out = Path(out)
     state_file = Path(state_path) if state_path is not None else default_state_path(out)
+    out, state_file = claim_outputs([OutputSpec(out, "--out", kind="dir", parents=True),
+                                     OutputSpec(state_file, "--state", parents=True)], force=force)
     torch.set_num_threads(args.threads or default_threads())
     torch.set_flush_denormal(True)
     corpus = CharCorpus.build(args.corpus_chars, args.corpus_seed) if args.task == "charlm" else None
@@ -355,6 +388,7 @@ def train(args: TrainArgs, config: TrellisConfig, out: str | os.PathLike[str], *
                      for k, v in stored_cfg.to_dict().items() if getattr(config, k) != v]
         if diff:
             raise TrainError(f"{state_file}: cannot resume with different settings: " + "; ".join(diff))
+        check_same_run(state_file, trainer, out, run_fingerprint(stored, stored_cfg))
         _restore(state_file, trainer, tensors, model, opt)
         step, history = int(trainer["step"]), list(trainer["history"])
         elapsed, running = float(trainer["elapsed_seconds"]), trainer.get("running_loss")
@@ -364,6 +398,7 @@ def train(args: TrainArgs, config: TrellisConfig, out: str | os.PathLike[str], *
     def checkpoint(last_eval: dict[str, float]) -> str:
         save_train_state(state_file, model, opt, args, step, history, elapsed, running)
         meta = {"task": args.task, "args": args.to_dict(), "step": step, "steps": args.steps,
+                "run": run_fingerprint(args, config),
                 "seed": args.seed, "eval": last_eval, "history": history,
                 "wall_minutes": round(elapsed / 60.0, 2), "threads": torch.get_num_threads(),
                 "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_implementation()} "
@@ -418,11 +453,44 @@ def train(args: TrainArgs, config: TrellisConfig, out: str | os.PathLike[str], *
     return TrainResult(step=step, final_eval=last_eval, history=history, wall_seconds=elapsed, fingerprint=fp)
 
 
+def checkpoint_task(path: str | os.PathLike[str] | None) -> str | None:
+    """The task a checkpoint was trained on (``training.json``), None when it does not say."""
+    meta = read_training_metadata(path)
+    task = meta.get("task") if meta else None
+    return task if task in TASKS else None
+
+
 def eval_checkpoint(path: str | os.PathLike[str] | None, *, spec: MQARSpec | None = None,
-                    num_examples: int = 1024, seed: int = EVAL_SEED) -> dict[str, Any]:
-    """Load a checkpoint and measure its MQAR accuracy (on its trained task unless ``spec`` is given)."""
+                    num_examples: int = 1024, seed: int = EVAL_SEED, task: str | None = None
+                    ) -> dict[str, Any]:
+    """Load a checkpoint and score it on the task it was trained on (``training.json``; ``task`` overrides):
+    MQAR accuracy (on its trained MQAR spec unless ``spec`` is given), or for a character LM the
+    validation loss and bits per character on its corpus. A checkpoint without training metadata is
+    scored on MQAR, and the report says the task was assumed."""
     model = load_checkpoint(path)
+    stored = checkpoint_task(model.checkpoint_path)
+    chosen = task or stored or "mqar"
+    if chosen not in TASKS:
+        raise TrainError(f"task must be one of {', '.join(TASKS)}; got {chosen!r}")
+    report: dict[str, Any] = {"checkpoint": model.checkpoint_path, "fingerprint": model.fingerprint,
+                              "task": chosen, "task_source": ("given" if task else
+                                                              "training.json" if stored else
+                                                              "assumed (no training.json)")}
+    if chosen == "charlm":
+        if spec is not None:
+            raise TrainError(f"{model.checkpoint_path}: a character-LM checkpoint has no MQAR task; "
+                             "--num-pairs / --seq-len / --num-queries do not apply")
+        meta = read_training_metadata(model.checkpoint_path) or {}
+        data = meta.get("data") or {}
+        num_chars = int(data.get("num_chars", TrainArgs.corpus_chars))
+        corpus = CharCorpus.build(num_chars, int(data.get("seed", 0)))
+        seq_len = int(data.get("seq_len", TrainArgs.seq_len))
+        batches = max(1, num_examples // 32)
+        report.update({"corpus": {"num_chars": num_chars, "seed": int(data.get("seed", 0)),
+                                  "seq_len": seq_len}, "batches": batches,
+                       **evaluate_charlm(model, corpus, seq_len=seq_len, max_batches=batches)})
+        return report
     spec = spec or checkpoint_mqar_spec(model.checkpoint_path) or MQARSpec(vocab_size=model.config.vocab_size)
     acc = evaluate_mqar(model, spec, num_examples=num_examples, seed=seed)
-    return {"checkpoint": model.checkpoint_path, "fingerprint": model.fingerprint, "mqar": spec.to_dict(),
-            "examples": num_examples, "seed": seed, "mqar_accuracy": acc}
+    report.update({"mqar": spec.to_dict(), "examples": num_examples, "seed": seed, "mqar_accuracy": acc})
+    return report

@@ -3,9 +3,10 @@
 Both runtimes consume the same token streams (seeded random tokens, and a text stream mapped into the
 vocabulary), fed in pieces of varied sizes (1, primes, large chunks), through the streaming interface
 of :mod:`trellis_export.runtime`. Logits are compared on every token and every state tensor at the end
-of each interval. The report is Polygraphy-like: per tensor max abs / max rel error, relative RMS, the
-minimum uniform tolerance that would have passed, the error against stream position (drift), top-1
-agreement, and PASSED / FAILED against TRELLIS_SPEC.md section 8:
+of each interval. The report is Polygraphy-like: per tensor max abs / max rel error, relative RMS over
+all checked values, the minimum uniform tolerance that would have passed (the worst relative RMS of
+one check), the count of NaN / Inf values (any makes the tensor FAILED), the error against stream
+position (drift), top-1 agreement, and PASSED / FAILED against TRELLIS_SPEC.md section 8:
 
 * relative RMS <= 1e-5 for checks at stream positions <= 64, <= 1e-4 beyond (float32 models);
 * <= 5e-3 on the logits of float16 models (their state errors are reported, not judged);
@@ -90,6 +91,13 @@ def _boundaries(tokens: int, interval: int) -> list[int]:
     return sorted(marks)
 
 
+def aggregate_rel_rms(sum_sq_diff: float, sum_sq_ref: float) -> float:
+    """Relative RMS over all values of all checks (inf when any value was not finite)."""
+    if not math.isfinite(sum_sq_diff):
+        return math.inf
+    return math.sqrt(sum_sq_diff / sum_sq_ref) if sum_sq_ref > 0 else math.sqrt(sum_sq_diff)
+
+
 class _TensorRecord:
     """Worst-case statistics of one tensor over the checks of a stream."""
 
@@ -102,6 +110,9 @@ class _TensorRecord:
         self.failed = 0
         self.first_failure: int | None = None
         self.finite = True
+        self.nonfinite = 0
+        self.sum_sq_diff = 0.0
+        self.sum_sq_ref = 0.0
         self.judged = False
 
     def add(self, stats: dict[str, float], position: int, tol: float | None) -> bool:
@@ -109,7 +120,11 @@ class _TensorRecord:
         self.checks += 1
         self.max_abs = max(self.max_abs, stats["max_abs"])
         self.max_rel = max(self.max_rel, stats["max_rel"])
-        self.finite = self.finite and bool(stats["finite"])
+        finite = bool(stats["finite"]) and bool(stats.get("reference_finite", True))
+        self.finite = self.finite and finite
+        self.nonfinite += int(stats.get("nonfinite", 0))
+        self.sum_sq_diff += stats.get("sum_sq_diff", 0.0)
+        self.sum_sq_ref += stats.get("sum_sq_ref", 0.0)
         r = stats["rel_rms"]
         if not math.isfinite(r):
             r = math.inf
@@ -118,7 +133,7 @@ class _TensorRecord:
         if tol is None:
             return True
         self.judged = True
-        ok = bool(stats["finite"]) and r <= tol
+        ok = finite and r <= tol
         if not ok:
             self.failed += 1
             if self.first_failure is None:
@@ -126,10 +141,13 @@ class _TensorRecord:
         return ok
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_abs": self.max_abs, "max_rel": self.max_rel, "rel_rms": self.worst_rel_rms,
-                "worst_position": self.worst_position, "min_tolerance": self.worst_rel_rms,
+        return {"max_abs": self.max_abs, "max_rel": self.max_rel,
+                "rel_rms": aggregate_rel_rms(self.sum_sq_diff, self.sum_sq_ref),
+                "worst_rel_rms": self.worst_rel_rms, "worst_position": self.worst_position,
+                "min_tolerance": self.worst_rel_rms, "sum_sq_diff": self.sum_sq_diff,
+                "sum_sq_ref": self.sum_sq_ref,
                 "checks": self.checks, "failed_checks": self.failed, "first_failure": self.first_failure,
-                "finite": self.finite,
+                "finite": self.finite, "nonfinite": self.nonfinite,
                 "status": ("FAILED" if self.failed else "PASSED") if self.judged else "REPORTED"}
 
 
@@ -177,8 +195,11 @@ def _run_stream(ids: np.ndarray, ref: Any, rt: Any, pieces: Sequence[int], inter
             ok = records[t.name].add(s, pos, state_tol) and ok
             if not (s["rel_rms"] <= worst_state_err):
                 worst_state, worst_state_err = t.name, s["rel_rms"]
-        agree = float((lo_i.argmax(-1) == lr_i.argmax(-1)).mean())
-        top1_agree += int((lo_i.argmax(-1) == lr_i.argmax(-1)).sum())
+        # a row with NaN / Inf logits never agrees (argmax of NaN is index 0 on both sides)
+        same = ((lo_i.argmax(-1) == lr_i.argmax(-1)) & np.isfinite(lo_i).all(-1)
+                & np.isfinite(lr_i).all(-1))
+        agree = float(same.mean())
+        top1_agree += int(same.sum())
         if resync:   # continue from the reference state: each interval is checked on its own
             rt_state = {t.name: ref_state[t.name].astype(rt.state_dtype(t)) for t in rt.state_spec}
         drift.append({"position": pos, "tolerance": tol, "logits_rel_rms": stats["rel_rms"],
@@ -196,7 +217,8 @@ def verify(checkpoint: str | os.PathLike[str] | None, model_path: str | os.PathL
            tokens: int = DEFAULT_TOKENS, batch: int = 1, seed: int = 0,
            piece_sizes: Sequence[int] = DEFAULT_PIECES, tolerance: float | None = None,
            interval: int | None = None, text: str | os.PathLike[str] | None = None,
-           providers: Sequence[str] | None = None, streams: Sequence[str] = ("random", "text"),
+           providers: Sequence[str] | None = None, allow_fallback: bool = False,
+           streams: Sequence[str] = ("random", "text"),
            resync: bool = False, threads: int | None = 1,
            progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Stream the float64 reference of ``checkpoint`` and the ONNX model side by side; return the report.
@@ -229,7 +251,8 @@ def verify(checkpoint: str | os.PathLike[str] | None, model_path: str | os.PathL
 
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise VerifyError(f"--threads must be an integer >= 1, got {threads!r}")
-    rt = open_session("ort", model_path=model_path, providers=providers, threads=threads)
+    rt = open_session("ort", model_path=model_path, providers=providers, threads=threads,
+                      allow_fallback=allow_fallback)
     ref = open_session("torch", checkpoint=checkpoint, dtype="float64", threads=threads)
     if ref.fingerprint != rt.fingerprint:
         ck = checkpoint if checkpoint is not None else "the bundled default checkpoint"
@@ -237,6 +260,9 @@ def verify(checkpoint: str | os.PathLike[str] | None, model_path: str | os.PathL
                           f"{rt.fingerprint[:12]}), not from {ck} (fingerprint {ref.fingerprint[:12]})")
     if ref.config != rt.config:
         raise VerifyError(f"{model_path}: its metadata config differs from the checkpoint's config")
+    # NaN / Inf in a state is what verify measures and reports as FAILED (NaN-aware statistics), so the
+    # sessions' own refusal of non-finite states is off here
+    rt.check_finite = ref.check_finite = False
 
     vocab = rt.config.vocab_size
     rng = np.random.default_rng(seed)
@@ -255,10 +281,12 @@ def verify(checkpoint: str | os.PathLike[str] | None, model_path: str | os.PathL
             if cur is None:
                 summary[name] = dict(rec)
                 continue
-            for key in ("max_abs", "max_rel", "checks", "failed_checks"):
+            for key in ("max_abs", "max_rel", "checks", "failed_checks", "nonfinite", "sum_sq_diff",
+                        "sum_sq_ref"):
                 cur[key] = max(cur[key], rec[key]) if key.startswith("max") else cur[key] + rec[key]
-            if rec["rel_rms"] > cur["rel_rms"]:
-                cur["rel_rms"] = cur["min_tolerance"] = rec["rel_rms"]
+            cur["rel_rms"] = aggregate_rel_rms(cur["sum_sq_diff"], cur["sum_sq_ref"])
+            if rec["worst_rel_rms"] > cur["worst_rel_rms"]:
+                cur["worst_rel_rms"] = cur["min_tolerance"] = rec["worst_rel_rms"]
                 cur["worst_position"] = rec["worst_position"]
             cur["finite"] = cur["finite"] and rec["finite"]
             if cur["status"] != "REPORTED":
@@ -308,8 +336,9 @@ def format_report(report: dict[str, Any]) -> list[str]:
         lines.append(f"    {'tensor':<20} {'max_abs':>10} {'max_rel':>10} {'rel_rms':>10} {'min_tol':>10} "
                      f"{'checks':>7}  status")
         for name, r in res["tensors"].items():
+            bad = "" if r["finite"] else f"  (non-finite: {r.get('nonfinite', '?')} values)"
             lines.append(f"    {name:<20} {r['max_abs']:10.3e} {r['max_rel']:10.3e} {r['rel_rms']:10.3e} "
-                         f"{r['min_tolerance']:10.3e} {r['checks']:7d}  {r['status']}")
+                         f"{r['min_tolerance']:10.3e} {r['checks']:7d}  {r['status']}{bad}")
         lines.append(f"    drift: {'position':>9} {'tol':>8} {'logits':>10} {'worst state':>12}  top-1")
         for d in res["drift"]:
             lines.append(f"           {d['position']:9d} {d['tolerance']:8.0e} {d['logits_rel_rms']:10.3e} "

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -66,6 +67,7 @@ class BenchSettings:
     seed: int = 0
     max_memory_gb: float = 8.0
     work_dir: str | None = None
+    force: bool = False                           # --force: a --work-dir without the marker
     baseline: bool = True
     command: str = ""
     config_override: TrellisConfig | None = None  # --config: instead of the bundled width
@@ -189,6 +191,14 @@ def _quiet_export() -> Iterator[None]:
         logger.setLevel(old)
 
 
+_WORK_FILE = re.compile(r"^(trellis-m\d+|kv-cache)-[0-9a-f]{16}\.onnx(\.data)?$")
+
+
+def is_work_file(name: str) -> bool:
+    """A file name :func:`onnx_model` writes into the work directory."""
+    return bool(_WORK_FILE.match(name))
+
+
 def onnx_model(subject: Subject, work_dir: Path, log: Log) -> Path:
     """The subject's ONNX file: the given one, or an export cached in ``work_dir`` by fingerprint."""
     if subject.onnx_path is not None:
@@ -239,8 +249,15 @@ def run_bench(settings: BenchSettings, log: Log | None = None) -> dict[str, Any]
 
     tmp = None
     if settings.work_dir:
-        work_dir = Path(settings.work_dir)
-        work_dir.mkdir(parents=True, exist_ok=True)
+        from ..outputs import OutputSpec, claim_outputs, write_error, write_marker
+        work_dir = claim_outputs([OutputSpec(settings.work_dir, "--work-dir", kind="workdir",
+                                             owns=is_work_file)],
+                                 inputs=[settings.source], force=settings.force)[0]
+        try:
+            work_dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise write_error(work_dir, exc) from None
+        write_marker(work_dir)
     else:
         tmp = tempfile.TemporaryDirectory(prefix="trellis-bench-")
         work_dir = Path(tmp.name)

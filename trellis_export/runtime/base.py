@@ -64,6 +64,9 @@ class Session(ABC):
     activation_dtype: str = "float32"
     memory_dtype: str = "float32"
     providers: list[str]
+    #: Refuse states holding NaN / Inf (at :meth:`step`, :meth:`load_state`, :meth:`save_state`), naming
+    #: the tensor. Set to False on a session to skip the check (one pass over the state per call).
+    check_finite: bool = True
 
     # ------------------------------------------------------------------ spec
     @property
@@ -96,8 +99,11 @@ class Session(ABC):
                 for t in self.state_spec}
 
     def validate_state(self, state: Mapping[str, Any], batch: int | None = None,
-                       source: str = "state") -> int:
-        """Check ``state`` against the spec; return its batch size. Raises :class:`StateError`."""
+                       source: str = "state", finite: bool | None = None) -> int:
+        """Check ``state`` against the spec; return its batch size. Raises :class:`StateError`.
+
+        ``finite`` (default: ``self.check_finite``): also refuse float tensors holding NaN / Inf.
+        """
         if not isinstance(state, Mapping):
             raise StateError(f"{source}: expected a dict of state tensors keyed by the state-spec names "
                              f"(position, 0.key_memory, ...), got {type(state).__name__}")
@@ -133,6 +139,15 @@ class Session(ABC):
         pos = state["position"]
         if (pos < 0).any():
             raise StateError(f"{source}: state tensor 'position' must be >= 0, got {pos.tolist()}")
+        if self.check_finite if finite is None else finite:
+            for t in spec:
+                x = state[t.name]
+                if x.dtype.kind == "f" and not np.isfinite(x).all():
+                    nan = int(np.isnan(x).sum())
+                    inf = int(np.isinf(x).sum())
+                    raise StateError(f"{source}: state tensor '{t.name}' holds non-finite values ({nan} NaN, "
+                                     f"{inf} Inf); refusing it (session.check_finite = False skips this "
+                                     "check)")
         assert batch is not None
         return batch
 
@@ -171,8 +186,9 @@ class Session(ABC):
 
     # ------------------------------------------------------------------ rows
     def reset_rows(self, state: Mapping[str, np.ndarray], rows: Sequence[int] | np.ndarray) -> StateDict:
-        """A copy of ``state`` whose ``rows`` start a new stream (zero-filled, position 0)."""
-        batch = self.validate_state(state)
+        """A copy of ``state`` whose ``rows`` start a new stream (zero-filled, position 0). A row holding
+        NaN / Inf may be reset (that is how a diverged stream recovers)."""
+        batch = self.validate_state(state, finite=False)
         idx = self._rows(rows, batch)
         out = {k: v.copy() for k, v in state.items()}
         for v in out.values():
@@ -181,7 +197,7 @@ class Session(ABC):
 
     def select_rows(self, state: Mapping[str, np.ndarray], rows: Sequence[int] | np.ndarray) -> StateDict:
         """The state of ``rows`` only, in that order (e.g. to drop finished streams)."""
-        batch = self.validate_state(state)
+        batch = self.validate_state(state, finite=False)
         idx = self._rows(rows, batch)
         return {k: np.ascontiguousarray(v[idx]) for k, v in state.items()}
 
