@@ -84,6 +84,8 @@ def _register() -> None:
     main.add_command(train.train)
     from . import bench
     main.add_command(bench.bench)
+    from . import engine
+    main.add_command(engine.engine)
     from . import serve
     main.add_command(serve.triton_repo)
     main.add_command(serve.serve)

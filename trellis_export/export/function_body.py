@@ -81,10 +81,9 @@ class _Builder:
         """One node with ``n_out`` outputs (or the given ``outputs``); returns their names."""
         outs = list(outputs) if outputs is not None else [self.name(hint or op_type.lower())
                                                           for _ in range(n_out)]
-        if op_type == "Reshape":
-            # no shape here ever holds a literal 0 meaning "copy": say so, so that TensorRT need not
-            # treat run-time dims as possible placeholders (its IShuffleLayer warning)
-            attrs.setdefault("allowzero", 1)
+        # Reshape keeps allowzero = 0 although no shape here holds a literal 0: TensorRT-RTX 1.7.1
+        # warns about possible placeholders then, but allowzero = 1 makes its builder segfault
+        # (docs/tensorrt.md)
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.name("n_" + op_type),
                                            **attrs))
         return outs

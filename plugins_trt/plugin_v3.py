@@ -1,0 +1,293 @@
+"""``trellis::TrellisMemory`` as a TensorRT IPluginV3 (OneCore / OneBuild / OneRuntime) with an
+IPluginCreatorV3One: the plugin kind both TensorRT-RTX and enterprise TensorRT (>= 10.x) accept.
+
+Everything about the op comes from :mod:`trellis_export.opdef`: name, namespace, version, the inputs
+and outputs in order, the attributes (plugin fields: ``chunk_size`` INT32, ``phi`` / ``f`` / ``rho``
+CHAR, ``eps`` FLOAT32, as TensorRT's ONNX parser hands a node's attributes over). TensorRT maps a
+``trellis::TrellisMemory`` node to this plugin by op_type, ``plugin_namespace`` and
+``plugin_version`` once :func:`register` has put the creator in the plugin registry.
+
+* Build (no GPU needed): output shapes (o like q, memories like the memory inputs), types (o like q;
+  memories float32), formats (linear; q/k/v/a float32 or float16 alike, gates and memories float32,
+  position int64). At ``configure_plugin`` the kernels are compiled ahead of time for the engine's
+  targets (:func:`trellis_export.kernels.aot.compile_kernel`, every specialisation of
+  ``variants_for``) and serialised into the engine as the plugin field ``kernels`` (JSON), so a
+  device needs neither triton nor a compiler to run the engine.
+* Run (GPU): ``enqueue`` picks the records for the device's compute capability (exact, else the
+  highest lower one whose PTX the driver JIT-compiles), ``fused_recurrent`` for T = 1 and ``chunk``
+  otherwise, the most specialised record whose preconditions hold (16-byte alignment; TensorRT's
+  outputs never alias its inputs, so no in-place record), and launches it with
+  :class:`trellis_export.kernels.cuda_launch.CudaDriver` on TensorRT's stream. **Never run**: no GPU
+  was available to this project's CI; the build path is tested on the CPU with TensorRT-RTX.
+
+Python plugins live in the process: a runtime that deserialises an engine holding this plugin must
+call :func:`register` first (``open_session("trt", ...)`` does, from the engine's sidecar).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from trellis_export.opdef import (
+    ATTRIBUTES,
+    DOMAIN,
+    INPUTS,
+    OP_TYPE,
+    OUTPUTS,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+)
+
+#: Plugin field holding the serialised AOT launch records (not an ONNX attribute).
+KERNELS_FIELD = "kernels"
+#: Inputs whose dtype is the activation dtype (o follows q); the rest are float32 / int64 (spec 1).
+ACT_INPUTS: tuple[str, ...] = ("q", "k", "v", "a")
+KERNEL_FOR_T = {True: "fused_recurrent", False: "chunk"}   # decode (T == 1) / prefill
+
+_LOCK = threading.Lock()
+_CREATORS: dict[int, Any] = {}          # id(trt module) -> registered creator
+_COMPILED: dict[tuple[Any, ...], list[dict[str, Any]]] = {}   # compile cache (same shapes, many layers)
+
+
+def io_dtype_rule(pos: int, act: str) -> str:
+    """The dtype allowed at plugin I/O position ``pos`` (inputs then outputs) when the activations
+    (q) are ``act``: ``act`` for q/k/v/a/o, int64 for position, float32 otherwise."""
+    n_in = len(INPUTS)
+    name = INPUTS[pos] if pos < n_in else OUTPUTS[pos - n_in]
+    if (pos < n_in and name in ACT_INPUTS) or (pos >= n_in and name == "o"):
+        return act
+    return "int64" if name == "position" else "float32"
+
+
+def decode_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Plugin fields as TensorRT hands them (numpy arrays, CHAR as int8 bytes) -> python values."""
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        arr = np.asarray(value)
+        if name in ("phi", "f", "rho", KERNELS_FIELD) or arr.dtype.kind in ("S", "U"):
+            raw = arr.tobytes() if arr.dtype.kind not in ("S", "U") else str(arr.item()).encode()
+            out[name] = raw.split(b"\0", 1)[0].decode()
+        elif name == "chunk_size":
+            out[name] = int(arr.reshape(-1)[0])
+        elif name == "eps":
+            out[name] = float(arr.reshape(-1)[0])
+        else:
+            out[name] = arr
+    missing = [a for a in ATTRIBUTES if a not in out]
+    if missing:
+        raise ValueError(f"{DOMAIN}::{OP_TYPE} plugin: missing field(s) {', '.join(missing)}")
+    return out
+
+
+def compile_records(attrs: dict[str, Any], *, heads: int, slots: int, head_dim: int, dtype: str,
+                    targets: Sequence[int]) -> list[dict[str, Any]]:
+    """AOT launch records of both kernels, every specialisation, for each target (cached)."""
+    from trellis_export.kernels.aot import compile_kernel, variants_for
+
+    key = (tuple(sorted(attrs.items())), heads, slots, head_dim, dtype, tuple(targets))
+    with _LOCK:
+        if key in _COMPILED:
+            return _COMPILED[key]
+    records = []
+    for cc in targets:
+        for kernel in KERNEL_FOR_T.values():
+            for variant in variants_for(kernel):
+                records.append(compile_kernel(kernel, int(cc), heads=heads, slots=slots, head_dim=head_dim,
+                                              chunk_size=int(attrs["chunk_size"]), phi=attrs["phi"],
+                                              f=attrs["f"], rho=attrs["rho"], eps=float(attrs["eps"]),
+                                              dtype=dtype, **variant).to_dict())
+    with _LOCK:
+        _COMPILED[key] = records
+    return records
+
+
+def records_for_device(records: Sequence[dict[str, Any]], cc: int, kernel: str) -> list[dict[str, Any]]:
+    """The records of ``kernel`` for a device of compute capability ``cc``: exact target, else the
+    highest lower target (its PTX is JIT-compiled by the driver); most specialised first, as
+    compiled. Raises ValueError when no target fits."""
+    mine = [r for r in records if r["kernel"] == kernel]
+    ccs = sorted({int(r["cc"]) for r in mine if int(r["cc"]) <= cc})
+    if not ccs:
+        have = sorted({int(r["cc"]) for r in mine})
+        raise ValueError(f"{DOMAIN}::{OP_TYPE} plugin: the engine holds kernels for sm_{have} only; this "
+                         f"GPU is sm_{cc}: rebuild the engine with its compute capability")
+    return [r for r in mine if int(r["cc"]) == ccs[-1]]
+
+
+def make_classes(trt: Any) -> tuple[type, type]:
+    """The plugin and creator classes for one TensorRT module (``tensorrt`` or
+    ``tensorrt_rtx_bindings``): their base classes come from that module."""
+
+    dtypes = {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.INT64: "int64"}
+
+    class TrellisMemoryPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild,
+                              trt.IPluginV3OneRuntime):
+        """One TrellisMemory layer (see the module docstring)."""
+
+        def __init__(self, fields: dict[str, Any], targets: Sequence[int] = (),
+                     phase: Any = None, compiled: dict[tuple[Any, ...], list[dict[str, Any]]] | None = None
+                     ) -> None:
+            trt.IPluginV3.__init__(self)
+            trt.IPluginV3OneCore.__init__(self)
+            trt.IPluginV3OneBuild.__init__(self)
+            trt.IPluginV3OneRuntime.__init__(self)
+            self.plugin_name = OP_TYPE
+            self.plugin_namespace = PLUGIN_NAMESPACE
+            self.plugin_version = PLUGIN_VERSION
+            self.num_outputs = len(OUTPUTS)
+            self.timing_cache_id = ""
+            self.phase = phase
+            self.attrs = {a: fields[a] for a in ATTRIBUTES}
+            self.targets = tuple(int(t) for t in targets)
+            kernels = fields.get(KERNELS_FIELD) or ""
+            self.records: list[dict[str, Any]] = json.loads(kernels) if kernels else []
+            self.compiled = compiled if compiled is not None else {}    # the creator's build log
+            self._driver: Any = None
+            self._loaded: dict[str, Any] = {}
+
+        # ---------------------------------------------------------------- core / build
+        def get_capability_interface(self, type: Any) -> Any:  # noqa: A002 - TensorRT's name
+            return self
+
+        def clone(self) -> TrellisMemoryPlugin:
+            twin = TrellisMemoryPlugin({**self.attrs, KERNELS_FIELD: json.dumps(self.records)},
+                                       self.targets, self.phase, self.compiled)
+            twin._driver = self._driver
+            return twin
+
+        def get_output_data_types(self, input_types: Sequence[Any]) -> list[Any]:
+            return [input_types[0]] + [trt.DataType.FLOAT] * (len(OUTPUTS) - 1)
+
+        def get_output_shapes(self, inputs: Sequence[Any], shape_inputs: Sequence[Any],
+                              expr_builder: Any) -> list[Any]:
+            idx = {n: i for i, n in enumerate(INPUTS)}
+            return [trt.DimsExprs(inputs[idx["q" if n == "o" else n]]) for n in OUTPUTS]
+
+        def supports_format_combination(self, pos: int, in_out: Sequence[Any], num_inputs: int) -> bool:
+            desc = in_out[pos].desc
+            if desc.format != trt.TensorFormat.LINEAR:
+                return False
+            got = dtypes.get(desc.type)
+            if pos == 0:
+                return got in ("float32", "float16")
+            return got == io_dtype_rule(pos, dtypes.get(in_out[0].desc.type, "?"))
+
+        def configure_plugin(self, inp: Sequence[Any], out: Sequence[Any]) -> None:
+            if self.records or not self.targets:
+                return
+            q, a = inp[INPUTS.index("q")].desc, inp[INPUTS.index("a")].desc
+            shape = dict(heads=int(q.dims[2]), slots=int(a.dims[3]), head_dim=int(q.dims[3]),
+                         dtype=dtypes[q.type])
+            self.records = compile_records(self.attrs, targets=self.targets, **shape)
+            self.compiled[tuple(sorted(shape.items()))] = self.records
+
+        def get_workspace_size(self, inp: Sequence[Any], out: Sequence[Any]) -> int:
+            return 0
+
+        def get_valid_tactics(self) -> list[int]:
+            return []
+
+        def set_tactic(self, tactic: int) -> None:
+            return None
+
+        def get_fields_to_serialize(self) -> Any:
+            # TensorRT reads the fields' buffers after this returns: keep them (and the collection)
+            # referenced by the plugin, or it reads freed numpy memory
+            self._serialized = plugin_fields(trt, {**self.attrs, KERNELS_FIELD: json.dumps(self.records)})
+            self._serialized_fc = trt.PluginFieldCollection(self._serialized)
+            return self._serialized_fc
+
+        # ---------------------------------------------------------------- runtime (GPU; never run here)
+        def on_shape_change(self, inp: Sequence[Any], out: Sequence[Any]) -> None:
+            return None
+
+        def attach_to_context(self, context: Any) -> TrellisMemoryPlugin:
+            return self.clone()
+
+        def enqueue(self, input_desc: Sequence[Any], output_desc: Sequence[Any], inputs: Sequence[int],
+                    outputs: Sequence[int], workspace: int, stream: int) -> None:
+            from trellis_export.kernels.cuda_launch import CudaDriver, select_record
+            from trellis_export.kernels.trellis_memory.utils import INPUT_ARGS, OUTPUT_ARGS
+
+            if self._driver is None:
+                self._driver = CudaDriver()
+            B, T = int(input_desc[0].dims[0]), int(input_desc[0].dims[1])
+            pointers = {**{n: int(p) for n, p in zip(INPUT_ARGS, inputs)},
+                        **{n: int(p) for n, p in zip(OUTPUT_ARGS, outputs)}}
+            scalars = {"T": T}
+            cands = records_for_device(self.records, self._driver.compute_capability(),
+                                       KERNEL_FOR_T[T == 1])
+            rec = select_record(cands, pointers, scalars)
+            kernel = self._loaded.get(rec["variant"])
+            if kernel is None:
+                kernel = self._loaded[rec["variant"]] = self._driver.load_record(rec)
+            self._driver.launch_record(kernel, pointers, scalars, B, stream=int(stream))
+
+    class TrellisMemoryCreator(trt.IPluginCreatorV3One):
+        """Creates :class:`TrellisMemoryPlugin` from the node's attributes (build) or the engine's
+        serialised fields (run)."""
+
+        def __init__(self, targets: Sequence[int] = ()) -> None:
+            trt.IPluginCreatorV3One.__init__(self)
+            self.name = OP_TYPE
+            self.plugin_namespace = PLUGIN_NAMESPACE
+            self.plugin_version = PLUGIN_VERSION
+            self.targets = tuple(targets)
+            self.created: list[TrellisMemoryPlugin] = []
+            #: kernels compiled by this creator's plugins, per (heads, slots, head_dim, dtype)
+            self.compiled: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+            self._fields = plugin_fields(trt, None)          # kept alive: TensorRT holds their buffers
+            self.field_names = trt.PluginFieldCollection(self._fields)
+
+        def create_plugin(self, name: str, fc: Any, phase: Any) -> TrellisMemoryPlugin:
+            fields = decode_fields({f.name: f.data for f in fc})
+            plugin = TrellisMemoryPlugin(fields, self.targets, phase, self.compiled)
+            self.created.append(plugin)
+            return plugin
+
+    return TrellisMemoryPlugin, TrellisMemoryCreator
+
+
+def plugin_fields(trt: Any, values: dict[str, Any] | None) -> list[Any]:
+    """PluginField objects for the op's attributes (+ the kernels, when ``values`` are given);
+    ``values=None``: the creator's empty field list, the node attributes only (the parser warns
+    about a declared field the node lacks)."""
+    kinds = {int: trt.PluginFieldType.INT32, float: trt.PluginFieldType.FLOAT32,
+             str: trt.PluginFieldType.CHAR}
+    out = []
+    extra = () if values is None else ((KERNELS_FIELD, str),)
+    for name, kind in (*ATTRIBUTES.items(), *extra):
+        if values is None:
+            data = np.array([], dtype={int: np.int32, float: np.float32, str: np.int8}[kind])
+        elif kind is str:
+            data = np.frombuffer(str(values[name]).encode() + b"\0", dtype=np.int8).copy()
+        elif kind is int:
+            data = np.array([int(values[name])], dtype=np.int32)
+        else:
+            data = np.array([float(values[name])], dtype=np.float32)
+        out.append(trt.PluginField(name, data, kinds[kind]))
+    return out
+
+
+def register(trt: Any, targets: Sequence[int] = ()) -> Any:
+    """Register the creator with ``trt``'s plugin registry (idempotent per module); returns it.
+
+    ``targets``: compute capabilities (e.g. ``[86, 89]``) the kernels are compiled for when an engine
+    is built; a runtime that only deserialises engines passes none (the records are in the engine).
+    """
+    with _LOCK:
+        creator = _CREATORS.get(id(trt))
+        if creator is not None:
+            creator.targets = tuple(targets) or creator.targets
+            return creator
+        _, creator_cls = make_classes(trt)
+        creator = creator_cls(targets)
+        if not trt.get_plugin_registry().register_creator(creator, PLUGIN_NAMESPACE):
+            raise RuntimeError(f"TensorRT refused to register the {DOMAIN}::{OP_TYPE} plugin creator")
+        _CREATORS[id(trt)] = creator
+        return creator
