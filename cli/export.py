@@ -57,7 +57,7 @@ def export(checkpoint: str | None, output: str, dtype: str, external_data: bool,
     click.echo(f"  traced in {time.perf_counter() - t0:.1f} s; checking and writing ...", err=True)
     path = save_model_atomic(proto, output, external_data=ext)
     del proto
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = onnx.load(str(path), format="protobuf", load_external_data=False)
     info = describe(proto)
     click.echo(f"wrote        {path}" + (f" (+ {path.name}.data)" if ext else ""))
     click.echo(f"nodes        {info['nodes']} ({info['custom_nodes']} trellis::TrellisMemory, "
@@ -66,6 +66,6 @@ def export(checkpoint: str | None, output: str, dtype: str, external_data: bool,
     click.echo(f"size         {_size(str(path), ext):,} bytes")
     click.echo(f"fingerprint  {info['fingerprint']}")
     if trt_view is not None:
-        full = onnx.load(str(path))
+        full = onnx.load(str(path), format="protobuf")
         view = save_tensorrt_view(full, trt_view, external_data=ext)
         click.echo(f"tensorrt     {view} (no local functions; needs the trellis::TrellisMemory plugin)")

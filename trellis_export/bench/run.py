@@ -120,7 +120,7 @@ def _onnx_config(path: Path) -> tuple[TrellisConfig, str]:
 
     from ..export.meta import META_CONFIG, META_FINGERPRINT
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = onnx.load(str(path), format="protobuf", load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError, OSError ...
         raise BenchError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
     meta = {p.key: p.value for p in proto.metadata_props}

@@ -171,7 +171,7 @@ def check_exported(path: str | os.PathLike[str], *, strict_shapes: bool = True) 
     try:
         onnx.checker.check_model(str(path), full_check=True)
         if strict_shapes:
-            proto = onnx.load(str(path), load_external_data=False)
+            proto = onnx.load(str(path), format="protobuf", load_external_data=False)
             onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -198,7 +198,7 @@ def external_data_locations(path: str | os.PathLike[str]) -> set[str]:
     """The external data files an ONNX model on disk refers to (empty for inline weights or a file that
     is not a readable model)."""
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = onnx.load(str(path), format="protobuf", load_external_data=False)
     except Exception:  # not a model: nothing it refers to
         return set()
     out = set()
