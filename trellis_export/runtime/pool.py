@@ -264,12 +264,30 @@ class StreamPool:
         errors: dict[Hashable, Exception] = {}
         checked: list[tuple[Hashable, np.ndarray]] = []
         seen: set[Hashable] = set()
+        shaped: list[tuple[Hashable, np.ndarray]] = []
         for sid, ids in items:
             if sid in seen:
                 raise PoolError(f"stream {sid!r} appears twice in one step_many call")
             seen.add(sid)
             try:
-                checked.append((sid, self.check_ids(sid, ids)))
+                shaped.append((sid, _as_ids(ids, sid)))
+            except InputError as exc:
+                errors[sid] = exc
+        # one vectorised range check for all requests; the per-stream check (and its message) only
+        # when something is off
+        flat = [a.reshape(-1) for _, a in shaped]
+        vocab = self.session.config.vocab_size
+        if shaped and all(a.dtype.kind in "iu" for a in flat):
+            allids = np.concatenate(flat) if len(flat) > 1 else flat[0]
+            fast = int(allids.min()) >= 0 and int(allids.max()) < vocab
+        else:
+            fast = False
+        for sid, arr in shaped:
+            if fast:
+                checked.append((sid, np.ascontiguousarray(arr, dtype=np.int64)))
+                continue
+            try:
+                checked.append((sid, self.check_ids(sid, arr)))
             except InputError as exc:
                 errors[sid] = exc
         streams: list[tuple[_Stream, np.ndarray]] = []
