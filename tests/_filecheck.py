@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from click.testing import CliRunner, Result
-
 from trellis_export.cli.main import main
 
 _CACHE: dict[str, Any] = {}
