@@ -29,6 +29,15 @@ Record fields added by issue 14 (all optional when reading: records without them
 * ``cubin_b64`` (existing field, now filled by default for the targets in ``CUBIN_TARGETS``): the
   cubin of the same compilation, for a driver older than the PTX ISA or to skip the JIT at load.
 * ``cubin_ptxas`` (str): the ptxas that made the cubin (triton's bundled one).
+* ``plan``, ``stage``, ``grid_dims``, ``workspaces``: the split prefill (kernels ``chunk_state`` and
+  ``chunk_readout``, ``trellis_memory/chunk_split.py``) is two launches on one stream, ``stage`` 0 then
+  1. Their signature is the op's inputs, ``T``, the op's outputs, then the workspace pointers
+  ``ws_memory``, ``ws_u`` (float32 scratch the caller allocates: ``workspaces`` maps each to its size
+  in bytes as an expression of ``B, H, T`` and the constexprs). ``grid_dims`` holds the grid as three
+  expressions (``cuda_launch.grid_for`` evaluates them; the read-out's first axis depends on T); the
+  older ``grid`` string stays ``"(B*H, 1, 1)"`` for the one-launch kernels. Both stages must use the
+  same workspace pointers. Compiled by ``compile_config(..., kernels=SPLIT_KERNELS)`` or
+  ``--kernels chunk_state,chunk_readout``; not in the default kernel set.
 
 The kernels must have been imported with ``TRITON_INTERPRET`` unset (interpreted kernels cannot be
 compiled): run ``python -m trellis_export.kernels.aot ...`` in its own process when in doubt.
@@ -49,6 +58,7 @@ from trellis_export.config import TrellisConfig
 from trellis_export.errors import TrellisExportError
 from trellis_export.opdef import PLUGIN_NAME, op_attributes
 
+from .trellis_memory.chunk_split import GRID_DIMS, WORKSPACE_ARGS, WORKSPACE_BYTES
 from .trellis_memory.utils import (
     CONSTEXPR_ARGS,
     DOT_PRECISIONS,
@@ -57,6 +67,7 @@ from .trellis_memory.utils import (
     OUTPUT_ARGS,
     RUNTIME_ARGS,
     SCALAR_ARGS,
+    SPLIT_KERNELS,
     LaunchConfig,
     launch_config,
     nl_code,
@@ -123,9 +134,17 @@ class AOTKernel:
     in_place: bool = False
     min_cuda_driver: str = ""
     cubin_ptxas: str = ""
+    plan: str = ""                    # "chunk_split" for the two-launch prefill, else ""
+    stage: int = 0                    # launch order inside the plan (0 = state pass, 1 = read-out)
+    grid_dims: list[str] = field(default_factory=list)   # grid as expressions of B, H, T, constexprs
+    workspaces: dict[str, str] = field(default_factory=dict)  # pointer arg -> bytes (expression)
 
-    def grid_fn(self, B: int, H: int) -> tuple[int, int, int]:
-        """The grid for B rows of H heads (the data in ``grid``: one program per (row, head))."""
+    def grid_fn(self, B: int, H: int, T: int = 1) -> tuple[int, int, int]:
+        """The grid for B rows of H heads (the data in ``grid``: one program per (row, head); the
+        split prefill's ``grid_dims`` when present, which may depend on T)."""
+        if self.grid_dims:
+            from .cuda_launch import grid_for
+            return grid_for({"constexprs": {**self.constexprs, "H": H}, "grid_dims": self.grid_dims}, B, T)
         return (B * H, 1, 1)
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,8 +166,10 @@ def _kernel_fn(kernel: str) -> Any:
     from triton.runtime.jit import JITFunction
 
     from .trellis_memory.chunk import chunk_trellis_fwd_kernel
+    from .trellis_memory.chunk_split import chunk_readout_kernel, chunk_state_kernel
     from .trellis_memory.fused_recurrent import fused_recurrent_trellis_fwd_kernel
-    fn = {"fused_recurrent": fused_recurrent_trellis_fwd_kernel, "chunk": chunk_trellis_fwd_kernel}[kernel]
+    fn = {"fused_recurrent": fused_recurrent_trellis_fwd_kernel, "chunk": chunk_trellis_fwd_kernel,
+          "chunk_state": chunk_state_kernel, "chunk_readout": chunk_readout_kernel}[kernel]
     if not isinstance(fn, JITFunction):
         raise AOTError("the kernels were imported with TRITON_INTERPRET=1 and cannot be compiled; run "
                        "`python -m trellis_export.kernels.aot` in a process without TRITON_INTERPRET")
@@ -169,7 +190,7 @@ def ptx_target(ptx: str) -> str:
     return mt.group(1) if mt else ""
 
 
-def kernel_signature(dtype: str, gate_dtype: str) -> list[tuple[str, str]]:
+def kernel_signature(dtype: str, gate_dtype: str, kernel: str = "chunk") -> list[tuple[str, str]]:
     """Triton types of the runtime arguments, in launch order."""
     for name, dt in (("dtype", dtype), ("gate_dtype", gate_dtype)):
         if dt not in _PTR:
@@ -177,7 +198,8 @@ def kernel_signature(dtype: str, gate_dtype: str) -> list[tuple[str, str]]:
     types = {n: _PTR[dtype] for n in ("q", "k", "v", "a")}
     types.update(beta=_PTR[gate_dtype], gamma=_PTR[gate_dtype], position="*i64", T="i32",
                  out_o=_PTR[dtype])
-    return [(n, types.get(n, "*fp32")) for n in RUNTIME_ARGS]
+    names = RUNTIME_ARGS + (WORKSPACE_ARGS if kernel in SPLIT_KERNELS else ())
+    return [(n, types.get(n, "*fp32")) for n in names]
 
 
 def constexprs_for(cfg: LaunchConfig, *, heads: int, slots: int, head_dim: int, chunk_size: int,
@@ -213,6 +235,10 @@ def variants_for(kernel: str, which: str = "all") -> list[dict[str, Any]]:
     if kernel == "fused_recurrent":
         return [dict(aligned=True, decode=True, in_place=True), dict(aligned=True, decode=True),
                 dict(aligned=True), dict(aligned=False)]
+    if kernel in SPLIT_KERNELS:
+        # tf32x3 (tensor cores) is opt-in: listed after the ieee records, never picked by select_record
+        # before them
+        return [dict(aligned=True), dict(aligned=False), dict(aligned=True, dot_precision="tf32x3")]
     return [dict(aligned=True), dict(aligned=False)]
 
 
@@ -234,14 +260,14 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if kernel not in KERNELS:
-        raise AOTError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if kernel not in KERNELS + SPLIT_KERNELS:
+        raise AOTError(f"kernel must be one of {', '.join(KERNELS + SPLIT_KERNELS)}, got {kernel!r}")
     gate_dtype = gate_dtype or "float32"        # gates are float32 (spec section 1)
     for name, val in (("heads", heads), ("slots", slots), ("head_dim", head_dim), ("chunk_size", chunk_size)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise AOTError(f"{name} must be an integer >= 1, got {val!r}")
     try:
-        cfg = launch_config(kernel, slots, head_dim, chunk_size)
+        cfg = launch_config(kernel, slots, head_dim, chunk_size, dot_precision)
         cx = constexprs_for(cfg, heads=heads, slots=slots, head_dim=head_dim, chunk_size=chunk_size,
                             phi=phi, f=f, rho=rho, eps=eps, dot_precision=dot_precision, decode=decode,
                             in_place=in_place)
@@ -251,7 +277,7 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
         include_cubin = cc in CUBIN_TARGETS
     if ptx_version is None:
         ptx_version = DEFAULT_PTX_VERSION.get(cc)
-    sig = kernel_signature(dtype, gate_dtype)
+    sig = kernel_signature(dtype, gate_dtype, kernel)
     full_sig = dict(sig)
     full_sig.update({k: "constexpr" for k in cx})
     fn = _kernel_fn(kernel)
@@ -288,7 +314,11 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
         variant=variant_name(aligned=aligned, decode=decode, in_place=in_place, dot_precision=dot_precision),
         aligned=bool(aligned), alignment=ALIGNMENT, decode=bool(decode), in_place=bool(in_place),
         min_cuda_driver=PTX_MIN_DRIVER.get(mver.group(1) if mver else "", ""),
-        cubin_ptxas=_bundled_ptxas_version() if include_cubin else "")
+        cubin_ptxas=_bundled_ptxas_version() if include_cubin else "",
+        plan="chunk_split" if kernel in SPLIT_KERNELS else "",
+        stage=SPLIT_KERNELS.index(kernel) if kernel in SPLIT_KERNELS else 0,
+        grid_dims=list(GRID_DIMS.get(kernel, [])),
+        workspaces=dict(WORKSPACE_BYTES) if kernel in SPLIT_KERNELS else {})
 
 
 def _bundled_ptxas_version() -> str:

@@ -21,9 +21,12 @@ Pure functions (no GPU; tested on the CPU):
 ``pack_params(record, pointers, scalars) -> (kernel_params, keep_alive)``
     ``launch_args`` as the ``void**`` array ``cuLaunchKernel`` takes. Keep ``keep_alive`` referenced
     until the launch call has returned (the driver copies the values at launch).
-``grid_for(record, B) -> (gx, gy, gz)``
-    The grid of ``B`` rows: ``record["grid_dims"]`` when present (multi-axis kernels), else one
-    program per (row, head), ``(B * H, 1, 1)``.
+``grid_for(record, B, T=None) -> (gx, gy, gz)``
+    The grid of ``B`` rows: ``record["grid_dims"]`` when present (the split prefill; expressions of
+    ``B, H, T`` and the integer constexprs), else one program per (row, head), ``(B * H, 1, 1)``.
+``workspace_bytes(record, B, T) -> dict[str, int]``
+    The sizes of the workspace pointers a split-prefill record needs (``record["workspaces"]``);
+    empty for the one-launch kernels. Pass the workspace addresses in ``pointers`` by these names.
 ``check_launch(record, pointers, scalars)``
     The run-time preconditions a specialised record carries: ``aligned`` records need every pointer
     16-byte aligned; ``decode`` records need ``T == 1``; ``in_place`` records need the output memory
@@ -73,7 +76,7 @@ from typing import Any
 
 __all__ = ["CudaDriver", "CudaError", "LaunchArg", "LaunchError", "LoadedKernel", "check_launch",
            "grid_for", "launch_args", "module_image", "pack_params", "select_record", "STATE_ALIASES",
-           "ALIGNMENT"]
+           "ALIGNMENT", "workspace_bytes"]
 
 #: CUfunction_attribute value of the dynamic shared memory limit (cuda.h).
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
@@ -179,16 +182,24 @@ def pack_params(record: Mapping[str, Any], pointers: Mapping[str, int], scalars:
     return arr, values
 
 
-def grid_for(record: Mapping[str, Any], B: int) -> tuple[int, int, int]:
-    """The launch grid for ``B`` rows."""
+def grid_for(record: Mapping[str, Any], B: int, T: int | None = None) -> tuple[int, int, int]:
+    """The launch grid for ``B`` rows (and ``T`` tokens, which the split read-out's grid needs)."""
     if B < 1:
         raise LaunchError(f"B must be >= 1, got {B}")
     H = int(record["constexprs"]["H"])
     dims = record.get("grid_dims")
     if dims:
-        env = {"B": B, "H": H, **{k: v for k, v in record["constexprs"].items() if isinstance(v, int)}}
+        env = {**{k: v for k, v in record["constexprs"].items() if isinstance(v, int)}, "B": B, "H": H}
+        if T is not None:
+            env["T"] = int(T)
         return tuple(_eval_dim(str(e), env) for e in dims)  # type: ignore[return-value]
     return (B * H, 1, 1)
+
+
+def workspace_bytes(record: Mapping[str, Any], B: int, T: int) -> dict[str, int]:
+    """Bytes of each workspace pointer of a record (empty for the one-launch kernels)."""
+    env = {**{k: v for k, v in record["constexprs"].items() if isinstance(v, int)}, "B": B, "T": int(T)}
+    return {n: _eval_dim(str(e), env) for n, e in (record.get("workspaces") or {}).items()}
 
 
 def _eval_dim(expr: str, env: Mapping[str, int]) -> int:
@@ -344,6 +355,6 @@ class CudaDriver:
         if rec.get("global_scratch_size", 0):
             raise LaunchError(f"{rec['name']} needs {rec['global_scratch_size']} B of global scratch")
         params, keep = pack_params(rec, pointers, scalars)
-        self.launch(kernel.function, grid_for(rec, B), tuple(rec["block"]), int(rec["shared_mem"]),
-                    stream, params)
+        self.launch(kernel.function, grid_for(rec, B, scalars.get("T")), tuple(rec["block"]),
+                    int(rec["shared_mem"]), stream, params)
         del keep

@@ -165,3 +165,43 @@ def test_aot_cli_reports_bad_flags(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: --targets must be") and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.fixture(scope="module")
+def split_records(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("aot_split")
+    (tmp / "config.json").write_text(CONFIG.to_json())
+    proc = _run_aot(tmp, "--config", "config.json", "--kernels", "chunk_state,chunk_readout", "--variants",
+                    "all", "--out", "aot.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp / "aot.json").read_text())
+
+
+def test_split_prefill_records(split_records: list[dict[str, Any]]) -> None:
+    """The two launches of the split prefill at the odd shapes, every target: signature with the
+    workspace pointers after the outputs, grids and workspace sizes as expressions, stage order."""
+    from trellis_export.kernels import cuda_launch
+    got = sorted((r["kernel"], r["cc"], r["variant"]) for r in split_records)
+    assert got == sorted((k, cc, v) for k in ("chunk_state", "chunk_readout") for cc in DEFAULT_TARGETS
+                         for v in ("aligned", "unaligned", "aligned+tf32x3"))
+    for r in split_records:
+        names = [n for n, _ in r["signature"]]
+        assert names == list(INPUT_ARGS + SCALAR_ARGS + OUTPUT_ARGS) + ["ws_memory", "ws_u"]
+        name, params = parse_ptx_entry(r["ptx"])
+        assert name == r["name"] and len(params) == len(r["signature"]) + len(r["hidden_params"])
+        assert r["plan"] == "chunk_split" and r["stage"] == (0 if r["kernel"] == "chunk_state" else 1)
+        assert r["global_scratch_size"] == 0
+        assert r["constexprs"]["DOT_PRECISION"] == ("tf32x3" if "tf32x3" in r["variant"] else "ieee")
+        B, T, H, m, d, C = 2, 10, 3, 7, 5, 3
+        NC = (T + 2 * C - 2) // C
+        want = (B * H * 2, 1, 1) if r["kernel"] == "chunk_state" else (NC, B * H, 1)
+        assert cuda_launch.grid_for(r, B, T) == want
+        assert AOTKernel.from_dict(r).grid_fn(B, H, T) == want
+        assert cuda_launch.workspace_bytes(r, B, T) == {"ws_memory": B * H * 2 * NC * m * d * 4,
+                                                        "ws_u": B * H * 2 * NC * C * m * 4}
+    ptxas = find_ptxas()
+    if ptxas is None:
+        pytest.skip("no ptxas on this machine (CUDA toolkit absent; set TRELLIS_PTXAS)")
+    for r in split_records:
+        st = ptxas_stats(r["ptx"], r["cc"], ptxas)
+        assert st.spill_stores == 0, (r["kernel"], r["variant"], r["cc"], st)

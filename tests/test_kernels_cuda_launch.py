@@ -116,6 +116,13 @@ def test_grid_and_module_image() -> None:
     assert cl.grid_for(record(), 5) == (15, 1, 1)
     two_axis = record(grid_dims=["(NC + 1) * 2", "B * H", "1"], constexprs={"H": 3, "NC": 4})
     assert cl.grid_for(two_axis, 2) == (10, 6, 1)
+    readout = record(grid_dims=["(T + 2 * C - 2) // C", "B * H", "1"],
+                     workspaces={"ws_u": "B * H * 2 * ((T + 2 * C - 2) // C) * C * M * 4"})
+    assert cl.grid_for(readout, 2, 10) == (4, 6, 1)            # C = 3: (10 + 4) // 3
+    assert cl.workspace_bytes(readout, 2, 10) == {"ws_u": 2 * 3 * 2 * 4 * 3 * 7 * 4}
+    assert cl.workspace_bytes(record(), 2, 10) == {}
+    with pytest.raises(cl.LaunchError, match="unsupported grid expression"):
+        cl.grid_for(readout, 2)                                # T unknown
     with pytest.raises(cl.LaunchError, match="unsupported grid expression"):
         cl.grid_for(record(grid_dims=["__import__('os')", "1", "1"]), 1)
     kind, img = cl.module_image(record())

@@ -23,6 +23,12 @@ from trellis_export.kernels.trellis_memory import (  # noqa: E402
     trellis_memory_triton,
 )
 from trellis_export.kernels.trellis_memory.chunk import chunk_trellis_fwd_kernel  # noqa: E402
+from trellis_export.kernels.trellis_memory.chunk_split import (  # noqa: E402
+    chunk_readout_kernel,
+    chunk_split_trellis_fwd,
+    chunk_state_kernel,
+    max_chunks,
+)
 from trellis_export.kernels.trellis_memory.fused_recurrent import (  # noqa: E402
     fused_recurrent_trellis_fwd_kernel,
 )
@@ -40,7 +46,8 @@ if type(fused_recurrent_trellis_fwd_kernel).__name__ != "InterpretedFunction":
 
 TOL = 1e-5
 M, D, H = 7, 5, 3
-KERNELS = {"fused_recurrent": fused_recurrent_trellis_fwd, "chunk": chunk_trellis_fwd}
+KERNELS = {"fused_recurrent": fused_recurrent_trellis_fwd, "chunk": chunk_trellis_fwd,
+           "chunk_split": chunk_split_trellis_fwd}
 
 
 def make_inputs(B: int, T: int, positions: list[int], seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -79,6 +86,8 @@ def test_kernel_signatures_follow_the_plugin_order() -> None:
     expected = list(RUNTIME_ARGS + CONSTEXPR_ARGS)
     assert fused_recurrent_trellis_fwd_kernel.arg_names == expected
     assert chunk_trellis_fwd_kernel.arg_names == expected
+    split = list(RUNTIME_ARGS + ("ws_memory", "ws_u") + CONSTEXPR_ARGS)
+    assert chunk_state_kernel.arg_names == split and chunk_readout_kernel.arg_names == split
 
 
 # (kernel, C, T, positions, phi, f, rho): odd shapes, T not a multiple of C, T = 1 decode, rows at
@@ -93,6 +102,12 @@ CASES = [
     ("chunk", 3, 1, [4, 3, 0], "l2_silu", "ln_silu", "identity"),
     ("chunk", 4, 11, [2, 13], "ln_silu", "identity", "l2_silu"),
     ("chunk", 16, 21, [9, 0], "ln_silu", "ln_silu", "identity"),
+    # the two-launch prefill (state pass per (row, head, pass), read-out per (chunk, row, head))
+    ("chunk_split", 1, 5, [0, 3], "l2_silu", "ln_silu", "identity"),
+    ("chunk_split", 3, 7, [5, 0, 1], "ln_silu", "l2_silu", "ln_silu"),
+    ("chunk_split", 3, 1, [4, 3, 0], "identity", "ln_silu", "identity"),
+    ("chunk_split", 4, 11, [2, 13], "ln_silu", "identity", "l2_silu"),
+    ("chunk_split", 16, 21, [9, 0], "ln_silu", "ln_silu", "identity"),
 ]
 
 
@@ -250,3 +265,23 @@ def test_in_place_needs_float32_contiguous_state() -> None:
         fused_recurrent_trellis_fwd(*acts, *bad, pos, chunk_size=2, in_place=True)
     with pytest.raises(ValueError, match="in_place needs contiguous float32"):
         fused_recurrent_trellis_fwd(*acts, *[s.double() for s in state], pos, chunk_size=2, in_place=True)
+
+
+def test_split_prefill_grid_covers_every_row_phase() -> None:
+    """The read-out grid's first axis is the most chunks any row can span: T + phase tokens over C."""
+    for C in (1, 3, 4, 16):
+        for T in (1, 2, 7, 33):
+            need = max((phase + T + C - 1) // C for phase in range(C))
+            assert max_chunks(T, C) == need, (C, T)
+
+
+def test_split_prefill_tf32x3_flag_under_the_interpreter() -> None:
+    """The flag reaches the kernels and the result meets the spec's 1e-5. The interpreter computes
+    every tl.dot in float32 whatever the precision, so this checks the plumbing only; the tensor-core
+    accuracy of tf32x3 needs a GPU (bench/gpu_suite.py)."""
+    acts, state, pos = make_inputs(2, 7, [2, 0], seed=41)
+    kw = dict(chunk_size=3, phi="ln_silu", f="ln_silu", rho="identity", eps=1e-5)
+    check(chunk_split_trellis_fwd(*acts, *state, pos, dot_precision="tf32x3", **kw),
+          reference(acts, state, pos, **kw))
+    with pytest.raises(ValueError, match="dot_precision must be one of"):
+        chunk_split_trellis_fwd(*acts, *state, pos, dot_precision="bf16", **kw)

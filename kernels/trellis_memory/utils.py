@@ -36,6 +36,8 @@ CONSTEXPR_ARGS: tuple[str, ...] = ("H", "M", "D", "C", "BM", "BD", "BC", "PHI", 
 DOT_PRECISIONS: tuple[str, ...] = ("ieee", "tf32", "tf32x3")
 
 KERNELS: tuple[str, ...] = ("fused_recurrent", "chunk")
+#: The two launches of the split prefill (``chunk_split.py``): sequential state pass, parallel read-out.
+SPLIT_KERNELS: tuple[str, ...] = ("chunk_state", "chunk_readout")
 
 
 def nl_code(name: str, what: str) -> int:
@@ -64,10 +66,20 @@ class LaunchConfig:
     GRID_EXPR = "(B*H, 1, 1)"
 
 
-def launch_config(kernel: str, m: int, d: int, chunk_size: int) -> LaunchConfig:
-    """Pick block sizes: m and d padded to powers of two (>= 16 for tl.dot in the chunk kernel)."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
+def launch_config(kernel: str, m: int, d: int, chunk_size: int, dot_precision: str = "ieee") -> LaunchConfig:
+    """Pick block sizes: m and d padded to powers of two (>= 16 for tl.dot in the chunk kernel).
+    Warps of the split prefill kernels: chosen from ``ptxas -v`` (docs/kernels.md): 16 warps at
+    BM * BD = 8192 in ieee (8 warps spill on sm_87), 8 with tf32x3 (16 warps cap the registers at 128
+    and spill; 8 do not)."""
+    if kernel not in KERNELS + SPLIT_KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS + SPLIT_KERNELS)}; got {kernel!r}")
+    if kernel in SPLIT_KERNELS:
+        BM = max(16, triton.next_power_of_2(m))
+        BD = max(16, triton.next_power_of_2(d))
+        BC = max(16, triton.next_power_of_2(chunk_size))
+        tile = BM * BD                       # two [BM, BD] tiles live (M and S; or K0 and V0)
+        num_warps = 4 if tile <= 1024 else 8 if tile <= 4096 or dot_precision == "tf32x3" else 16
+        return LaunchConfig(kernel, BM, BD, BC, num_warps)
     if kernel == "fused_recurrent":
         BM = max(2, triton.next_power_of_2(m))
         BD = max(2, triton.next_power_of_2(d))
