@@ -144,3 +144,18 @@ def test_claim_outputs_rules(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="is also an input"):
         claim_outputs([OutputSpec(link, "--json")], inputs=[inp / "x"])
     assert temporaries(tmp_path) == []
+
+
+def test_save_checkpoint_refuses_a_foreign_directory(tmp_path: Path) -> None:
+    import torch
+    from conftest import tiny_model
+
+    from trellis_export.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    d = _user_dir(tmp_path)
+    before = snapshot(tmp_path)
+    model = tiny_model(dtype=torch.float32)
+    with pytest.raises(CheckpointError, match="did not write"):
+        save_checkpoint(model, d)
+    assert snapshot(tmp_path) == before and temporaries(tmp_path) == []
+    save_checkpoint(model, d, force=True)
+    assert load_checkpoint(d).fingerprint and not (d / "a.txt").exists()

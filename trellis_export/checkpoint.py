@@ -59,8 +59,11 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str],
-                    metadata: dict[str, Any] | None = None) -> str:
-    """Save ``model`` (a TrellisLM) to the directory ``path``; returns the fingerprint."""
+                    metadata: dict[str, Any] | None = None, *, force: bool = False) -> str:
+    """Save ``model`` (a TrellisLM) to the directory ``path``; returns the fingerprint.
+
+    An existing ``path`` is replaced only when it is a checkpoint (or empty, or marked as written by
+    trellis-export); any other directory is refused unless ``force`` (its files would be lost)."""
     from safetensors.torch import save
 
     config: TrellisConfig = model.config
@@ -73,6 +76,9 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str],
     dest = Path(os.path.abspath(os.fspath(path)))
     if dest.exists() and not dest.is_dir():
         raise CheckpointError(f"{dest}: exists and is not a directory; a checkpoint is a directory")
+    if dest.is_dir() and not force and not outputs.is_replaceable_dir(dest):
+        raise CheckpointError(f"{dest}: directory holds files trellis-export did not write; refusing to "
+                              "replace it with a checkpoint (force=True / --force replaces it)")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

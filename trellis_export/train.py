@@ -410,7 +410,7 @@ def train(args: TrainArgs, config: TrellisConfig, out: str | os.PathLike[str], *
             meta["data"] = {"corpus": "generate_corpus", "num_chars": args.corpus_chars,
                             "seed": args.corpus_seed, "seq_len": args.seq_len}
         meta.update(extra_metadata or {})
-        return save_checkpoint(model, out, meta)
+        return save_checkpoint(model, out, meta, force=force)
 
     last_eval: dict[str, float] = history[-1]["eval"] if history else {}
     fp = ""
