@@ -41,6 +41,7 @@ def engine(source: str | None, output: str, runtime: str | None, plugin: bool, b
         format_report,
         onnx_for_engine,
         parse_targets,
+        resolve_targets,
         sidecar_path,
         write_engine,
     )
@@ -57,6 +58,7 @@ def engine(source: str | None, output: str, runtime: str | None, plugin: bool, b
         specs.append(OutputSpec(json_path, "--json", parents=True))
     claim_outputs(specs, [source])
     rt = load_tensorrt(runtime)
+    resolve_targets(rt, settings)
     click.echo(f"building     {rt.name} {rt.version} engine "
                f"({'plugin' if plugin else 'function body'}) ...", err=True)
     src_model = onnx_for_engine(source, plugin=plugin, dtype=dtype)

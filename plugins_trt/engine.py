@@ -39,6 +39,7 @@ from trellis_export.state import state_spec
 from .runtimes import RTX_TARGETS, TensorRT, load_tensorrt, rtx_compute_capabilities
 
 __all__ = ["EngineError", "EngineSettings", "Range", "EngineReport", "onnx_for_engine", "build_engine",
+           "resolve_targets",
            "write_engine", "read_sidecar", "sidecar_path", "SIDECAR_FORMAT", "PROFILE_NAMES"]
 
 SIDECAR_FORMAT = "trellis-engine"
@@ -231,9 +232,12 @@ def onnx_for_engine(source: str | os.PathLike[str] | None, *, plugin: bool, dtyp
 
 
 # ------------------------------------------------------------------------------------------ build
-def _targets(rt: TensorRT, settings: EngineSettings) -> list[str]:
+def resolve_targets(rt: TensorRT, settings: EngineSettings) -> list[str]:
+    """The compute capabilities the engine (and the plugin's kernels) are built for, checked."""
     if rt.is_rtx:
-        return list(settings.compute_capabilities or DEFAULT_RTX_TARGETS)
+        targets = list(settings.compute_capabilities or DEFAULT_RTX_TARGETS)
+        rtx_compute_capabilities(rt, targets)            # raises on a target RTX does not have
+        return targets
     if settings.compute_capabilities:
         raise EngineError("--compute-capability applies to --runtime tensorrt-rtx only; enterprise TensorRT "
                           "builds for the GPU it runs on")
@@ -277,9 +281,18 @@ def build_engine(source: EngineSource, settings: EngineSettings, rt: TensorRT | 
                  ) -> tuple[bytes, EngineReport]:
     """Parse ``source`` and build the engine; returns its bytes and the report. A parse failure
     raises :class:`EngineError` naming the ONNX node and the parser's message."""
+    from . import plugin_v3
+
     rt = rt or load_tensorrt(settings.runtime)
+    if settings.plugin:
+        return _build(source, settings, rt)
+    with plugin_v3.unregistered(rt.trt):
+        return _build(source, settings, rt)
+
+
+def _build(source: EngineSource, settings: EngineSettings, rt: TensorRT) -> tuple[bytes, EngineReport]:
     trt = rt.trt
-    targets = _targets(rt, settings)
+    targets = resolve_targets(rt, settings)
     creator = None
     if settings.plugin:
         from . import plugin_v3

@@ -26,9 +26,10 @@ call :func:`register` first (``open_session("trt", ...)`` does, from the engine'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -272,6 +273,27 @@ def plugin_fields(trt: Any, values: dict[str, Any] | None) -> list[Any]:
             data = np.array([float(values[name])], dtype=np.float32)
         out.append(trt.PluginField(name, data, kinds[kind]))
     return out
+
+
+@contextlib.contextmanager
+def unregistered(trt: Any) -> Iterator[None]:
+    """Take this process's creator out of ``trt``'s registry for a while: TensorRT's parser prefers a
+    registered plugin over the node's local function, so a function-body build in a process that
+    also builds plugin engines must not see it."""
+    with _LOCK:
+        creator = _CREATORS.pop(id(trt), None)
+    if creator is None:
+        yield
+        return
+    registry = trt.get_plugin_registry()
+    registry.deregister_creator(creator)
+    try:
+        yield
+    finally:
+        if not registry.register_creator(creator, PLUGIN_NAMESPACE):
+            raise RuntimeError(f"TensorRT refused to re-register the {DOMAIN}::{OP_TYPE} plugin creator")
+        with _LOCK:
+            _CREATORS[id(trt)] = creator
 
 
 def register(trt: Any, targets: Sequence[int] = ()) -> Any:
