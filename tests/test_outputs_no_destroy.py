@@ -139,6 +139,9 @@ def test_claim_outputs_rules(tmp_path: Path) -> None:
         claim_outputs([OutputSpec(marked, "--work-dir", kind="workdir")])
     (marked / MARKER).write_text("")
     assert claim_outputs([OutputSpec(marked, "--work-dir", kind="workdir")]) == [marked]
+    with pytest.raises(OutputError, match="inside the directory --out replaces whole"):
+        claim_outputs([OutputSpec(tmp_path / "ck", "--out", kind="dir"),
+                       OutputSpec(tmp_path / "ck" / "state.safetensors", "--state")])
     link = tmp_path / "alias.txt"                  # a symlink to an input is the input
     link.symlink_to(inp / "x")
     with pytest.raises(OutputError, match="is also an input"):

@@ -164,6 +164,7 @@ def claim_outputs(outputs: Sequence[OutputSpec], inputs: Iterable[PathLike | Non
     ins = [(_real(p), os.fspath(p)) for p in inputs if p is not None]
     cwd = _real(os.getcwd())
     seen: dict[Path, str] = {}
+    replaced_dirs = [(_real(s.path), s.flag) for s in outputs if s.kind == "dir"]
     result: list[Path] = []
     for spec in outputs:
         raw = os.fspath(spec.path)
@@ -179,6 +180,10 @@ def claim_outputs(outputs: Sequence[OutputSpec], inputs: Iterable[PathLike | Non
                 raise OutputError(f"{label}: written twice by this command ({seen[real]} and {spec.flag}); "
                                   "give each output its own path")
             seen[real] = spec.flag
+            for d, d_flag in replaced_dirs:
+                if _inside(real, d):
+                    raise OutputError(f"{label}: lies inside the directory {d_flag} replaces whole; give "
+                                      f"{spec.flag} a path outside it")
             for inp, inp_raw in ins:
                 if real == inp:
                     raise OutputError(f"{label}: is also an input of this command; {spec.flag} must name "
