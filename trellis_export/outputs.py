@@ -191,7 +191,7 @@ def claim_outputs(outputs: Sequence[OutputSpec], inputs: Iterable[PathLike | Non
                 if _inside(real, inp):
                     raise OutputError(f"{label}: lies inside the input {inp_raw}; {spec.flag} must name a "
                                       "path outside it")
-                if kind != "file" and _inside(inp, real):
+                if kind == "dir" and _inside(inp, real):       # it would be replaced whole
                     raise OutputError(f"{label}: contains the input {inp_raw}; {spec.flag} must name "
                                       "another directory")
             if kind == "file":
