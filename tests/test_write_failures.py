@@ -171,6 +171,8 @@ def test_json_suffix_export_is_binary_onnx(shared: tuple[Path, Path], tmp_path: 
     proto = onnx.load(str(out), format="protobuf")
     assert len(proto.graph.node) > 0 and (tmp_path / "x.json.data").is_file()
     onnx.checker.check_model(str(out), full_check=True)
+    res = invoke(["verify", ckpt, out, "--tokens", "4", "--tolerance", "1", "--quiet"])   # and it runs
+    assert res.exit_code == 0 and res.stdout.strip() == "PASSED", res.output
     assert temporaries(tmp_path) == []
 
 

@@ -53,7 +53,7 @@ def ort_model_source(path: str | os.PathLike[str] | bytes, options: ort.SessionO
     if isinstance(path, bytes):
         model = onnx.load_model_from_string(path)
     else:
-        model = onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), format="protobuf", load_external_data=False)   # whatever the suffix
         if _has_external_data(model):
             options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(Path(path).resolve().parent))
     return with_flavour(model, function_body).SerializeToString()
