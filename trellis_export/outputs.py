@@ -204,7 +204,7 @@ def claim_outputs(outputs: Sequence[OutputSpec], inputs: Iterable[PathLike | Non
                 if path.exists() and not path.is_dir():
                     raise OutputError(f"{label}: exists and is not a directory; {spec.flag} expects a "
                                       "directory")
-                if real == cwd or _inside(cwd, real):
+                if kind == "dir" and (real == cwd or _inside(cwd, real)):
                     raise OutputError(f"{label}: is the current directory or contains it; {spec.flag} "
                                       "must name a directory of its own")
                 if kind == "dir" and path.is_dir() and not force and not is_replaceable_dir(path, spec.owns):
