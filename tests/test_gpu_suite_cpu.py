@@ -129,3 +129,128 @@ def test_main_without_cuda_reports_and_writes_json(suite: Any, tmp_path: Path, c
     assert data["errors"]["cuda"] == "no CUDA device visible to torch"
     assert data["machine"]["torch"] == torch.__version__
     assert "no CUDA device" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- issue 14: AOT section
+def test_aot_cases_cover_every_variant(suite: Any) -> None:
+    from trellis_export.kernels.aot import variant_name
+    cases = suite.aot_cases()
+    got = {(c["kernel"], c["variant"]) for c in cases}
+    for kernel in ("fused_recurrent", "chunk", "chunk_split"):
+        assert {(kernel, "aligned"), (kernel, "unaligned")} <= got
+        assert any(c["kernel"] == kernel and (c["m"], c["d"]) == (7, 5) for c in cases)   # odd shapes
+    assert {("fused_recurrent", "decode"), ("fused_recurrent", "decode_in_place")} <= got
+    assert all(c["T"] == 1 for c in cases if c["variant"].startswith("decode"))
+    tf = [c for c in cases if "tf32x3" in c["variant"]]
+    assert tf and all(c["opt_in"] and c["kernel"] == "chunk_split" for c in tf)
+    for c in cases:                                   # the variant names round-trip through aot
+        assert variant_name(**suite.variant_kwargs(c["variant"])) == c["variant"]
+    assert suite.case_kernels({"kernel": "chunk_split"}) == ("chunk_state", "chunk_readout")
+
+
+def test_in_place_decode_bytes_match_the_issue_figures(suite: Any) -> None:
+    """67.1 MB per step for four tiles in and four out at B = 64, H = 8, m = d = 64; in place with
+    snapshots written only at chunk starts every row moves six tiles: 50.3 MB (issue: 'about 51')."""
+    assert suite.decode_state_bytes(64, 8, 64, 64) == 67_108_864
+    for positions in ([0] * 64, [5] * 64, list(range(64))):
+        assert suite.in_place_decode_bytes(64, 8, 64, 64, 16, positions) == 50_331_648
+
+
+def test_aot_records_from_json_pick_the_variant_and_stage_order(suite: Any) -> None:
+    def rec(kernel: str, variant: str | None, stage: int = 0) -> dict[str, Any]:
+        r = {"kernel": kernel, "cc": 90, "dtype": "float32", "stage": stage,
+             "constexprs": {"H": 3, "M": 7, "D": 5, "C": 3}}
+        if variant is not None:
+            r["variant"] = variant
+        return r
+    records = [rec("chunk_readout", "aligned", 1), rec("chunk_state", "aligned", 0),
+               rec("fused_recurrent", "decode"), rec("fused_recurrent", "aligned"), rec("chunk", None)]
+    case = dict(kernel="chunk_split", variant="aligned", H=3, m=7, d=5, C=3, dtype="float32")
+    assert [r["kernel"] for r in suite.aot_records(case, 90, records)] == ["chunk_state", "chunk_readout"]
+    case.update(kernel="fused_recurrent", variant="decode")
+    assert suite.aot_records(case, 90, records) == [records[2]]
+    case.update(kernel="chunk", variant="aligned")            # a pre-issue-14 record (no variant)
+    assert suite.aot_records(case, 90, records) == [records[4]]
+    case.update(kernel="fused_recurrent", variant="decode_in_place")
+    with pytest.raises(LookupError, match="no record in --aot-json for fused_recurrent decode_in_place"):
+        suite.aot_records(case, 90, records)
+
+
+def test_table_reports_aot_timing_and_opt_in_checks(suite: Any) -> None:
+    res = {"aot": {"checks": [{"ok": True, "max_rel_rms": 1e-7},
+                              {"ok": False, "max_rel_rms": 3e-4, "opt_in": True}], "ok": True},
+           "aot_timing": {"decode": {"runs": [
+               {"variant": "decode_in_place", "ms": 0.0126, "ratio_to_floor": 1.2,
+                "in_place_floor_ms": 0.0105, "meets_aim": True}]},
+               "prefill": {"runs": [{"kernel": "chunk_split", "variant": "aligned", "ms": 2.0,
+                                     "Mtok_per_s": 4.1},
+                                    {"kernel": "chunk", "variant": "unaligned", "error": "RuntimeError: x"}],
+                           "speedup_vs_pre_issue14_chunk": 3.5, "meets_speedup_aim": True,
+                           "fla_skipped": "ModuleNotFoundError: No module named 'fla'"}},
+           "errors": {}}
+    lines = suite.format_table(res).splitlines()
+    assert any(ln.startswith("aot ") and "PASS" in ln and "1/1" in ln for ln in lines)
+    assert any("aot opt-in" in ln and "0/1 tf32x3" in ln and "not gating" in ln for ln in lines)
+    assert any("AOT decode decode_in_place" in ln and "ok" in ln and "1.2x" in ln for ln in lines)
+    assert any("AOT prefill chunk unaligned" in ln and "ERROR" in ln for ln in lines)
+    assert any("AOT prefill split vs old" in ln and "3.5x" in ln for ln in lines)
+    assert any("AOT prefill vs fla" in ln and "skipped" in ln for ln in lines)
+
+
+def test_aot_launch_wires_pointers_like_the_plugin(suite: Any) -> None:
+    """AotLaunch on CPU tensors with a fake driver: in-place records alias the output memories to
+    the inputs, split records get their workspaces and launch state pass then read-out."""
+    from trellis_export.kernels import cuda_launch as cl
+
+    from trellis_export.opdef import INPUTS, OUTPUTS
+
+    class FakeDriver:
+        def __init__(self) -> None:
+            self.launches: list[tuple[str, dict[str, int], int]] = []
+
+        def load_record(self, rec: dict[str, Any], prefer: str = "auto") -> Any:
+            return cl.LoadedKernel(rec, None, None, "ptx")      # type: ignore[arg-type]
+
+        def launch_record(self, k: Any, ptrs: dict[str, int], scalars: dict[str, int], B: int,
+                          stream: int = 0) -> None:
+            cl.pack_params(k.record, ptrs, scalars)             # the real argument checks
+            self.launches.append((k.record["kernel"], dict(ptrs), B))
+
+    def rec(kernel: str, stage: int = 0, **extra: Any) -> dict[str, Any]:
+        ws = ["ws_memory", "ws_u"] if kernel.startswith("chunk_") else []
+        sig = [[n, "*i64" if n == "position" else "*fp32"] for n in INPUTS] + [["T", "i32"]]
+        sig += [[f"out_{n}", "*fp32"] for n in OUTPUTS] + [[w, "*fp32"] for w in ws]
+        r = {"kernel": kernel, "name": kernel, "stage": stage, "signature": sig, "inputs": list(INPUTS),
+             "outputs": [f"out_{n}" for n in OUTPUTS], "hidden_params": ["g", "p"],
+             "ptx_params": ["u64"] * len(INPUTS) + ["u32"] + ["u64"] * (len(OUTPUTS) + len(ws) + 2),
+             "constexprs": {"H": 3, "M": 7, "D": 5, "C": 3}, "block": [128, 1, 1], "shared_mem": 0}
+        if ws:
+            r["workspaces"] = {"ws_memory": "B * H * 2 * ((T + 2 * C - 2) // C) * M * D * 4",
+                               "ws_u": "B * H * 2 * ((T + 2 * C - 2) // C) * C * M * 4"}
+            r["grid_dims"] = ["B * H * 2", "1", "1"] if stage == 0 else ["(T + 2 * C - 2) // C", "B * H", "1"]
+        r.update(extra)
+        return r
+
+    case = dict(kernel="fused_recurrent", variant="decode_in_place", B=2, T=1, H=3, m=7, d=5, C=3,
+                phi="ln_silu", f="ln_silu", rho="identity", dtype="float32", tol=1e-5)
+    acts, state, pos = suite.make_inputs(case, "cpu", 0)
+    drv = FakeDriver()
+    launch = suite.AotLaunch(drv, [rec("fused_recurrent", in_place=True, decode=True)], case, acts, state,
+                             pos, suite.poisoned_outputs(case, acts))
+    launch()
+    (_, ptrs, B), = drv.launches
+    assert B == 2 and ptrs["out_key_memory"] == ptrs["key_memory"] == state[0].data_ptr()
+    assert launch.out[1] is state[0] and launch.out[0].shape == (2, 1, 3, 5)
+    case.update(kernel="chunk_split", variant="aligned", T=7)
+    acts, state, pos = suite.make_inputs(case, "cpu", 1)
+    drv = FakeDriver()
+    launch = suite.AotLaunch(drv, [rec("chunk_state", 0), rec("chunk_readout", 1)], case, acts, state, pos,
+                             suite.poisoned_outputs(case, acts))
+    launch()
+    assert [k for k, _, _ in drv.launches] == ["chunk_state", "chunk_readout"]
+    assert launch.grids == [(12, 1, 1), (3, 6, 1)]                # NC = (T + 2C - 2) // C = 3
+    NC = (7 + 4) // 3
+    assert launch.ws["ws_memory"].numel() == 2 * 3 * 2 * NC * 7 * 5
+    assert launch.ws["ws_u"].numel() == 2 * 3 * 2 * NC * 3 * 7
+    assert drv.launches[0][1]["ws_u"] == drv.launches[1][1]["ws_u"] == launch.ws["ws_u"].data_ptr()
+    assert drv.launches[0][1]["out_key_memory"] != drv.launches[0][1]["key_memory"]
