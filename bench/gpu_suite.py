@@ -117,7 +117,7 @@ def correctness_cases(quick: bool = False) -> list[dict[str, Any]]:
 
     combos = [(p, f, r) for i, (p, f, r) in enumerate((a, b, c) for a in NL for b in NL for c in NL)
               if not quick or i % 4 == 0]
-    for kernel in ("fused_recurrent", "chunk"):
+    for kernel in ("fused_recurrent", "chunk", "chunk_split"):
         for i, (phi, f, rho) in enumerate(combos):
             C = (1, 3, 4, 16)[i % 4]
             T = (1, 7, 13, 33)[i % 4]
@@ -131,6 +131,7 @@ def correctness_cases(quick: bool = False) -> list[dict[str, Any]]:
             add(kernel, 2, 19, 4, 32, 32, 16, dtype=dt)
         add(kernel, 2, 17, 2, 100, 48, 5)                              # non-power-of-two m, d
     add("chunk", 2, 1000 if quick else 4000, 4, 32, 32, 16)            # long stream
+    add("chunk_split", 2, 1000 if quick else 4000, 4, 32, 32, 16)
     add("fused_recurrent", 2, 500 if quick else 1000, 4, 32, 32, 16)
     return cases
 
@@ -325,7 +326,9 @@ def compare(case: dict[str, Any], out: tuple[Any, ...], ref: list[Any]) -> dict[
 def run_jit(cases: list[dict[str, Any]], seed: int, device: str = "cuda") -> dict[str, Any]:
     import torch
     from trellis_export.kernels.trellis_memory import chunk_trellis_fwd, fused_recurrent_trellis_fwd
-    fns = {"fused_recurrent": fused_recurrent_trellis_fwd, "chunk": chunk_trellis_fwd}
+    from trellis_export.kernels.trellis_memory.chunk_split import chunk_split_trellis_fwd
+    fns = {"fused_recurrent": fused_recurrent_trellis_fwd, "chunk": chunk_trellis_fwd,
+           "chunk_split": chunk_split_trellis_fwd}
     checks = []
     for i, case in enumerate(cases):
         acts, state, pos = make_inputs(case, device, seed + i)

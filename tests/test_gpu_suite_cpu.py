@@ -40,7 +40,7 @@ def test_parse_args_defaults_and_errors(suite: Any) -> None:
 def test_correctness_grid_covers_the_house_rules(suite: Any) -> None:
     for quick in (False, True):
         cases = suite.correctness_cases(quick)
-        for kernel in ("fused_recurrent", "chunk"):
+        for kernel in ("fused_recurrent", "chunk", "chunk_split"):
             ks = [c for c in cases if c["kernel"] == kernel]
             assert {c["C"] for c in ks} >= {1, 3, 4, 16}
             assert any(c["T"] == 1 for c in ks)
@@ -114,7 +114,7 @@ def test_run_jit_on_cpu_through_the_interpreter(suite: Any) -> None:
     if type(fused_recurrent_trellis_fwd_kernel).__name__ != "InterpretedFunction":
         pytest.skip("kernels were imported without TRITON_INTERPRET=1 in this process")
     cases = [dict(kernel=k, B=2, T=5, H=3, m=7, d=5, C=3, phi="l2_silu", f="ln_silu", rho="identity",
-                  dtype="float32", tol=1e-5) for k in ("fused_recurrent", "chunk")]
+                  dtype="float32", tol=1e-5) for k in ("fused_recurrent", "chunk", "chunk_split")]
     res = suite.run_jit(cases, seed=1, device="cpu")
     assert res["ok"], res
     assert all(c["finite"] and c["max_rel_rms"] < 1e-5 for c in res["checks"])
