@@ -76,7 +76,15 @@ class StreamClient:
         self.url = url
         self.model = model
         self.timeout = timeout
-        self.client = grpcclient.InferenceServerClient(url=url)
+        from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
+
+        # gRPC's default reconnect backoff (1 s, growing to 2 min) would keep failing fast long after a
+        # restarted server is back; cap it at 1 s
+        args = [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000)]
+        self.client = grpcclient.InferenceServerClient(url=url, channel_args=args)
         self.latencies = Latencies()
 
     def close(self) -> None:

@@ -4,9 +4,10 @@ Location: ``$TRELLIS_SERVING_HOME`` if set, else ``$XDG_CACHE_HOME/trellis-expor
 ``~/.cache/trellis-export/serving``). It holds:
 
 * ``venv/``: a virtual environment of *this* interpreter's Python version with ``nvidia-pytriton``
-  (installed ``--no-deps``: only its ``tritonserver`` tree is used, never its Python API), numpy < 2
-  (the python backend's stub hands out zero-filled outputs with numpy 2, measured), onnxruntime and
-  safetensors. The stub ``python_backend_stubs/<py>/triton_python_backend_stub`` is copied into
+  (installed ``--no-deps``: only its ``tritonserver`` tree is used, never its Python API; its own
+  requirement numpy < 2 is not installed), and the project's numpy, onnxruntime, onnx and safetensors.
+  With numpy 2 the stub's numpy hand-over gives empty outputs, so the model moves tensors by DLPack
+  (see ``triton_model.py``). The stub ``python_backend_stubs/<py>/triton_python_backend_stub`` is copied into
   ``backends/python/``.
 * ``venv/trellis_src/trellis_export``: a symlink to this package, on the venv's path through a
   ``.pth`` file, so the python-backend model imports the same :class:`StreamPool` (never a copy).
@@ -29,9 +30,9 @@ from pathlib import Path
 from ..errors import TrellisExportError
 from ..fileio import atomic_write_bytes
 
-#: What the serving venv installs (pins; numpy < 2 for the python backend stub).
+#: What the serving venv installs (the project's pins; nvidia-pytriton goes in --no-deps).
 PYTRITON_PIN = "nvidia-pytriton==0.7.0"
-VENV_PINS: tuple[str, ...] = ("numpy==1.26.4", "onnxruntime==1.32.0", "onnx==1.23.2", "safetensors>=0.4")
+VENV_PINS: tuple[str, ...] = ("numpy==2.4.6", "onnxruntime==1.32.0", "onnx==1.23.2", "safetensors>=0.4")
 MANIFEST = "serving.json"
 ENV_VAR = "TRELLIS_SERVING_HOME"
 

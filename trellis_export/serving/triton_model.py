@@ -18,6 +18,12 @@ ignored), so each model instance keeps its sequences' states in a
 * a bad request (ids outside the vocabulary, not [1, T]) gets an error response of its own; the other
   requests of the batch run normally.
 
+Tensors: with numpy 2 in the stub's environment, ``as_numpy()`` / ``pb_utils.Tensor(name, array)`` hand
+out outputs of the right shape and no bytes (measured: the client sees an empty array), so with numpy 2
+tensors cross through DLPack (``np.from_dlpack`` / ``pb_utils.Tensor.from_dlpack``: exact bytes,
+measured); with numpy 1.x (stock Triton images) the numpy path is used, because DLPack crashed the
+24.10 stub there (measured with numpy 1.26). The serving venv has numpy 2 (the project's pin).
+
 At load the model checks the ONNX file against the repository's config: the fingerprint and state spec
 written by ``triton-repo`` must equal the ones in the ONNX metadata (a swapped model.onnx is refused).
 """
@@ -34,6 +40,9 @@ import triton_python_backend_utils as pb_utils  # only inside Triton's python ba
 from trellis_export.runtime import InputError, open_session
 from trellis_export.runtime.pool import PoolError, StreamExpired, StreamPool, UnknownStream
 
+#: numpy 2: tensors cross the stub by DLPack (its numpy path hands out empty outputs); numpy 1: the
+#: numpy path (DLPack crashed the 24.10 stub with numpy 1.26, measured).
+_DLPACK = int(np.__version__.split(".")[0]) >= 2
 FLAG_START = getattr(pb_utils, "TRITONSERVER_REQUEST_FLAG_SEQUENCE_START", 1)
 FLAG_END = getattr(pb_utils, "TRITONSERVER_REQUEST_FLAG_SEQUENCE_END", 2)
 
@@ -83,7 +92,7 @@ class TritonPythonModel:
                 tensor = pb_utils.get_input_tensor_by_name(req, "input_ids")
                 if tensor is None:
                     raise InputError("input 'input_ids' missing")
-                ids = tensor.as_numpy()
+                ids = np.from_dlpack(tensor) if _DLPACK else tensor.as_numpy()
                 if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
                     raise InputError(f"input_ids must be [1, T] with T >= 1 per request, got shape "
                                      f"{list(ids.shape)}")
@@ -115,7 +124,9 @@ class TritonPythonModel:
                                                             error=pb_utils.TritonError(errors[i])))
                 continue
             logits = np.ascontiguousarray(res[None], dtype=np.float32)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("logits", logits)]))
+            out = (pb_utils.Tensor.from_dlpack("logits", logits) if _DLPACK
+                   else pb_utils.Tensor("logits", logits))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
         for cid in ends:
             try:
                 self.pool.close(cid)
