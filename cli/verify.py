@@ -55,7 +55,7 @@ class _Progress:
 
 
 @click.command()
-@click.argument("paths", nargs=-1, required=True, metavar="[CKPT] MODEL.onnx")
+@click.argument("paths", nargs=-1, required=True, metavar="[CKPT] MODEL.onnx|MODEL.engine")
 @click.option("--tokens", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Tokens per stream.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=str),
@@ -87,8 +87,9 @@ def verify(paths: tuple[str, ...], tokens: int, json_path: str | None, batch: in
            piece_sizes: list[int] | None, tolerance: float | None, interval: int | None,
            text_path: str | None, providers: str | None, allow_fallback: bool, resync: bool, threads: int,
            quiet: bool) -> None:
-    """Compare MODEL.onnx (onnxruntime) with the float64 PyTorch reference of CKPT (default: the bundled
-    checkpoint) on streamed random and text tokens. Exit code 0 when PASSED, 1 when FAILED."""
+    """Compare MODEL.onnx (onnxruntime) or MODEL.engine (TensorRT, GPU) with the float64 PyTorch
+    reference of CKPT (default: the bundled checkpoint) on streamed random and text tokens. Exit code 0
+    when PASSED, 1 when FAILED."""
     from trellis_export.verify import DEFAULT_PIECES, format_report, write_report
     from trellis_export.verify import verify as run_verify
 

@@ -6,6 +6,7 @@ No timing is asserted anywhere: the bench's numbers are measured, never checked 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -185,10 +186,11 @@ def test_aims_are_ratios_and_report_missing_cells() -> None:
 def test_unavailable_backends_have_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
     trt = check_backend("trt")
     assert not trt.available and "TensorRT" in trt.reason
+    if importlib.util.find_spec("tensorrt_rtx_bindings") is not None:   # built here, runs on a GPU only
+        assert "no usable CUDA GPU" in trt.reason and "trellis-export engine" in trt.reason
     tri = check_backend("triton")
     if not torch.cuda.is_available():
         assert not tri.available and "CUDA" in tri.reason
-    import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

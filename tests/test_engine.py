@@ -255,6 +255,23 @@ def test_default_targets_and_plugin_build_of_the_bundled_model(tmp_path: Path) -
     assert rep["plugin_kernels"][0]["targets"] == ["sm_120", "sm_80", "sm_86", "sm_89"]
 
 
+@rtx
+def test_verify_and_sessions_take_an_engine(built: dict[str, Built]) -> None:
+    """``verify`` and ``open_session("trt")`` accept the engine; without a GPU they say so in one line
+    (with a GPU, bench/gpu_suite.py streams it against the float64 reference)."""
+    from trellis_export.kernels.cuda_launch import CudaDriver
+
+    try:
+        CudaDriver()
+        pytest.skip("a CUDA driver is present: the GPU suite covers this path")
+    except Exception:
+        pass
+    res = CliRunner().invoke(main, ["verify", str(built["bundled"].engine), "--tokens", "16"])
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 1 and len(errors) == 1
+    assert str(built["bundled"].engine) in errors[0] and "CUDA GPU" in errors[0]
+
+
 # ------------------------------------------------------------------------------------------ errors
 @rtx
 @pytest.mark.parametrize("args,needle", [

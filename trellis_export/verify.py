@@ -213,6 +213,17 @@ def _run_stream(ids: np.ndarray, ref: Any, rt: Any, pieces: Sequence[int], inter
             "status": "PASSED" if passed else "FAILED"}
 
 
+def is_engine(path: str | os.PathLike[str]) -> bool:
+    """A TensorRT engine of ``trellis-export engine`` (it has a sidecar), not an ONNX model."""
+    from .plugins_trt.engine import sidecar_path
+
+    return sidecar_path(path).is_file() or str(path).endswith((".engine", ".plan"))
+
+
+def _cut(n: int, most: int) -> list[int]:
+    return [most] * (n // most) + ([n % most] if n % most else [])
+
+
 def verify(checkpoint: str | os.PathLike[str] | None, model_path: str | os.PathLike[str], *,
            tokens: int = DEFAULT_TOKENS, batch: int = 1, seed: int = 0,
            piece_sizes: Sequence[int] = DEFAULT_PIECES, tolerance: float | None = None,
@@ -251,8 +262,15 @@ def verify(checkpoint: str | os.PathLike[str] | None, model_path: str | os.PathL
 
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise VerifyError(f"--threads must be an integer >= 1, got {threads!r}")
-    rt = open_session("ort", model_path=model_path, providers=providers, threads=threads,
-                      allow_fallback=allow_fallback)
+    if is_engine(model_path):
+        if providers:
+            raise VerifyError("--providers applies to ONNX models; a TensorRT engine runs on TensorRT")
+        rt = open_session("trt", engine_path=model_path)
+        # the engine's profiles bound the call sizes: longer pieces are cut to its token range
+        pieces = [q for p in pieces for q in _cut(p, rt.max_tokens)]
+    else:
+        rt = open_session("ort", model_path=model_path, providers=providers, threads=threads,
+                          allow_fallback=allow_fallback)
     ref = open_session("torch", checkpoint=checkpoint, dtype="float64", threads=threads)
     if ref.fingerprint != rt.fingerprint:
         ck = checkpoint if checkpoint is not None else "the bundled default checkpoint"
@@ -301,7 +319,8 @@ def verify(checkpoint: str | os.PathLike[str] | None, model_path: str | os.PathL
         "fingerprint": rt.fingerprint,
         "activation_dtype": rt.activation_dtype,
         "providers": rt.providers,
-        "providers_requested": rt.providers_requested,
+        "providers_requested": getattr(rt, "providers_requested", rt.providers),
+        "backend": rt.backend,
         "tokens": tokens, "batch": batch, "seed": seed, "piece_sizes": pieces, "interval": interval,
         "resync": resync, "threads": threads,
         "tolerance": ({"override": tolerance} if tolerance is not None else

@@ -6,7 +6,10 @@
   ``export_baseline_onnx``), providers from ``runtime.ort_backend.default_providers``;
 * ``triton``: the Trellis model on CUDA with the Triton memory kernels (``use_backend(model, "triton")``),
   the baseline in PyTorch on the same GPU;
-* ``trt``: TensorRT. This tool does not build engines: it reports the backend unavailable, with why.
+* ``trt``: a TensorRT engine of the exported Trellis model (``trellis_export.plugins_trt.engine``,
+  function body, profiles over the bench's batch and tokens) run by the TensorRT session
+  (``runtime.trt_backend``, state kept on the device between calls); needs a TensorRT module and a
+  GPU (engines build without one, but run only on one). The KV baseline has no TensorRT path.
 """
 
 from __future__ import annotations
@@ -54,12 +57,22 @@ def check_backend(name: str) -> BackendStatus:
                                               "(the Triton kernels run on a GPU)")
         return BackendStatus(name, True, None, {"device": torch.cuda.get_device_name(0)})
     if name == "trt":
-        if importlib.util.find_spec("tensorrt") is None:
-            return BackendStatus(name, False, "TensorRT is not installed (the Python package 'tensorrt' "
-                                              "is not importable)")
-        return BackendStatus(name, False, "TensorRT is installed, but trellis-export bench does not build "
-                                          "TensorRT engines; time the exported model with trtexec and the "
-                                          "trellis::TrellisMemory plugin instead")
+        from ..plugins_trt.runtimes import available_runtimes
+
+        have = available_runtimes()
+        if not have:
+            return BackendStatus(name, False, "no TensorRT module is importable (pip install -e "
+                                              '".[tensorrt-rtx]", or NVIDIA TensorRT for your device)')
+        try:
+            from ..kernels.cuda_launch import CudaDriver
+
+            cc = CudaDriver().compute_capability()
+        except Exception as exc:  # no libcuda / no device
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return BackendStatus(name, False, f"TensorRT ({', '.join(have)}) is importable, but no usable "
+                                              f"CUDA GPU ({first}): engines build here (trellis-export "
+                                              "engine) and run on a GPU")
+        return BackendStatus(name, True, None, {"runtimes": have, "compute_capability": cc})
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {name!r}")
 
 
@@ -99,6 +112,41 @@ def ort_call(session: Any, ids: np.ndarray, state: dict[str, np.ndarray]) -> Tim
 
     def fn() -> Any:
         return session.run(names, feeds)
+    return fn, None
+
+
+def trt_session(onnx_path: Any, max_batch: int, max_tokens: int) -> Any:
+    """A TensorRT session of an exported Trellis ONNX model: an engine built for this GPU (function
+    body; profiles decode and 1..``max_tokens``) in memory, written beside the ONNX file."""
+    from pathlib import Path
+
+    from ..plugins_trt.engine import EngineSettings, Range, build_engine, onnx_for_engine, write_engine
+    from ..plugins_trt.runtimes import load_tensorrt
+    from ..runtime import open_session
+
+    rt = load_tensorrt()
+    ccs: tuple[str, ...] = ()
+    if rt.is_rtx:
+        from ..kernels.cuda_launch import CudaDriver
+
+        cc = CudaDriver().compute_capability()
+        ccs = (f"{cc // 10}.{cc % 10}",)
+    settings = EngineSettings(batch=Range(1, max_batch, max_batch), tokens=Range(1, max_tokens, max_tokens),
+                              compute_capabilities=ccs)
+    src = onnx_for_engine(onnx_path, plugin=False)
+    data, report = build_engine(src, settings, rt)
+    engine = Path(onnx_path).with_suffix(".engine")
+    write_engine(engine, data, report, src)
+    return open_session("trt", engine_path=engine, runtime=rt.name)
+
+
+def trt_call(session: Any, ids: np.ndarray, state: dict[str, np.ndarray]) -> TimedCall:
+    """One TensorRT step from a device-resident state (uploaded once here; each timed call reads it
+    in place and writes the other buffer set, as a stream of decode calls does)."""
+    _, handle = session.step(ids, state)
+
+    def fn() -> Any:
+        return session.step(ids, handle)
     return fn, None
 
 

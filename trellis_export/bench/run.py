@@ -28,7 +28,16 @@ from ..fileio import atomic_write_bytes
 from ..model import TrellisLM
 from ..state import state_bytes_per_stream
 from . import synthetic
-from .backends import BACKENDS, BackendStatus, check_backend, ort_call, torch_call, triton_model
+from .backends import (
+    BACKENDS,
+    BackendStatus,
+    check_backend,
+    ort_call,
+    torch_call,
+    triton_model,
+    trt_call,
+    trt_session,
+)
 from .machine import describe_machine
 from .parse import Amount
 from .stats import latency_stats, time_calls, time_interleaved
@@ -175,7 +184,9 @@ def build_subjects(settings: BenchSettings) -> tuple[dict[str, Any], list[Subjec
         torch.manual_seed(settings.seed + 1)
         kv = KVCacheLM(base).eval()
         fp = fingerprint(base, dict(kv.state_dict()))
-        subjects.append(Subject(KV, base, None, kv, fp, f"random (seed {settings.seed + 1})"))
+        subjects.append(Subject(KV, base, None, kv, fp, f"random (seed {settings.seed + 1})",
+                                unavailable={"trt": "the KV-cache baseline has no TensorRT engine path "
+                                                    "(trellis-export engine builds Trellis models)"}))
     return source, subjects
 
 
@@ -278,6 +289,9 @@ def run_bench(settings: BenchSettings, log: Log | None = None) -> dict[str, Any]
         elif backend == "triton":
             handle = cuda_models.setdefault(id(subject), triton_model(subject.torch_model,
                                                                       subject.model == TRELLIS))
+        elif backend == "trt":
+            handle = trt_session(onnx_model(subject, work_dir, log), max(settings.batches),
+                                 max(settings.prefill_len, 1))
         else:
             handle = subject.torch_model
         sessions[key] = handle
@@ -367,6 +381,8 @@ def _call(subject: Subject, backend: str, handle: Any, ids: np.ndarray,
         return ort_call(handle, ids, state)
     if backend == "triton":
         return torch_call(handle, ids, state, trellis=trellis, device="cuda")
+    if backend == "trt":
+        return trt_call(handle, ids, state)
     return torch_call(handle, ids, state, trellis=trellis)
 
 

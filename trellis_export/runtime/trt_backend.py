@@ -201,7 +201,11 @@ class TrtSession(Session):
         self._state_names = [t.name for t in self.state_spec]
         self.max_batch = max(p.batch[1] for p in self.profiles)
         self.max_tokens = max(p.tokens[1] for p in self.profiles)
-        self.dev: Device = device_api if device_api is not None else CudaRuntime(device)
+        try:
+            self.dev: Device = device_api if device_api is not None else CudaRuntime(device)
+        except SessionError as exc:
+            raise SessionError(f"{path}: a TensorRT engine runs on a CUDA GPU, and none is usable here "
+                               f"({exc})") from None
         self._engine = engine_api if engine_api is not None else self._load_engine(path, runtime or
                                                                                     side.get("runtime"))
         self.providers = [f"{self._engine.runtime_name}-{self._engine.runtime_version}"]
