@@ -133,6 +133,7 @@ def setup(home: Path | None = None, *, force: bool = False, echo=print) -> Servi
             pass
     if sys.platform != "linux":
         raise ServingEnvError("the Triton server of nvidia-pytriton runs on Linux x86_64 only")
+    _check_libpython()
     home.mkdir(parents=True, exist_ok=True)
     (home / MANIFEST).unlink(missing_ok=True)
     venv = home / "venv"
@@ -190,3 +191,18 @@ def _link_ok(env: ServingEnv) -> bool:
         return link.resolve() == Path(__file__).resolve().parent.parent
     except OSError:
         return False
+
+
+def _check_libpython() -> None:
+    """The python-backend stub links libpython<ver>.so: this interpreter must have one."""
+    import ctypes.util
+    import glob
+
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    if glob.glob(os.path.join(libdir, f"libpython{_py_tag()}*.so*")) or ctypes.util.find_library(
+            f"python{_py_tag()}"):
+        return
+    raise ServingEnvError(f"this Python ({sys.executable}) has no shared libpython{_py_tag()}.so, which "
+                          "Triton's python-backend stub links; use a Python built with --enable-shared "
+                          "(pyenv: PYTHON_CONFIGURE_OPTS=--enable-shared pyenv install ...; Debian/Ubuntu: "
+                          f"apt install libpython{_py_tag()})")
