@@ -106,8 +106,8 @@ def serve(repo: str | None, setup: bool, force: bool, grpc_port: int, http_port:
         while not stop.wait(0.5):
             if server.proc is None or server.proc.poll() is not None:
                 rc = server.proc.returncode if server.proc is not None else None
-                raise ServerError(f"tritonserver exited by itself (code {rc}); log {server.log_path}:\n"
-                                  f"{server.log_tail()}")
+                raise ServerError(f"tritonserver exited by itself (code {rc}): {server.log_error()} "
+                                  f"(log {server.log_path})")
         click.echo(f"signal {got[0] if got else '?'}: stopping tritonserver ...", err=True)
     finally:
         rc = server.stop()

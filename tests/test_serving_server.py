@@ -256,3 +256,19 @@ def test_cli_serve_and_stream(served, tmp_path: Path) -> None:
             proc.kill()
             rc = proc.wait()
     assert rc == 0, proc.stderr.read()
+
+
+def test_cli_serve_port_in_use_is_one_error_line(served, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = subprocess.run([sys.executable, "-m", "trellis_export.cli.main", "serve", str(served[0]),
+                              "--grpc-port", str(port), "--http-port", "0", "--metrics-port", "0",
+                              "--log", str(tmp_path / "busy.log")],
+                             capture_output=True, text=True, timeout=120)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+    assert res.returncode == 1 and len(errors) == 1, res.stderr
+    assert "already in use" in errors[0] and "Traceback" not in res.stderr

@@ -26,7 +26,8 @@ from .repo import MANIFEST, check_repository
 
 
 class ServerError(TrellisExportError):
-    """The server did not start, or the model did not become ready; the message carries its log tail."""
+    """The server did not start, or the model did not become ready; the message carries its last error
+    line and the log's path."""
 
 
 def free_port() -> int:
@@ -102,6 +103,13 @@ class TritonServer:
             return ""
         return "\n".join(text.strip().splitlines()[-lines:])
 
+    def log_error(self) -> str:
+        """The server's last error line (for one-line messages), or its last line."""
+        tail = self.log_tail(200).splitlines()
+        errs = [ln for ln in tail if ln.startswith(("error:", "E1", "E0")) or "error" in ln.lower()]
+        line = (errs or tail or ["(empty log)"])[-1].strip()
+        return line if len(line) <= 400 else line[:400] + " ..."
+
     def ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{self.model}/ready",
@@ -115,12 +123,12 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise ServerError(f"tritonserver exited with code {self.proc.returncode} before the model "
-                                  f"was ready; log {self.log_path}:\n{self.log_tail()}")
+                                  f"was ready: {self.log_error()} (log {self.log_path})")
             if self.ready():
                 return
             time.sleep(0.1)
-        raise ServerError(f"model {self.model} not ready after {timeout:.0f} s; log {self.log_path}:\n"
-                          f"{self.log_tail()}")
+        raise ServerError(f"model {self.model} not ready after {timeout:.0f} s: {self.log_error()} "
+                          f"(log {self.log_path})")
 
     def stop(self, grace: float = 15.0) -> int | None:
         """SIGTERM the server (by PID), SIGKILL its process group after ``grace`` seconds."""
