@@ -22,6 +22,16 @@ from trellis_export.runtime.pool import (
     UnknownStream,
 )
 
+try:   # the TensorRT session's host-memory stand-in (its fixture is reused here)
+    from test_trt_session import make_session as _trt_make_session
+    from test_trt_session import model_files  # noqa: F401 - a fixture
+except ImportError:  # pragma: no cover - the module is another suite's
+    _trt_make_session = None
+
+    @pytest.fixture(scope="module")
+    def model_files():  # type: ignore[no-redef]
+        pytest.skip("tests/test_trt_session.py (the TensorRT stand-in) is absent")
+
 
 class FakeClock:
     def __init__(self) -> None:
@@ -258,3 +268,64 @@ def test_float64_torch_session(model32) -> None:
     for sid, ids in streams.items():
         ref = s.step(ids[None, :1], s.init_state(1))[0][0]
         assert_rel_close(res[sid], ref, 1e-12, sid)
+
+
+def test_max_batch_splits_calls_and_a_failing_call_leaves_its_streams(model32, onnx_path) -> None:
+    s = _session("ort", model32, onnx_path)
+    pool = StreamPool(s, max_batch=3)
+    streams = _streams(7, 19, seed=8)
+    for sid in streams:
+        pool.open(sid)
+    calls = pool.calls
+    res = pool.step_many({sid: ids[:1] for sid, ids in streams.items()})
+    assert pool.calls == calls + 3                          # 7 rows of T = 1 in calls of 3, 3, 1
+    for sid, ids in streams.items():
+        assert_rel_close(res[sid], s.step(ids[None, :1], s.init_state(1))[0][0], TOL_SHORT, sid)
+
+    class Refusing:
+        """A session that refuses calls of T > 2 (like a TensorRT engine outside its profiles)."""
+
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str):
+            return getattr(self.inner, name)
+
+        def step(self, ids, state):
+            if np.asarray(ids).shape[1] > 2:
+                raise InputError(f"T = {np.asarray(ids).shape[1]} fits no profile")
+            return self.inner.step(ids, state)
+
+    refusing = StreamPool(Refusing(s))  # type: ignore[arg-type]
+    refusing.open("short")
+    refusing.open("long")
+    res = refusing.step_many({"short": [1, 2], "long": [1, 2, 3]}, return_errors=True)
+    assert res["short"].shape == (2, 19)
+    assert isinstance(res["long"], InputError) and refusing.position("long") == 0
+    with pytest.raises(InputError, match="fits no profile"):
+        refusing.step("long", [1, 2, 3])
+
+
+def test_tensorrt_session_stand_in(model_files) -> None:
+    """The pool over the TensorRT session (host-memory device stand-in of tests/test_trt_session.py;
+    engine batch <= 4, tokens <= 16): calls split to the engine's batch, results equal solo ORT runs."""
+    session, _, _ = _trt_make_session(model_files)
+    ort = open_session("ort", model_path=model_files[0], threads=1)
+    pool = StreamPool(session)
+    assert pool.max_batch == 4
+    streams = _streams(6, session.config.vocab_size, seed=9)
+    streams = {sid: ids[:16] for sid, ids in streams.items()}
+    for sid in streams:
+        pool.open(sid)
+    out: dict[str, list[np.ndarray]] = {sid: [] for sid in streams}
+    pos = {sid: 0 for sid in streams}
+    while any(pos[sid] < len(ids) for sid, ids in streams.items()):
+        req = {sid: ids[pos[sid]:pos[sid] + 1 + (pos[sid] % 2)] for sid, ids in streams.items()
+               if pos[sid] < len(ids)}
+        for sid, logits in pool.step_many(req).items():
+            out[sid].append(logits)
+            pos[sid] += len(req[sid])
+    assert pool.rows > pool.calls
+    for sid, ids in streams.items():
+        solo = ort.step(ids[None], ort.init_state(1))[0][0]
+        assert_rel_close(np.concatenate(out[sid]), solo, TOL_SHORT, f"trt stand-in {sid}")

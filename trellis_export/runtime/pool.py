@@ -74,6 +74,15 @@ class _Stream:
     tokens: int = 0
 
 
+def _session_max_batch(session: Session) -> int | None:
+    """The largest batch a session takes in one call, when it has a limit (TensorRT profiles)."""
+    profiles = getattr(session, "profiles", None)
+    try:
+        return max(int(p.batch[1]) for p in profiles) if profiles else None
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+
+
 def _as_ids(ids: Any, sid: Hashable) -> np.ndarray:
     """``ids`` as a [1, T] array: accepts [T] or [1, T] (list or array)."""
     arr = np.asarray(ids)
@@ -91,15 +100,23 @@ class StreamPool:
     ``capacity``: the most streams open at once. ``idle_timeout``: seconds after which a stream that was
     not stepped expires (None: never). ``clock``: the time source (``time.monotonic``; tests pass a fake).
     ``remember_expired``: how many expired ids are remembered for the :class:`StreamExpired` message.
+    ``max_batch``: the most rows of one session call (None: the session's own limit, e.g. the largest
+    batch of a TensorRT engine's profiles, else unlimited); bigger groups run as several calls.
     """
 
     def __init__(self, session: Session, *, capacity: int = 64, idle_timeout: float | None = None,
-                 clock: Callable[[], float] = time.monotonic, remember_expired: int = 4096) -> None:
+                 clock: Callable[[], float] = time.monotonic, remember_expired: int = 4096,
+                 max_batch: int | None = None) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise PoolError(f"capacity must be an integer >= 1, got {capacity!r}")
         if idle_timeout is not None and not idle_timeout > 0:
             raise PoolError(f"idle_timeout must be > 0 seconds or None, got {idle_timeout!r}")
+        if max_batch is None:
+            max_batch = _session_max_batch(session)
+        if max_batch is not None and (isinstance(max_batch, bool) or int(max_batch) < 1):
+            raise PoolError(f"max_batch must be an integer >= 1 or None, got {max_batch!r}")
         self.session = session
+        self.max_batch = None if max_batch is None else int(max_batch)
         self.capacity = capacity
         self.idle_timeout = idle_timeout
         self._clock = clock
@@ -258,7 +275,9 @@ class StreamPool:
         The rows of all streams with the same T run as one ``session.step`` call. Returns stream id ->
         logits ``[T, vocab]``. A bad request (unknown or expired stream, ids outside the vocabulary,
         wrong shape) raises before anything runs, unless ``return_errors=True``: then its entry in the
-        result is the exception and the other streams run normally.
+        result is the exception and the other streams run normally. A session call that fails (e.g. a T
+        outside a TensorRT engine's profiles) raises, or with ``return_errors`` becomes the entry of
+        each stream of that call, whose states stay where they were.
         """
         items = list(requests.items()) if isinstance(requests, Mapping) else list(requests)
         errors: dict[Hashable, Exception] = {}
@@ -321,8 +340,17 @@ class StreamPool:
             groups: dict[int, list[tuple[_Stream, np.ndarray]]] = {}
             for s, ids in live:
                 groups.setdefault(int(ids.shape[1]), []).append((s, ids))
+            step = self.max_batch or max(1, len(live))
             for group in groups.values():
-                self._run_group(group, results)
+                for k in range(0, len(group), step):
+                    chunk = group[k:k + step]
+                    try:
+                        self._run_group(chunk, results)
+                    except TrellisExportError as exc:   # e.g. a T outside a TensorRT engine's profiles
+                        if not return_errors:
+                            raise
+                        for s, _ in chunk:              # these streams did not advance
+                            results[s.sid] = exc
         finally:
             for s in locked:
                 s.lock.release()
