@@ -151,36 +151,46 @@ ISSUE_SHAPES: tuple[tuple[str, int, int, int, int], ...] = (
 )
 
 
+def measure(kernel: str, H: int, d: int, m: int, C: int, variant: dict[str, Any], cc: int) -> dict[str, Any]:
+    """Compile one record (``aot.compile_kernel``) and return its row: ptxas figures, loads, CTAs."""
+    from .aot import compile_kernel
+    rec = compile_kernel(kernel, cc, heads=H, slots=m, head_dim=d, chunk_size=C, **variant)
+    st = ptxas_stats(rec.ptx, cc)
+    mem = ptx_memory_ops(rec.ptx)
+    return dict(kernel=rec.kernel, variant=rec.variant, H=H, d=d, m=m, C=C, cc=cc,
+                ptx_version=rec.ptx_version, num_warps=rec.num_warps, shared_mem=rec.shared_mem,
+                ctas_per_sm=ctas_per_sm(cc, st.registers, rec.num_warps, rec.shared_mem + st.smem_static),
+                mma=len(re.findall(r"\b(?:mma\.sync|wgmma\.mma_async)", rec.ptx)),
+                **{k: v for k, v in st.to_dict().items() if k not in ("arch",)}, **mem)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    from .aot import compile_kernel, variants_for
+    from .aot import variants_for
     from .trellis_memory.utils import SPLIT_KERNELS
     p = argparse.ArgumentParser(prog="python -m trellis_export.kernels.ptx_stats")
     p.add_argument("--targets", default="87,90")
     p.add_argument("--json", default=None, help="also write the rows as JSON")
+    p.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     args = p.parse_args(argv)
-    rows = []
     jobs = [(kernel, H, d, m, C, variant, cc)
             for shape_kernel, H, d, m, C in ISSUE_SHAPES
             for kernel in (shape_kernel,) + (SPLIT_KERNELS if shape_kernel == "chunk" else ())
             for variant in variants_for(kernel) for cc in map(int, args.targets.split(","))]
-    for kernel, H, d, m, C, variant, cc in jobs:
-        rec = compile_kernel(kernel, cc, heads=H, slots=m, head_dim=d, chunk_size=C, **variant)
-        st = ptxas_stats(rec.ptx, cc)
-        mem = ptx_memory_ops(rec.ptx)
-        row = dict(kernel=rec.kernel, variant=rec.variant, H=H, d=d, m=m, C=C, cc=cc,
-                   ptx_version=rec.ptx_version, num_warps=rec.num_warps, shared_mem=rec.shared_mem,
-                   ctas_per_sm=ctas_per_sm(cc, st.registers, rec.num_warps, rec.shared_mem + st.smem_static),
-                   mma=len(re.findall(r"\b(?:mma\.sync|wgmma\.mma_async)", rec.ptx)),
-                   **{k: v for k, v in st.to_dict().items() if k not in ("arch",)}, **mem)
-        rows.append(row)
-        print(f"{rec.kernel:16s} {rec.variant:22s} H={H:<3d}d={d:<4d}m={m:<3d}C={C:<3d}sm_{cc} "
-              f"ptx {rec.ptx_version} warps={rec.num_warps:<3d}regs={st.registers:<4d}"
-              f"spill={st.spill_stores:<6d}smem={rec.shared_mem:<6d}ld v4/v2/s={mem['ld_v4']}/"
-              f"{mem['ld_v2']}/{mem['ld_scalar']} bar={mem['bar_sync']} mma={row['mma']} "
-              f"CTAs/SM<={row['ctas_per_sm']}", flush=True)
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(args.jobs) as ex:
+            rows = list(ex.map(measure, *zip(*jobs)))
+    else:
+        rows = [measure(*j) for j in jobs]
+    for r in rows:
+        print(f"{r['kernel']:16s} {r['variant']:22s} H={r['H']:<3d}d={r['d']:<4d}m={r['m']:<3d}C={r['C']:<3d}"
+              f"sm_{r['cc']} ptx {r['ptx_version']} warps={r['num_warps']:<3d}regs={r['registers']:<4d}"
+              f"spill={r['spill_stores']:<6d}smem={r['shared_mem']:<6d}ld v4/v2/s={r['ld_v4']}/"
+              f"{r['ld_v2']}/{r['ld_scalar']} bar={r['bar_sync']} mma={r['mma']} "
+              f"CTAs/SM<={r['ctas_per_sm']}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

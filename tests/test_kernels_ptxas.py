@@ -85,7 +85,8 @@ def rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("ptxas") / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "trellis_export.kernels.ptx_stats", "--targets",
-                           ",".join(map(str, TARGETS)), "--json", str(out)], env=env, capture_output=True,
+                           ",".join(map(str, TARGETS)), "--json", str(out), "--jobs",
+                           str(max(1, min(4, os.cpu_count() or 1)))], env=env, capture_output=True,
                           text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(Path(out).read_text())
