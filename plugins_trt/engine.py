@@ -39,7 +39,7 @@ from trellis_export.state import state_spec
 from .runtimes import RTX_TARGETS, TensorRT, load_tensorrt, rtx_compute_capabilities
 
 __all__ = ["EngineError", "EngineSettings", "Range", "EngineReport", "onnx_for_engine", "build_engine",
-           "resolve_targets",
+           "resolve_targets", "profile_shapes", "input_dims",
            "write_engine", "read_sidecar", "sidecar_path", "SIDECAR_FORMAT", "PROFILE_NAMES"]
 
 SIDECAR_FORMAT = "trellis-engine"
@@ -251,23 +251,47 @@ def resolve_targets(rt: TensorRT, settings: EngineSettings) -> list[str]:
     return [f"{cc // 10}.{cc % 10}"]
 
 
-def _profile_shapes(network: Any, settings: EngineSettings, tokens: Range) -> dict[str, list[list[int]]]:
+def _shapes_from_dims(inputs: list[tuple[str, list[int]]], settings: EngineSettings, tokens: Range
+                      ) -> dict[str, list[list[int]]]:
+    """min / opt / max of every input: dimension 0 follows the batch range, ``input_ids``' dimension 1
+    the profile's token range, every other dimension is fixed (``inputs``: (name, dims), -1 dynamic)."""
     b = settings.batch
     shapes: dict[str, list[list[int]]] = {}
-    for i in range(network.num_inputs):
-        t = network.get_input(i)
-        dims = list(t.shape)
+    for name, dims in inputs:
         rows = []
         for bb, tt in ((b.min, tokens.min), (b.opt, tokens.opt), (b.max, tokens.max)):
             shape = [bb if j == 0 else d for j, d in enumerate(dims)]
-            if t.name == "input_ids":
+            if name == "input_ids":
                 shape[1] = tt
             if any(d < 0 for d in shape):
-                raise EngineError(f"input {t.name!r} has a dynamic dimension beyond batch and tokens "
+                raise EngineError(f"input {name!r} has a dynamic dimension beyond batch and tokens "
                                   f"({dims}); the engine builder cannot give it a range")
             rows.append(shape)
-        shapes[t.name] = rows
+        shapes[name] = rows
     return shapes
+
+
+def _profile_shapes(network: Any, settings: EngineSettings, tokens: Range) -> dict[str, list[list[int]]]:
+    inputs = [(network.get_input(i).name, list(network.get_input(i).shape))
+              for i in range(network.num_inputs)]
+    return _shapes_from_dims(inputs, settings, tokens)
+
+
+def input_dims(config: Any) -> list[tuple[str, list[int]]]:
+    """The exported graph's inputs in order with their dims, -1 for the dynamic batch and tokens axes
+    (``input_ids`` then every ``past.*`` of the state spec), without parsing a network."""
+    return [("input_ids", [-1, -1])] + [(t.past_name, [-1, *t.concrete_shape(1)[1:]])
+                                        for t in state_spec(config)]
+
+
+def profile_shapes(config: Any, settings: EngineSettings) -> list[dict[str, Any]]:
+    """Every optimization profile of :meth:`EngineSettings.profiles` with the min / opt / max shape of
+    every input, computed from the state spec: the shapes :func:`build_engine` sets (for
+    ``build_engine.sh`` / trtexec and other builders that do not go through this module)."""
+    dims = input_dims(config)
+    return [{"name": name, "index": i, "batch": asdict(settings.batch), "tokens": asdict(tokens),
+             "shapes": _shapes_from_dims(dims, settings, tokens)}
+            for i, (name, tokens) in enumerate(settings.profiles())]
 
 
 def _memory_node_names(onnx_bytes: bytes) -> list[str]:

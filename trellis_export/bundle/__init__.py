@@ -1,0 +1,98 @@
+"""Deployment bundles: one directory a device needs to build, check and run a Trellis engine.
+
+* :func:`build_bundle` (``trellis-export bundle``): model.onnx, build_engine.sh / build_engine.py,
+  the plugin's AOT kernels, the float64 reference stream, verify_engine.py, run_stream.py,
+  manifest.json and README.md, written atomically (docs/bundle.md).
+* :func:`gpu_check`: on a machine with a GPU, build the bundle's engine there and run its
+  verify_engine.py (the GPU suite calls it).
+
+The device-side scripts live in ``device/`` and are copied verbatim; they never import this package.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .targets import TARGETS, BundleError, Target, get_target
+
+__all__ = ["TARGETS", "Target", "BundleError", "get_target", "build_bundle", "parse_build_script",
+           "gpu_check", "check_bundle"]
+
+_LAZY = {"build_bundle": "build", "parse_build_script": "build"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def check_bundle(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The bundle's manifest after checking that every listed file is present with its sha256 (the
+    device scripts' own check); raises :class:`BundleError` naming the first file that is not."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "device"))
+    try:
+        import trellis_bundle  # type: ignore[import-not-found]
+    finally:
+        sys.path.pop(0)
+    try:
+        return trellis_bundle.open_bundle(Path(bundle_dir))
+    except trellis_bundle.BundleError as exc:
+        raise BundleError(str(exc)) from None
+
+
+def gpu_check(bundle_dir: str | os.PathLike[str], *, runtime: str | None = None, timeout: float = 1800,
+              engine: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """On a GPU machine: build the bundle's engine with its build_engine.py (TensorRT Python API) and run
+    its verify_engine.py against it. ``runtime``: ``"tensorrt-rtx"`` | ``"tensorrt"`` (default: the
+    bundle target's; TensorRT-RTX needs the GPU's compute capability among the RTX targets). The engine
+    goes to ``engine`` (default: a file beside the bundle, so the bundle stays as it was made).
+
+    Returns ``{"status": "PASSED" | "FAILED" | "ERROR", "build": {...}, "verify": {...}}`` with each
+    step's command, exit code, seconds and output tail; never raises for a failed step."""
+    bundle = Path(bundle_dir).resolve()
+    result: dict[str, Any] = {"bundle": str(bundle), "status": "ERROR"}
+    try:
+        manifest = check_bundle(bundle)
+    except BundleError as exc:
+        result["error"] = str(exc)
+        return result
+    rt = runtime or manifest["target"]["runtime"]
+    eng = Path(engine) if engine is not None else bundle.with_name(bundle.name + ".engine")
+    build_cmd = [sys.executable, str(bundle / "build_engine.py"), "--runtime", rt, "-o", str(eng)]
+    if rt == "tensorrt-rtx" and not manifest["target"]["tensorrt_rtx_compute_capabilities"]:
+        try:
+            from trellis_export.kernels.cuda_launch import CudaDriver
+
+            cc = CudaDriver().compute_capability()
+            build_cmd += ["--compute-capability", f"{cc // 10}.{cc % 10}"]
+        except Exception as exc:  # no driver / GPU: the build step reports it
+            result["error"] = f"no usable GPU for a TensorRT-RTX build ({exc})"
+            return result
+    steps = [("build", build_cmd),
+             ("verify", [sys.executable, str(bundle / "verify_engine.py"), str(eng), "--json",
+                         str(eng.with_name(eng.name + ".verify.json"))])]
+    for name, cmd in steps:
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            rc, out = proc.returncode, (proc.stdout + proc.stderr)
+        except subprocess.TimeoutExpired:
+            rc, out = 124, f"timed out after {timeout} s"
+        result[name] = {"command": cmd, "rc": rc, "seconds": round(time.perf_counter() - t0, 3),
+                        "output_tail": out[-4000:]}
+        if rc != 0:
+            result["status"] = "FAILED" if name == "verify" and rc == 1 and "FAILED" in out else "ERROR"
+            return result
+    rep = eng.with_name(eng.name + ".verify.json")
+    if rep.is_file():
+        result["verify"]["report"] = json.loads(rep.read_text())
+    result["status"] = "PASSED"
+    return result

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Build the bundle's TensorRT engine on this device through the TensorRT Python API (what
+build_engine.sh does with trtexec): the same profiles and shapes, from manifest.json.
+
+    python3 build_engine.py                # function body: needs only the TensorRT Python module
+    python3 build_engine.py --plugin       # trellis::TrellisMemory plugin layers (see README.md)
+
+The network is strongly typed: model.onnx's types decide the precision (a float16 bundle has float16
+activations and float32 memories and gates). Writes model.engine and model.engine.json (the model's
+fingerprint and the profiles, read by verify_engine.py and run_stream.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trellis_bundle import BundleError, fail, import_tensorrt, open_bundle  # noqa: E402
+
+
+def plugin_creator(trt: object, bundle: Path, manifest: dict) -> object:
+    """Register the plugin with the bundle's AOT kernels (no compiler needed on the device)."""
+    try:
+        from trellis_export.plugins_trt import plugin_v3
+    except ImportError as exc:
+        raise BundleError(f"--plugin needs the trellis-export package on this device ({exc}); without "
+                          "--plugin the engine uses the function body and needs nothing else") from None
+    kernels = manifest.get("kernels") or {}
+    if not kernels.get("file"):
+        raise BundleError(f"this bundle has no AOT kernels for its target ({kernels.get('note', '')})")
+    records = json.loads((bundle / kernels["file"]).read_text())
+
+    def bundled_records(attrs: dict, *, heads: int, slots: int, head_dim: int, dtype: str,
+                        targets: object) -> list:
+        mine = [r for r in records if r["dtype"] == dtype and r["constexprs"]["H"] == heads
+                and r["constexprs"]["M"] == slots and r["constexprs"]["D"] == head_dim]
+        if not mine:
+            raise BundleError(f"no bundled kernels for heads={heads} slots={slots} head_dim={head_dim} "
+                              f"{dtype}")
+        return mine
+
+    plugin_v3.compile_records = bundled_records          # the records come from the bundle
+    return plugin_v3.register(trt, targets=[int(c) for c in kernels["compute_capabilities"]])
+
+
+def build(bundle: Path, manifest: dict, output: Path, plugin: bool, runtime: str | None,
+          rtx_ccs: list[str] | None = None) -> dict:
+    trt = import_tensorrt(runtime or manifest["target"]["runtime"])
+    version = getattr(trt, "__version__", "?")
+    rtx = "rtx" in trt.__name__
+    if plugin:
+        plugin_creator(trt, bundle, manifest)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    onnx_path = bundle / manifest["onnx"]["file"]
+    if not parser.parse(onnx_path.read_bytes()):
+        err = parser.get_error(0) if parser.num_errors else None
+        where = f"node {err.node_name()!r}: {err.desc()}" if err is not None else "no message"
+        raise BundleError(f"{onnx_path}: TensorRT {version} cannot parse it ({where})")
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    n_plugin = sum(1 for la in layers if la.type == trt.LayerType.PLUGIN_V3)
+    if plugin and n_plugin == 0:
+        print(f"[W] TensorRT {version} did not map trellis::TrellisMemory to the plugin (it needs TensorRT "
+              ">= 10.7 for plugin_namespace); the engine uses the function body", file=sys.stderr)
+    config = builder.create_builder_config()
+    if rtx:
+        names = rtx_ccs or manifest["target"]["tensorrt_rtx_compute_capabilities"]
+        if not names:
+            raise BundleError(f"TensorRT-RTX needs --compute-capability for a {manifest['target']['name']} "
+                              "bundle (its GPUs are not TensorRT-RTX targets)")
+        try:
+            ccs = [getattr(trt.ComputeCapability, "SM" + c.replace(".", "")) for c in names]
+        except AttributeError:
+            raise BundleError(f"--compute-capability {','.join(names)}: not a TensorRT-RTX target") from None
+        config.num_compute_capabilities = len(ccs)
+        for i, cc in enumerate(ccs):
+            config.set_compute_capability(cc, i)
+    for prof in manifest["engine"]["profiles"]:
+        op = builder.create_optimization_profile()
+        for name, (mn, opt, mx) in prof["shapes"].items():
+            op.set_shape(name, mn, opt, mx)
+        config.add_optimization_profile(op)
+    t0 = time.perf_counter()
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise BundleError(f"TensorRT {version} failed to build the engine (see its log above)")
+    seconds = time.perf_counter() - t0
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_bytes(bytes(blob))
+    tmp.replace(output)
+    info = {"fingerprint": manifest["model"]["fingerprint"], "runtime": trt.__name__, "version": version,
+            "plugin": bool(n_plugin), "plugin_layers": n_plugin, "layers": len(layers),
+            "profiles": manifest["engine"]["profiles"], "build_seconds": round(seconds, 3),
+            "bytes": output.stat().st_size}
+    output.with_name(output.name + ".json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    here = Path(__file__).resolve().parent
+    p = argparse.ArgumentParser(description="Build the bundle's engine with the TensorRT Python API.")
+    p.add_argument("--bundle", type=Path, default=here)
+    p.add_argument("-o", "--output", type=Path, help="engine file [default: the bundle's model.engine]")
+    p.add_argument("--plugin", action="store_true", help="plugin layers (needs trellis-export; README.md)")
+    p.add_argument("--runtime", choices=("tensorrt", "tensorrt-rtx"), default=None)
+    p.add_argument("--compute-capability", help="TensorRT-RTX only: targets such as 8.6,12.0")
+    args = p.parse_args(argv)
+    try:
+        manifest = open_bundle(args.bundle)
+        out = args.output or args.bundle / manifest["engine"]["file"]
+        ccs = [c.strip() for c in args.compute_capability.split(",")] if args.compute_capability else None
+        info = build(args.bundle, manifest, out, args.plugin, args.runtime, ccs)
+    except BundleError as exc:
+        fail(str(exc))
+    print(f"wrote {out} ({info['bytes']:,} bytes, {info['runtime']} {info['version']}, "
+          f"{'plugin' if info['plugin'] else 'function body'}, {info['build_seconds']:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
