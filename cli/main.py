@@ -86,6 +86,8 @@ def _register() -> None:
     main.add_command(bench.bench)
     from . import engine
     main.add_command(engine.engine)
+    from . import bundle
+    main.add_command(bundle.bundle)
     from . import serve
     main.add_command(serve.triton_repo)
     main.add_command(serve.serve)

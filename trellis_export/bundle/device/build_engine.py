@@ -48,13 +48,13 @@ def plugin_creator(trt: object, bundle: Path, manifest: dict) -> object:
 
 
 def build(bundle: Path, manifest: dict, output: Path, plugin: bool, runtime: str | None,
-          rtx_ccs: list[str] | None = None) -> dict:
+          rtx_ccs: list[str] | None = None, verbose: bool = False) -> dict:
     trt = import_tensorrt(runtime or manifest["target"]["runtime"])
     version = getattr(trt, "__version__", "?")
     rtx = "rtx" in trt.__name__
     if plugin:
         plugin_creator(trt, bundle, manifest)
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt.Logger(trt.Logger.WARNING if verbose else trt.Logger.ERROR)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
@@ -111,12 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plugin", action="store_true", help="plugin layers (needs trellis-export; README.md)")
     p.add_argument("--runtime", choices=("tensorrt", "tensorrt-rtx"), default=None)
     p.add_argument("--compute-capability", help="TensorRT-RTX only: targets such as 8.6,12.0")
+    p.add_argument("--verbose", action="store_true", help="show TensorRT's warnings (many, harmless)")
     args = p.parse_args(argv)
     try:
         manifest = open_bundle(args.bundle)
         out = args.output or args.bundle / manifest["engine"]["file"]
         ccs = [c.strip() for c in args.compute_capability.split(",")] if args.compute_capability else None
-        info = build(args.bundle, manifest, out, args.plugin, args.runtime, ccs)
+        info = build(args.bundle, manifest, out, args.plugin, args.runtime, ccs, args.verbose)
     except BundleError as exc:
         fail(str(exc))
     print(f"wrote {out} ({info['bytes']:,} bytes, {info['runtime']} {info['version']}, "
