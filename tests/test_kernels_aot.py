@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,10 @@ def test_issue14_record_fields(records: list[dict[str, Any]]) -> None:
         assert bool(r["cubin_b64"]) is (r["cc"] == 87)          # the Orin records carry the cubin
         if r["cubin_b64"]:
             assert base64.b64decode(r["cubin_b64"])[:4] == b"\x7fELF" and r["cubin_ptxas"]
+        # decode records never read the T parameter (T is a compile-time 1); the others do
+        i_t = [n for n, _ in r["signature"]].index("T")
+        reads_t = re.search(rf"ld\.param\.\w+\s+%\w+, \[{r['name']}_param_{i_t}\]", r["ptx"]) is not None
+        assert reads_t is not r["decode"], (r["kernel"], r["variant"], r["cc"])
         # (the vector loads the alignment buys are checked at d >= 32 in test_kernels_ptxas.py; at d = 5
         # rows are not 16-byte multiples and both builds load scalars)
 

@@ -233,6 +233,19 @@ def test_in_place_update_matches_reference(C: int, T: int, positions: list[int])
     check(out, ref)
 
 
+def test_split_prefill_in_place() -> None:
+    """The split prefill's state pass in place: state updated, untouched snapshots of rows where no
+    chunk starts (row 0: position 1, C = 4, T = 2), matching the reference."""
+    acts, state, pos = make_inputs(3, 2, [1, 3, 8], seed=51)
+    kw = dict(chunk_size=4, phi="l2_silu", f="ln_silu", rho="identity", eps=1e-5)
+    ref = reference(acts, state, pos, **kw)
+    st = [s.clone() for s in state]
+    out = chunk_split_trellis_fwd(*acts, *st, pos, in_place=True, **kw)
+    assert all(o is s for o, s in zip(out[1:], st))
+    check(out, ref)
+    assert torch.equal(out[3][0], state[2][0]) and torch.equal(out[4][0], state[3][0])
+
+
 def test_in_place_leaves_snapshots_of_mid_chunk_rows_untouched() -> None:
     """A row with no chunk start in the call keeps its snapshot storage bit for bit (not rewritten);
     a row whose chunk starts overwrites it."""

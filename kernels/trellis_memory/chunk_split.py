@@ -206,8 +206,11 @@ def chunk_split_trellis_fwd(
     key_snapshot: torch.Tensor, value_snapshot: torch.Tensor, position: torch.Tensor, *,
     chunk_size: int, phi: str = "ln_silu", f: str = "ln_silu", rho: str = "identity",
     eps: float = 1e-5, dot_precision: str = "ieee", out: tuple[torch.Tensor, ...] | None = None,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The two-launch prefill. Same contract and results as ``chunk_trellis_fwd``."""
+    """The two-launch prefill. Same contract and results as ``chunk_trellis_fwd``; ``in_place`` as in
+    ``fused_recurrent_trellis_fwd`` (the state tensors are updated; snapshots written only by rows
+    where a chunk starts)."""
     from .common import _check_out, prepare
     from .fused_recurrent import _alloc
     if dot_precision not in DOT_PRECISIONS:
@@ -215,10 +218,17 @@ def chunk_split_trellis_fwd(
     args, (B, T, H, m, d) = prepare(q, k, v, a, beta, gamma, key_memory, value_memory, key_snapshot,
                                     value_snapshot, position)
     C = int(chunk_size)
-    outs = _alloc(args[0], B, T, H, m, d) if out is None else _check_out(out, args[0], B, T, H, m, d)
+    if in_place:
+        state = (key_memory, value_memory, key_snapshot, value_snapshot)
+        if any(a is not s for a, s in zip(args[6:10], state)):
+            raise ValueError("in_place needs contiguous float32 state tensors (they are updated in place)")
+        o = out[0] if out is not None else torch.empty(B, T, H, d, dtype=args[0].dtype, device=q.device)
+        outs = _check_out((o, *state), args[0], B, T, H, m, d)
+    else:
+        outs = _alloc(args[0], B, T, H, m, d) if out is None else _check_out(out, args[0], B, T, H, m, d)
     ws = workspaces(B, T, H, m, d, C, q.device)
     kw = dict(H=H, M=m, D=d, C=C, PHI=nl_code(phi, "phi"), F=nl_code(f, "f"), RHO=nl_code(rho, "rho"),
-              EPS=float(eps), DOT_PRECISION=dot_precision, DECODE=T == 1, IN_PLACE=False)
+              EPS=float(eps), DOT_PRECISION=dot_precision, DECODE=T == 1, IN_PLACE=bool(in_place))
     for name, kernel, grid in (("chunk_state", chunk_state_kernel, (B * H * 2,)),
                                ("chunk_readout", chunk_readout_kernel, (max_chunks(T, C), B * H))):
         cfg = launch_config(name, m, d, C, dot_precision)
