@@ -24,16 +24,20 @@ from trellis_export.opdef import INPUTS, OUTPUTS, PLUGIN_NAME
 
 #: TensorRT type names of the activation dtypes the kernels take.
 TRT_TYPE = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}
-_ACT_INPUTS = ("q", "k", "v", "a")   # gates beta, gamma are FP32 like the memories (spec 1)
 
 
 def type_combination(dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")) -> str:
-    """The ``trtp.AutoTuneCombination`` type string: activations (and o) in one of ``dtypes``,
-    gates and memories FP32, position INT64 -- inputs then outputs, in the op's order."""
-    act = "|".join(TRT_TYPE[d] for d in dtypes)
-    types = [act if n in _ACT_INPUTS else "INT64" if n == "position" else "FP32" for n in INPUTS]
-    types += [act if n == "o" else "FP32" for n in OUTPUTS]
-    return ", ".join(types)
+    """The ``trtp.AutoTuneCombination`` type string: at each I/O position (inputs then outputs, in the
+    op's order) the TensorRT types :func:`plugin_v3.io_dtype_rule` allows when q is one of ``dtypes``
+    -- the one rule both plugins follow (spec section 1)."""
+    from trellis_export.plugins_trt.plugin_v3 import io_dtype_rule
+
+    trt_name = {**TRT_TYPE, "int64": "INT64"}
+    cols = []
+    for pos in range(len(INPUTS) + len(OUTPUTS)):
+        names = dict.fromkeys(trt_name[io_dtype_rule(pos, d)] for d in dtypes)
+        cols.append("|".join(names))
+    return ", ".join(cols)
 
 
 def launch_plan(record: dict[str, Any]) -> dict[str, Any]:

@@ -20,14 +20,6 @@ def test_defaults_are_the_spec_defaults() -> None:
     assert c.qk_norm == "l2"
 
 
-def test_derived_quantities() -> None:
-    c = tiny_config()
-    assert c.memory_dim == c.n_heads * c.head_dim == 15
-    assert c.conv_channels == 3 * 15
-    assert c.has_snapshots
-    assert not tiny_config(chunk_size=1).has_snapshots
-
-
 def test_frozen_and_replace_validates() -> None:
     c = tiny_config()
     with pytest.raises(dataclasses.FrozenInstanceError):
