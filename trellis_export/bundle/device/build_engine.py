@@ -49,7 +49,7 @@ def plugin_creator(trt: object, bundle: Path, manifest: dict) -> object:
 
 def build(bundle: Path, manifest: dict, output: Path, plugin: bool, runtime: str | None,
           rtx_ccs: list[str] | None = None, verbose: bool = False) -> dict:
-    trt = import_tensorrt(runtime or manifest["target"]["runtime"])
+    trt = import_tensorrt(runtime or manifest["target"]["runtime"], strict=runtime is not None)
     version = getattr(trt, "__version__", "?")
     rtx = "rtx" in trt.__name__
     if plugin:

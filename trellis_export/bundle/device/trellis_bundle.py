@@ -142,13 +142,14 @@ class OrtRunner:
         return out[0]
 
 
-def import_tensorrt(prefer: str | None = None) -> Any:
-    """The TensorRT module: ``tensorrt`` (enterprise: Jetson, datacenter) or TensorRT-RTX's bindings."""
+def import_tensorrt(prefer: str | None = None, strict: bool = False) -> Any:
+    """The TensorRT module: ``tensorrt`` (enterprise: Jetson, datacenter) or TensorRT-RTX's bindings;
+    ``prefer`` ("tensorrt" | "tensorrt-rtx") is tried first, and only it when ``strict``."""
     import importlib
 
-    order = ["tensorrt", "tensorrt_rtx_bindings", "tensorrt_rtx"]
-    if prefer == "tensorrt-rtx":
-        order = order[1:] + order[:1]
+    modules = {"tensorrt": ["tensorrt"], "tensorrt-rtx": ["tensorrt_rtx_bindings", "tensorrt_rtx"]}
+    first = modules.get(prefer or "tensorrt", modules["tensorrt"])
+    order = first if strict else first + [m for ms in modules.values() for m in ms if m not in first]
     for name in order:
         try:
             mod = importlib.import_module(name)
@@ -156,8 +157,8 @@ def import_tensorrt(prefer: str | None = None) -> Any:
             continue
         if hasattr(mod, "Builder") or hasattr(mod, "Runtime"):
             return mod
-    raise BundleError("no TensorRT Python module (tensorrt, or tensorrt_rtx_bindings for TensorRT-RTX); "
-                      "JetPack ships python3-libnvinfer: sudo apt install python3-libnvinfer")
+    raise BundleError(f"no TensorRT Python module ({' or '.join(order)}); on Jetson: sudo apt install "
+                      "python3-libnvinfer; TensorRT-RTX: pip install tensorrt-rtx")
 
 
 def register_plugin(trt: Any) -> None:
