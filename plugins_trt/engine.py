@@ -323,6 +323,20 @@ def _build(source: EngineSource, settings: EngineSettings, rt: TensorRT) -> tupl
 
         creator = plugin_v3.register(trt, targets=[_cc_int(t) for t in targets])
         creator.compiled.clear()
+        cfg = source.config
+        from trellis_export.config import TrellisConfig
+        from trellis_export.opdef import ATTRIBUTES, op_attributes
+
+        attrs = {k: v for k, v in op_attributes(TrellisConfig.from_dict(cfg)).items() if k in ATTRIBUTES}
+        shape = dict(heads=int(cfg["n_heads"]), slots=int(cfg["n_slots"]), head_dim=int(cfg["head_dim"]),
+                     dtype=source.activation_dtype)
+        try:
+            creator.compiled[plugin_v3.shape_key(**shape)] = plugin_v3.compile_records(
+                attrs, targets=[_cc_int(t) for t in targets], **shape)
+        except Exception as exc:  # triton's compiler raises many kinds; one line for the user
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EngineError(f"{source.description}: compiling the plugin's Triton kernels failed: "
+                              f"{first}") from None
     log = _Logger(trt)
     builder = trt.Builder(log.impl)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -384,6 +398,10 @@ def _build(source: EngineSource, settings: EngineSettings, rt: TensorRT) -> tupl
     data = bytes(serialized)
     kernels = []
     if creator is not None:
+        missing = creator.compiled.pop("missing", None)
+        if missing:
+            raise EngineError(f"{source.description}: plugin layer(s) of shape {missing} had no compiled "
+                              "kernels (the config's heads / slots / head_dim differ from the graph's)")
         for key, recs in creator.compiled.items():
             kernels.append({"shape": dict(key), "records": len(recs),
                             "targets": sorted({r["target"] for r in recs}),

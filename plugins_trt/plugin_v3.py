@@ -9,10 +9,12 @@ CHAR, ``eps`` FLOAT32, as TensorRT's ONNX parser hands a node's attributes over)
 
 * Build (no GPU needed): output shapes (o like q, memories like the memory inputs), types (o like q;
   memories float32), formats (linear; q/k/v/a float32 or float16 alike, gates and memories float32,
-  position int64). At ``configure_plugin`` the kernels are compiled ahead of time for the engine's
-  targets (:func:`trellis_export.kernels.aot.compile_kernel`, every specialisation of
-  ``variants_for``) and serialised into the engine as the plugin field ``kernels`` (JSON), so a
-  device needs neither triton nor a compiler to run the engine.
+  position int64). Before the build the kernels are compiled ahead of time for the engine's targets
+  and every layer shape (:func:`compile_records`: :func:`trellis_export.kernels.aot.compile_kernel`,
+  every specialisation of ``variants_for``); ``configure_plugin`` picks its layer's records and they
+  are serialised into the engine as the plugin field ``kernels`` (JSON), so a device needs neither
+  triton nor a compiler to run the engine. (An exception raised in a TensorRT callback aborts the
+  process, so no callback compiles or raises.)
 * Run (GPU): ``enqueue`` picks the records for the device's compute capability (exact, else the
   highest lower one whose PTX the driver JIT-compiles), ``fused_recurrent`` for T = 1 and ``chunk``
   otherwise, the most specialised record whose preconditions hold (16-byte alignment; TensorRT's
@@ -85,26 +87,68 @@ def decode_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def shape_key(*, heads: int, slots: int, head_dim: int, dtype: str) -> tuple[tuple[str, Any], ...]:
+    """The key kernels are compiled and looked up under (one per distinct layer shape)."""
+    return tuple(sorted({"heads": int(heads), "slots": int(slots), "head_dim": int(head_dim),
+                         "dtype": dtype}.items()))
+
+
+_COMPILE_SCRIPT = """
+import json, sys
+from trellis_export.plugins_trt.plugin_v3 import compile_records
+args = json.loads(sys.argv[1])
+json.dump(compile_records(args.pop("attrs"), **args), open(sys.argv[2], "w"))
+"""
+
+
 def compile_records(attrs: dict[str, Any], *, heads: int, slots: int, head_dim: int, dtype: str,
                     targets: Sequence[int]) -> list[dict[str, Any]]:
-    """AOT launch records of both kernels, every specialisation, for each target (cached)."""
-    from trellis_export.kernels.aot import compile_kernel, variants_for
+    """AOT launch records of both kernels, every specialisation, for each target (cached).
+
+    Compiled in a child process when this one runs triton's interpreter (``TRITON_INTERPRET``: its
+    kernels cannot be compiled), so that a caller never has to care."""
+    import os
 
     key = (tuple(sorted(attrs.items())), heads, slots, head_dim, dtype, tuple(targets))
     with _LOCK:
         if key in _COMPILED:
             return _COMPILED[key]
-    records = []
-    for cc in targets:
-        for kernel in KERNEL_FOR_T.values():
-            for variant in variants_for(kernel):
-                records.append(compile_kernel(kernel, int(cc), heads=heads, slots=slots, head_dim=head_dim,
-                                              chunk_size=int(attrs["chunk_size"]), phi=attrs["phi"],
-                                              f=attrs["f"], rho=attrs["rho"], eps=float(attrs["eps"]),
-                                              dtype=dtype, **variant).to_dict())
+    if os.environ.get("TRITON_INTERPRET"):
+        records = _compile_in_child(attrs, heads=heads, slots=slots, head_dim=head_dim, dtype=dtype,
+                                    targets=list(targets))
+    else:
+        from trellis_export.kernels.aot import compile_kernel, variants_for
+
+        records = []
+        for cc in targets:
+            for kernel in KERNEL_FOR_T.values():
+                for variant in variants_for(kernel):
+                    records.append(compile_kernel(
+                        kernel, int(cc), heads=heads, slots=slots, head_dim=head_dim,
+                        chunk_size=int(attrs["chunk_size"]), phi=attrs["phi"], f=attrs["f"], rho=attrs["rho"],
+                        eps=float(attrs["eps"]), dtype=dtype, **variant).to_dict())
     with _LOCK:
         _COMPILED[key] = records
     return records
+
+
+def _compile_in_child(attrs: dict[str, Any], **kwargs: Any) -> list[dict[str, Any]]:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory(prefix="trellis-aot-") as tmp:
+        out = os.path.join(tmp, "records.json")
+        args = json.dumps({"attrs": attrs, **kwargs})
+        res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, args, out], capture_output=True,
+                             text=True, env=env)
+        if res.returncode != 0:
+            tail = (res.stderr.strip().splitlines() or ["no message"])[-1]
+            raise RuntimeError(f"compiling the {DOMAIN}::{OP_TYPE} kernels failed: {tail}")
+        with open(out) as fh:
+            return list(json.load(fh))
 
 
 def records_for_device(records: Sequence[dict[str, Any]], cc: int, kernel: str) -> list[dict[str, Any]]:
@@ -179,13 +223,18 @@ def make_classes(trt: Any) -> tuple[type, type]:
             return got == io_dtype_rule(pos, dtypes.get(in_out[0].desc.type, "?"))
 
         def configure_plugin(self, inp: Sequence[Any], out: Sequence[Any]) -> None:
-            if self.records or not self.targets:
+            # TensorRT aborts the process on an exception raised here: the kernels were compiled before
+            # the build (engine.build_engine); this only picks them, and notes a miss for the builder
+            if self.records:
                 return
             q, a = inp[INPUTS.index("q")].desc, inp[INPUTS.index("a")].desc
-            shape = dict(heads=int(q.dims[2]), slots=int(a.dims[3]), head_dim=int(q.dims[3]),
-                         dtype=dtypes[q.type])
-            self.records = compile_records(self.attrs, targets=self.targets, **shape)
-            self.compiled[tuple(sorted(shape.items()))] = self.records
+            key = shape_key(heads=int(q.dims[2]), slots=int(a.dims[3]), head_dim=int(q.dims[3]),
+                            dtype=dtypes.get(q.type, "?"))
+            found = self.compiled.get(key)
+            if found is None:
+                self.compiled.setdefault("missing", []).append(dict(key))   # type: ignore[arg-type]
+            else:
+                self.records = found
 
         def get_workspace_size(self, inp: Sequence[Any], out: Sequence[Any]) -> int:
             return 0
@@ -240,8 +289,8 @@ def make_classes(trt: Any) -> tuple[type, type]:
             self.plugin_version = PLUGIN_VERSION
             self.targets = tuple(targets)
             self.created: list[TrellisMemoryPlugin] = []
-            #: kernels compiled by this creator's plugins, per (heads, slots, head_dim, dtype)
-            self.compiled: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+            #: kernels for the build, per :func:`shape_key` (filled by the builder before parsing)
+            self.compiled: dict[Any, list[dict[str, Any]]] = {}
             self._fields = plugin_fields(trt, None)          # kept alive: TensorRT holds their buffers
             self.field_names = trt.PluginFieldCollection(self._fields)
 

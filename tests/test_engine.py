@@ -272,6 +272,18 @@ def test_verify_and_sessions_take_an_engine(built: dict[str, Built]) -> None:
     assert str(built["bundled"].engine) in errors[0] and "CUDA GPU" in errors[0]
 
 
+def test_plugin_kernels_compile_under_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With TRITON_INTERPRET set (as the kernel tests set it), kernels cannot be compiled in-process:
+    compile_records does it in a child process, and the records are real PTX for the target."""
+    from trellis_export.plugins_trt.plugin_v3 import compile_records
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    recs = compile_records({"chunk_size": 3, "phi": "l2_silu", "f": "identity", "rho": "ln_silu", "eps": 1e-5},
+                           heads=3, slots=7, head_dim=5, dtype="float32", targets=[89])
+    assert {r["kernel"] for r in recs} == {"chunk", "fused_recurrent"}
+    assert all(r["target"] == "sm_89" and f".entry {r['name']}" in r["ptx"] for r in recs)
+
+
 # ------------------------------------------------------------------------------------------ errors
 @rtx
 @pytest.mark.parametrize("args,needle", [
