@@ -278,8 +278,8 @@ def test_plugin_kernels_compile_under_the_interpreter(monkeypatch: pytest.Monkey
     from trellis_export.plugins_trt.plugin_v3 import compile_records
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    recs = compile_records({"chunk_size": 3, "phi": "l2_silu", "f": "identity", "rho": "ln_silu", "eps": 1e-5},
-                           heads=3, slots=7, head_dim=5, dtype="float32", targets=[89])
+    attrs = {"chunk_size": 3, "phi": "l2_silu", "f": "identity", "rho": "ln_silu", "eps": 1e-5}
+    recs = compile_records(attrs, heads=3, slots=7, head_dim=5, dtype="float32", targets=[89])
     assert {r["kernel"] for r in recs} == {"chunk", "fused_recurrent"}
     assert all(r["target"] == "sm_89" and f".entry {r['name']}" in r["ptx"] for r in recs)
 
