@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ import onnxruntime as ort
 
 from ..state import PAST_PREFIX, PRESENT_PREFIX
 
-__all__ = ["ort_session", "run_ort", "ort_model_source", "ORT_NUMPY_TYPES", "EXTERNAL_FOLDER_KEY"]
+__all__ = ["ort_session", "run_ort", "ort_model_source", "ort_model_sources", "OrtSources", "ORT_NUMPY_TYPES",
+           "EXTERNAL_FOLDER_KEY"]
 
 #: Session config key telling ONNX Runtime where external data lives when the model comes as bytes.
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
@@ -33,6 +35,18 @@ def _has_external_data(model: Any) -> bool:
     return any(uses_external_data(t) for t in model.graph.initializer)
 
 
+@dataclass
+class OrtSources:
+    """What an ORT session loads (:func:`ort_model_sources`): ``model`` (every T), ``decode`` (the
+    lean T = 1 graph, or None), ``decode_graph`` (``"lean"``, ``"lean-std"`` or ``"exported"``: what
+    decode calls run on) and ``reason`` (why ``decode`` is None when a lean graph was asked for)."""
+
+    model: str | bytes
+    decode: bytes | None = None
+    decode_graph: str = "exported"
+    reason: str | None = None
+
+
 def ort_model_source(path: str | os.PathLike[str] | bytes, options: ort.SessionOptions,
                      function_body: str = "ort") -> str | bytes:
     """What to hand ``InferenceSession`` for a Trellis model: the model with its TrellisMemory function
@@ -41,22 +55,68 @@ def ort_model_source(path: str | os.PathLike[str] | bytes, options: ort.SessionO
     untouched). Files exported by trellis-export carry the portable body; the rewrite happens in
     memory, the file is never changed. External data stays where it is (``options`` learn its folder).
     """
-    if function_body == "as-is":
-        return path if isinstance(path, bytes) else str(path)
-    import onnx
+    return ort_model_sources(path, options, function_body, ort_graph="exported").model
 
-    from .function_body import FLAVOURS, with_flavour
 
-    if function_body not in FLAVOURS:
+def ort_model_sources(path: str | os.PathLike[str] | bytes, options: ort.SessionOptions,
+                      function_body: str = "ort", ort_graph: str = "lean") -> OrtSources:
+    """:func:`ort_model_source` plus, for ``ort_graph="lean"`` / ``"lean-std"``, the lean decode graph
+    of :func:`trellis_export.export.ort_rewrite.lean_decode_model` (with / without ORT contrib ops),
+    built in memory from the same file. A model the rewrite cannot read (float16 activations, external
+    data, another exporter's graph) gets ``decode=None`` and the reason; ``ort_graph="exported"``
+    builds none. This is the one place ORT sessions of this project load models through."""
+    from .ort_rewrite import ORT_GRAPHS
+
+    if ort_graph not in ORT_GRAPHS:
+        raise ValueError(f"ort_graph must be one of {', '.join(ORT_GRAPHS)}, got {ort_graph!r}")
+    from .function_body import FLAVOURS
+
+    if function_body not in (*FLAVOURS, "as-is"):
         raise ValueError(f"function_body must be one of {', '.join((*FLAVOURS, 'as-is'))}, "
                          f"got {function_body!r}")
+    if function_body == "as-is" and ort_graph == "exported":
+        return OrtSources(path if isinstance(path, bytes) else str(path))
+    import onnx
+
+    from .function_body import with_flavour
+
+    external = False
     if isinstance(path, bytes):
         model = onnx.load_model_from_string(path)
     else:
         model = onnx.load(str(path), format="protobuf", load_external_data=False)   # whatever the suffix
         if _has_external_data(model):
+            external = True
             options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(Path(path).resolve().parent))
-    return with_flavour(model, function_body).SerializeToString()
+    decode, reason = None, None
+    if ort_graph != "exported":
+        decode, reason = _lean_decode(model, ort_graph, external)
+    if function_body == "as-is":
+        src: str | bytes = path if isinstance(path, bytes) else str(path)
+    else:
+        src = with_flavour(model, function_body).SerializeToString()
+    return OrtSources(src, decode, ort_graph if decode is not None else "exported", reason)
+
+
+def _lean_decode(model: Any, ort_graph: str, external: bool) -> tuple[bytes | None, str | None]:
+    from ..config import ConfigError, TrellisConfig
+    from .meta import META_ACTIVATION_DTYPE, META_CONFIG
+    from .ort_rewrite import RewriteError, lean_decode_model
+
+    if external:
+        return None, "the model keeps its weights in external data (the lean graph would copy them)"
+    meta = {p.key: p.value for p in model.metadata_props}
+    if META_CONFIG not in meta:
+        return None, f"no Trellis config in the model's metadata ({META_CONFIG})"
+    try:
+        config = TrellisConfig.from_json(meta[META_CONFIG])
+        lean = lean_decode_model(model, config, contrib=ort_graph == "lean",
+                                 activation_dtype=meta.get(META_ACTIVATION_DTYPE, "float32"))
+        return lean.SerializeToString(), None
+    except (RewriteError, ConfigError) as exc:
+        return None, str(exc)
+    except ValueError as exc:     # protobuf's 2 GiB limit
+        return None, f"cannot serialise the lean graph ({exc})"
 
 
 def ort_session(path: str | os.PathLike[str] | bytes, providers: Sequence[str] | None = None,

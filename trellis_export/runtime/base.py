@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -67,6 +68,14 @@ class Session(ABC):
     #: Refuse states holding NaN / Inf (at :meth:`step`, :meth:`load_state`, :meth:`save_state`), naming
     #: the tensor. Set to False on a session to skip the check (one pass over the state per call).
     check_finite: bool = True
+    #: Skip re-validating a state this session itself returned from :meth:`step`: the dict passed back
+    #: holds exactly the arrays the session produced, under the same names (checked by identity, one
+    #: lookup per tensor; the session keeps weak references only). The checks of
+    #: :meth:`validate_state` (shapes, dtypes, position, NaN / Inf) then are not repeated; arrays
+    #: changed in place are not re-checked. Set to False to validate every state on every call.
+    trust_own_state: bool = True
+    #: How many returned states :attr:`trust_own_state` remembers (several streams stepped in turn).
+    OWN_STATES_REMEMBERED = 16
 
     # ------------------------------------------------------------------ spec
     @property
@@ -175,10 +184,45 @@ class Session(ABC):
         ids = self.check_input_ids(input_ids)
         if state is None:
             state = self.init_state(ids.shape[0])
-        else:
+        elif not (self.trust_own_state and self._is_own_state(state, ids.shape[0])):
             self.validate_state(state, batch=ids.shape[0], source=f"state (batch {ids.shape[0]} "
                                 "like input_ids)")
-        return self._run(ids, dict(state))
+        logits, new_state = self._run(ids, dict(state))
+        if self.trust_own_state:
+            self._remember_state(new_state, ids.shape[0])
+        return logits, new_state
+
+    def _is_own_state(self, state: Mapping[str, Any], batch: int) -> bool:
+        """Whether ``state`` holds exactly the arrays of a state this session returned (same names,
+        same array objects, that batch)."""
+        own = self.__dict__.get("_own_states")
+        if not own or not isinstance(state, Mapping):
+            return False
+        pos = state.get("position")
+        entry = own.get(id(pos))
+        if entry is None or entry[0] != batch or len(state) != len(entry[1]):
+            return False
+        try:
+            return all(state[name] is ref() for name, ref in entry[1])
+        except KeyError:
+            return False
+
+    def _remember_state(self, state: StateDict, batch: int) -> None:
+        own = self.__dict__.get("_own_states")
+        if own is None:
+            own = self.__dict__["_own_states"] = {}
+        pos = state.get("position")
+        if pos is None:
+            return
+        try:
+            refs = tuple((name, weakref.ref(x)) for name, x in state.items())
+        except TypeError:     # a backend returning objects without weak references: never trusted
+            return
+        key = id(pos)
+        own.pop(key, None)
+        own[key] = (batch, refs)
+        while len(own) > self.OWN_STATES_REMEMBERED:
+            own.pop(next(iter(own)))
 
     @abstractmethod
     def _run(self, input_ids: np.ndarray, state: StateDict) -> tuple[np.ndarray, StateDict]:

@@ -63,13 +63,20 @@ class OrtSession(Session):
     runs (``"ort"``, default: the portable body of the file swapped in memory for one with a
     loop-free T = 1 decode step; ``"portable"`` / ``"as-is"``: the file's own body, as e.g. Triton's
     onnxruntime backend would run it); see :func:`trellis_export.export.ort.ort_model_source`.
+    ``ort_graph``: what decode calls (T = 1) run on: ``"lean"`` (default: a straight-line T = 1 graph
+    built in memory from the file's weights with ORT contrib ops, see
+    :mod:`trellis_export.export.ort_rewrite`; a second InferenceSession, so the weights are held
+    twice), ``"lean-std"`` (the same without contrib ops) or ``"exported"`` (the file's graph for
+    every T). Calls with T > 1 always run the exported graph. ``describe()`` records what runs
+    (``decode_graph``) and, when a lean graph could not be built, why (``decode_graph_reason``).
     """
 
     backend = "ort"
 
     def __init__(self, model_path: str | os.PathLike[str], *, providers: Sequence[str] | None = None,
                  threads: int | None = None, profile: str | None = None,
-                 optimization: str = "all", allow_fallback: bool = False, function_body: str = "ort") -> None:
+                 optimization: str = "all", allow_fallback: bool = False, function_body: str = "ort",
+                 ort_graph: str = "lean") -> None:
         import onnxruntime as ort
 
         path = Path(model_path)
@@ -92,23 +99,39 @@ class OrtSession(Session):
             so.profile_file_prefix = str(profile)
         requested = list(providers) if providers else default_providers()
         unknown = check_providers(requested, allow_fallback)
-        from ..export.ort import ort_model_source
+        from ..export.ort import ort_model_sources
 
         try:
-            source = ort_model_source(path, so, function_body)
+            sources = ort_model_sources(path, so, function_body, ort_graph)
         except ValueError as exc:
             raise SessionError(str(exc)) from None
         except Exception as exc:  # onnx raises DecodeError / OSError on a file that is not a model
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SessionError(f"{path}: not a readable ONNX model ({msg})") from None
         self.function_body = function_body
+        self.ort_graph = ort_graph
+        use = [p for p in requested if p not in unknown] or ["CPUExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(source, sess_options=so,
-                                                providers=[p for p in requested if p not in unknown]
-                                                or ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(sources.model, sess_options=so, providers=use)
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf / InvalidGraph ...
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SessionError(f"{path}: onnxruntime cannot load this model ({msg})") from None
+        self.decode_graph = sources.decode_graph
+        self.decode_graph_reason = sources.reason
+        self.decode_session: Any = None
+        if sources.decode is not None:
+            dso = ort.SessionOptions()
+            for attr in ("log_severity_level", "graph_optimization_level", "intra_op_num_threads",
+                         "inter_op_num_threads"):
+                setattr(dso, attr, getattr(so, attr))
+            if profile:
+                dso.enable_profiling = True
+                dso.profile_file_prefix = f"{profile}_decode"
+            try:
+                self.decode_session = ort.InferenceSession(sources.decode, sess_options=dso, providers=use)
+            except Exception as exc:  # a provider without the contrib ops, say: decode on the export
+                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                self.decode_graph, self.decode_graph_reason = "exported", f"onnxruntime refused it ({msg})"
         self.model_path = str(path)
         self.providers = list(self.session.get_providers())
         self.providers_requested = requested
@@ -180,7 +203,8 @@ class OrtSession(Session):
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
-        out.update(model=self.model_path, function_body=self.function_body,
+        out.update(model=self.model_path, function_body=self.function_body, ort_graph=self.ort_graph,
+                   decode_graph=self.decode_graph, decode_graph_reason=self.decode_graph_reason,
                    providers_requested=self.providers_requested,
                    providers_missing=self.providers_missing)
         return out
@@ -190,9 +214,29 @@ class OrtSession(Session):
         feeds = {"input_ids": input_ids}
         for name in self._state_names:
             feeds["past." + name] = state[name]
-        res = self.session.run(self._output_names, feeds)
+        sess = self.decode_session if input_ids.shape[1] == 1 and self.decode_session is not None \
+            else self.session
+        # InferenceSession.run is a Python wrapper (input-name checks, provider fallback) around _sess.run;
+        # calling the latter directly saves ~5 us a call (docs/ort_performance.md). Any failure goes
+        # through the public run, which raises onnxruntime's own error.
+        fast = getattr(sess, "_sess", None)
+        try:
+            res = fast.run(self._output_names, feeds, None) if fast is not None else None
+        except Exception:
+            res = None
+        if res is None:
+            res = sess.run(self._output_names, feeds)
         return res[0], dict(zip(self._state_names, res[1:]))
 
     def end_profiling(self) -> str:
-        """Stop ORT profiling; returns the JSON trace file's path."""
-        return self.session.end_profiling()
+        """Stop ORT profiling; returns the JSON trace file's path (of the exported graph's session; the
+        lean decode session's trace: :meth:`end_profiling_all`)."""
+        return self.end_profiling_all()["model"]
+
+    def end_profiling_all(self) -> dict[str, str]:
+        """Stop ORT profiling of every session: ``{"model": trace, "decode": trace}`` (the latter
+        only with a lean decode graph)."""
+        out = {"model": self.session.end_profiling()}
+        if self.decode_session is not None:
+            out["decode"] = self.decode_session.end_profiling()
+        return out

@@ -1,0 +1,481 @@
+"""ONNX Runtime graph rewrites, applied in memory when an ORT session loads a model (never to the file).
+
+``lean-decode`` (:func:`lean_decode_model`): a second, hand-built graph of the streaming step for
+T = 1 only, made from the exported model's own weights. The exported graph stays what every runtime
+and TensorRT parse; an ORT session (:class:`trellis_export.runtime.OrtSession`, ``ort_graph="lean"``)
+runs this graph for decode calls (T = 1) and the exported graph (its TrellisMemory body in the ``ort``
+flavour) for every other T. What it changes, all measured (docs/ort_performance.md):
+
+* no control flow and no shape arithmetic: T = 1 is fixed, the rows stay ``[B, D]`` (2-D) throughout;
+* the depthwise causal conv as ``Concat(cache, x) * W -> ReduceSum`` over the window (ORT's grouped
+  Conv costs ~20 us per call at B = 1 and scales badly with B);
+* the six projections of a mixer (q k v, a, beta, gamma, the GELU gate) as one ``Gemm`` whose bias
+  holds the gate biases, split once; the FFN's gate and up projections as one MatMul;
+* both memory passes of a layer computed together: memories stacked on the head axis as
+  ``[B, 2H, m, d] = [K; V]`` (the slot target and the gates duplicated into the Gemm's columns), so one
+  MatMul, one inner-gradient pass and one write serve both, and one Split hands back K and V;
+* ``ln_silu`` as ``LayerNormalization`` (its InvStdDev output is the 1/sd the inner gradient needs);
+* with ``contrib=True`` (default) ORT's contrib ops: ``SimplifiedLayerNormalization`` (RMSNorm),
+  ``com.microsoft::SkipSimplifiedLayerNormalization`` (residual add + RMSNorm in one kernel),
+  ``com.microsoft::Gelu`` and ``com.microsoft::QuickGelu`` (alpha = 1: SiLU).
+
+The math is TRELLIS_SPEC.md sections 2-5 (one token: the recurrence of section 3 at t = 0 of a call).
+:func:`lean_decode_model` raises :class:`RewriteError` when the graph is not one it knows how to read
+(float16 activations, a graph from another exporter); the session then decodes on the exported graph
+and says why in ``describe()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..config import TrellisConfig
+from ..opdef import DOMAIN, OP_TYPE
+from ..state import state_spec
+
+__all__ = ["lean_decode_model", "RewriteError", "ORT_GRAPHS", "LayerWeights", "read_weights"]
+
+#: ``OrtSession(ort_graph=...)``: ``"lean"`` (decode calls on :func:`lean_decode_model`, others on the
+#: exported graph), ``"lean-std"`` (the same without contrib ops: for measurements), ``"exported"``.
+ORT_GRAPHS: tuple[str, ...] = ("lean", "lean-std", "exported")
+#: F.normalize's eps in the layer (``model/lm.py``): q, k / max(||x||, eps).
+QK_NORM_EPS = 1e-6
+
+
+class RewriteError(ValueError):
+    """The model's graph is not one this rewrite knows how to read."""
+
+
+@dataclass
+class LayerWeights:
+    norm_mixer: np.ndarray
+    w_qkv: np.ndarray          # [D, 3 H d]
+    conv: np.ndarray           # [3 H d, K]
+    w_a: np.ndarray            # [D, H m]
+    w_beta: np.ndarray         # [D, H]
+    b_beta: np.ndarray
+    w_gamma: np.ndarray
+    b_gamma: np.ndarray
+    w_gate: np.ndarray         # [D, H d] (GELU gate)
+    m0_key: np.ndarray         # [H, m, d]
+    m0_value: np.ndarray
+    out_norm: np.ndarray
+    w_out: np.ndarray          # [H d, D]
+    norm_ffn: np.ndarray
+    w_ffn_gate: np.ndarray     # [D, F]
+    w_ffn_up: np.ndarray
+    w_ffn_down: np.ndarray     # [F, D]
+
+
+@dataclass
+class ModelWeights:
+    embed: np.ndarray
+    layers: list[LayerWeights] = field(default_factory=list)
+    norm: np.ndarray | None = None
+    lm_head: np.ndarray | None = None   # [D, vocab]
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.values: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        for n in g.node:
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+                for a in n.attribute:
+                    if a.name == "value":
+                        self.values[n.output[0]] = numpy_helper.to_array(a.t)
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in g.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+
+    def value(self, name: str, what: str) -> np.ndarray:
+        if name not in self.values:
+            raise RewriteError(f"{what}: {name!r} is not a constant of the graph")
+        return self.values[name]
+
+    def uses(self, name: str, op: str | None = None) -> list[onnx.NodeProto]:
+        return [n for n in self.consumers.get(name, []) if op is None or n.op_type == op]
+
+    def one(self, name: str, op: str, what: str) -> onnx.NodeProto:
+        found = self.uses(name, op)
+        if len(found) != 1:
+            raise RewriteError(f"{what}: expected one {op} reading {name!r}, found {len(found)}")
+        return found[0]
+
+    def reaches(self, name: str, op: str, depth: int = 4) -> bool:
+        """Whether an ``op`` node reads ``name`` within ``depth`` hops downstream."""
+        frontier = [name]
+        for _ in range(depth):
+            nxt = []
+            for v in frontier:
+                for n in self.uses(v):
+                    if n.op_type == op:
+                        return True
+                    nxt.extend(n.output)
+            frontier = nxt
+        return False
+
+
+def read_weights(model: onnx.ModelProto, config: TrellisConfig) -> ModelWeights:
+    """The weights of an exported TrellisLM step graph, found by walking its structure from the
+    embedding (never by name alone: the exporter merges equal initializers, e.g. norms that are all
+    ones, under one name): per layer the RMSNorm chain, the MatMuls that read the normed activations
+    (told apart by where their outputs go: the Conv, the TrellisMemory inputs a / beta / gamma, the
+    GELU gate), the M0 tensors fed to the TrellisMemory node, the output norm and projection, the
+    SwiGLU FFN; then the final norm and the LM head."""
+    g = _Graph(model)
+    c = config
+    D, HD, H, m = c.d_model, c.memory_dim, c.n_heads, c.n_slots
+    gather = g.one("input_ids", "Gather", "embedding")
+    out = ModelWeights(embed=g.value(gather.input[0], "embedding"))
+    x = gather.output[0]
+
+    def rms_after(x: str, what: str) -> tuple[np.ndarray, str]:
+        """(weight, output) of the RMSNorm reading ``x``: Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul
+        (x * rsqrt), Mul (* weight)."""
+        v = g.one(x, "Pow", what).output[0]
+        for op in ("ReduceMean", "Add", "Sqrt", "Reciprocal", "Mul"):
+            v = g.one(v, op, what).output[0]
+        mul = g.one(v, "Mul", what)
+        other = [i for i in mul.input if i != v]
+        if len(other) != 1:
+            raise RewriteError(f"{what}: unexpected RMSNorm weight Mul")
+        return g.value(other[0], what), mul.output[0]
+
+    def residual(x: str, y: str, what: str) -> str:
+        adds = [n for n in g.uses(y, "Add") if x in n.input]
+        if len(adds) != 1:
+            raise RewriteError(f"{what}: no residual Add of the block output")
+        return adds[0].output[0]
+
+    for L in range(c.n_layers):
+        what = f"layer {L}"
+        lw: dict[str, Any] = {}
+        lw["norm_mixer"], h = rms_after(x, what)
+        memory = None
+        for mm in g.uses(h, "MatMul"):
+            w = g.value(mm.input[1], what)
+            y = mm.output[0]
+            if g.reaches(y, "Conv", 3):
+                tr = g.one(y, "Transpose", what)
+                cat = g.one(tr.output[0], "Concat", what)
+                conv = g.one(cat.output[0], "Conv", what)
+                if len(conv.input) > 2 and conv.input[2]:
+                    raise RewriteError(f"{what}: the conv has a bias")
+                lw["w_qkv"], lw["conv"] = w, g.value(conv.input[1], what).reshape(3 * HD, -1)
+                continue
+            adds = g.uses(y, "Add")
+            if len(adds) == 1 and adds[0].input[1] in g.values:
+                sig = g.one(adds[0].output[0], "Sigmoid", what)
+                for n in g.uses(sig.output[0]):
+                    if n.domain == DOMAIN and n.op_type == OP_TYPE:
+                        memory = n
+                        slot = list(n.input).index(sig.output[0])
+                        key = {4: "beta", 5: "gamma"}.get(slot)
+                        if key is None:
+                            raise RewriteError(f"{what}: a gate feeds TrellisMemory input {slot}")
+                        lw[f"w_{key}"], lw[f"b_{key}"] = w, g.value(adds[0].input[1], what)
+                continue
+            rs = g.uses(y, "Reshape")
+            if len(rs) == 1 and any(n.domain == DOMAIN and list(n.input).index(rs[0].output[0]) == 3
+                                    for n in g.uses(rs[0].output[0]) if n.op_type == OP_TYPE):
+                lw["w_a"] = w
+            else:
+                lw["w_gate"] = w
+        if memory is None:
+            raise RewriteError(f"{what}: no TrellisMemory node found")
+        for slot, key in ((6, "m0_key"), (7, "m0_value")):
+            where = g.producer.get(memory.input[slot])
+            expand = g.producer.get(where.input[1]) if where is not None and where.op_type == "Where" \
+                else None
+            if expand is None or expand.op_type != "Expand":
+                raise RewriteError(f"{what}: TrellisMemory input {slot} is not "
+                                   "Where(fresh, Expand(M0), past)")
+            lw[key] = g.value(expand.input[0], what)
+        o = g.one(memory.output[0], "Reshape", what).output[0]
+        lw["out_norm"], on = rms_after(o, what)
+        gated = g.one(on, "Mul", what)
+        w_out = g.one(gated.output[0], "MatMul", what)
+        lw["w_out"] = g.value(w_out.input[1], what)
+        x = residual(x, w_out.output[0], what)
+        lw["norm_ffn"], h2 = rms_after(x, what)
+        down = None
+        for mm in g.uses(h2, "MatMul"):
+            if g.uses(mm.output[0], "Sigmoid"):
+                lw["w_ffn_gate"] = g.value(mm.input[1], what)
+            else:
+                lw["w_ffn_up"] = g.value(mm.input[1], what)
+                prod = g.one(mm.output[0], "Mul", what)
+                down = g.one(prod.output[0], "MatMul", what)
+                lw["w_ffn_down"] = g.value(down.input[1], what)
+        missing = [k for k in LayerWeights.__dataclass_fields__ if k not in lw]
+        if missing or down is None:
+            raise RewriteError(f"{what}: could not find {', '.join(missing)} in the graph")
+        x = residual(x, down.output[0], what)
+        layer = LayerWeights(**lw)
+        shapes = {"w_qkv": (D, 3 * HD), "w_a": (D, H * m), "w_beta": (D, H), "w_gamma": (D, H),
+                  "w_gate": (D, HD), "w_out": (HD, D), "conv": (3 * HD, c.conv_size),
+                  "m0_key": (H, m, c.head_dim), "m0_value": (H, m, c.head_dim), "b_beta": (H,),
+                  "b_gamma": (H,), "norm_mixer": (D,), "out_norm": (HD,), "norm_ffn": (D,),
+                  "w_ffn_gate": (D, c.ffn_dim), "w_ffn_up": (D, c.ffn_dim), "w_ffn_down": (c.ffn_dim, D)}
+        for k, shape in shapes.items():
+            got = tuple(getattr(layer, k).shape)
+            if got != shape:
+                raise RewriteError(f"{what}: {k} has shape {list(got)}, expected {list(shape)}")
+        out.layers.append(layer)
+    out.norm, hn = rms_after(x, "final norm")
+    head = g.one(hn, "MatMul", "LM head")
+    if head.output[0] != "logits":
+        raise RewriteError("the LM head MatMul does not write the logits")
+    out.lm_head = g.value(head.input[1], "LM head")
+    if out.lm_head.shape != (D, c.vocab_size):
+        raise RewriteError(f"LM head has shape {list(out.lm_head.shape)}, expected [{D}, {c.vocab_size}]")
+    for t in [*out.layers, out]:
+        for k, v in vars(t).items():
+            if isinstance(v, np.ndarray) and v.dtype != np.float32:
+                raise RewriteError(f"{k} is {v.dtype}; the lean decode graph is float32 only")
+    return out
+
+
+class _B:
+    """Node builder for the lean graph (unique names, initializers collected)."""
+
+    def __init__(self, contrib: bool) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.contrib = contrib
+        self._n = 0
+        self._consts: dict[tuple[Any, ...], str] = {}
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def op(self, op_type: str, inputs: list[str], hint: str = "", n_out: int = 1, domain: str = "",
+           outputs: list[str] | None = None, **attrs: Any) -> Any:
+        outs = outputs or [self.name(hint or op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name("n_" + op_type),
+                                           domain=domain, **attrs))
+        return outs[0] if n_out == 1 and outputs is None else outs
+
+    def init(self, value: np.ndarray, hint: str) -> str:
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def const(self, values: Any, dtype: Any = np.int64) -> str:
+        arr = np.asarray(values, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init(arr, "c")
+        return self._consts[key]
+
+    # ---------------------------------------------------------------- fused pieces
+    def silu(self, x: str) -> str:
+        if self.contrib:
+            return self.op("QuickGelu", [x], "silu", domain="com.microsoft", alpha=1.0)
+        return self.op("Mul", [x, self.op("Sigmoid", [x])], "silu")
+
+    def gelu(self, x: str) -> str:
+        if self.contrib:
+            return self.op("Gelu", [x], "gelu", domain="com.microsoft")
+        half = self.op("Mul", [x, self.const(0.5, np.float32)])
+        erf = self.op("Erf", [self.op("Mul", [x, self.const(1 / np.sqrt(2.0), np.float32)])])
+        return self.op("Mul", [half, self.op("Add", [erf, self.const(1.0, np.float32)])], "gelu")
+
+    def rms(self, x: str, w: str, eps: float) -> str:
+        if self.contrib:
+            return self.op("SimplifiedLayerNormalization", [x, w], "rms", axis=-1, epsilon=eps, stash_type=1)
+        ms = self.op("ReduceMean", [self.op("Mul", [x, x]), self.const([-1])], keepdims=1)
+        inv = self.op("Reciprocal", [self.op("Sqrt", [self.op("Add", [ms, self.const(eps, np.float32)])])])
+        return self.op("Mul", [self.op("Mul", [x, inv]), w], "rms")
+
+    def skip_rms(self, x: str, y: str, w: str, eps: float) -> tuple[str, str]:
+        """(RMSNorm(x + y) * w, x + y)."""
+        if self.contrib:
+            outs = [self.name("skip_rms"), "", "", self.name("resid")]
+            self.op("SkipSimplifiedLayerNormalization", [x, y, w], domain="com.microsoft", outputs=outs,
+                    epsilon=eps)
+            return outs[0], outs[3]
+        s = self.op("Add", [x, y], "resid")
+        return self.rms(s, w, eps), s
+
+
+def _nonlin(b: _B, name: str, z: str, axis: int, n: int, eps: float, want_vjp: bool
+            ) -> tuple[str, dict[str, str]]:
+    """y = g(z) over ``axis`` (length ``n``); with ``want_vjp`` the pieces of its VJP."""
+    if name == "identity":
+        return z, {}
+    ax = b.const([axis])
+    if want_vjp or not b.contrib:
+        sig = b.op("Sigmoid", [z], "sig")
+        s = b.op("Mul", [z, sig], "s")
+    else:
+        sig, s = "", b.silu(z)
+    aux: dict[str, str] = {}
+    if want_vjp:   # s' = sig (1 + z (1 - sig)) = sig + s - s sig
+        aux["ds"] = b.op("Add", [sig, b.op("Sub", [s, b.op("Mul", [s, sig])])], "ds")
+    if name == "ln_silu":
+        shape = [n] + [1] * (-axis - 1)
+        outs = [b.name("y"), "", b.name("inv_sd")] if want_vjp else [b.name("y")]
+        unit, zero = b.const(np.ones(shape), np.float32), b.const(np.zeros(shape), np.float32)
+        b.op("LayerNormalization", [s, unit, zero], outputs=outs, axis=axis, epsilon=eps, stash_type=1)
+        if want_vjp:
+            aux["inv_den"] = outs[2]
+        return outs[0], aux
+    if name == "l2_silu":
+        ss = b.op("ReduceSum", [b.op("Mul", [s, s]), ax], keepdims=1)
+        inv = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [ss, b.const(eps, np.float32)])])], "inv_nrm")
+        aux["inv_den"] = inv
+        return b.op("Mul", [s, inv], "y"), aux
+    raise RewriteError(f"unknown nonlinearity {name!r}")
+
+
+def _inner_grad(b: _B, phi: str, z: str, a: str, axis: int, n: int, eps: float) -> str:
+    """u = J_phi(z)^T (phi(z) - a) over ``axis`` (TRELLIS_SPEC.md section 2)."""
+    y, aux = _nonlin(b, phi, z, axis, n, eps, want_vjp=True)
+    e = b.op("Sub", [y, a], "e")
+    if phi == "identity":
+        return e
+    ax = b.const([axis])
+    if phi == "ln_silu":
+        me = b.op("ReduceMean", [e, ax], keepdims=1)
+        mey = b.op("ReduceMean", [b.op("Mul", [e, y]), ax], keepdims=1)
+        inner = b.op("Sub", [b.op("Sub", [e, me]), b.op("Mul", [y, mey])], "inner")
+    else:
+        dot = b.op("ReduceSum", [b.op("Mul", [y, e]), ax], keepdims=1)
+        inner = b.op("Sub", [e, b.op("Mul", [y, dot])], "inner")
+    return b.op("Mul", [b.op("Mul", [aux["ds"], inner]), aux["inv_den"]], "u")
+
+
+def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib: bool = True,
+                      activation_dtype: str = "float32") -> onnx.ModelProto:
+    """The T = 1 streaming step of ``model`` as one straight-line graph (see the module doc).
+
+    Same inputs and outputs as the exported graph (``input_ids`` is ``[batch, 1]``), same metadata.
+    Raises :class:`RewriteError` for a graph it cannot read or a float16 export."""
+    if activation_dtype != "float32":
+        raise RewriteError(f"the lean decode graph is float32 only (this model's activations are "
+                           f"{activation_dtype})")
+    if not any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in model.graph.node):
+        raise RewriteError("the graph has no trellis::TrellisMemory node")
+    wts = read_weights(model, config)
+    c = config
+    H, m, d, HD, C = c.n_heads, c.n_slots, c.head_dim, c.memory_dim, c.chunk_size
+    K = c.conv_size
+    f32 = np.float32
+    b = _B(contrib)
+    spec = state_spec(c)
+    ins = {t.name: t.past_name for t in spec}
+    outs = {t.name: t.present_name for t in spec}
+
+    pos = ins["position"]
+    b.op("Add", [pos, b.const(1)], outputs=[outs["position"]])
+    fresh = b.op("Equal", [pos, b.const(0)], "fresh")
+    fresh3 = b.op("Reshape", [fresh, b.const([-1, 1, 1])], "fresh3")
+    fresh4 = b.op("Unsqueeze", [fresh3, b.const([3])], "fresh4")
+    start4 = None
+    if C > 1:
+        start = b.op("Equal", [b.op("Mod", [pos, b.const(C)]), b.const(0)], "chunk_start")
+        start4 = b.op("Reshape", [start, b.const([-1, 1, 1, 1])], "start4")
+    ids = b.op("Reshape", ["input_ids", b.const([-1])], "ids")
+    x = b.op("Gather", [b.init(wts.embed, "embed"), ids], "x", axis=0)              # [B, D]
+    h = b.rms(x, b.init(wts.layers[0].norm_mixer, "norm_mixer_0"), c.norm_eps)
+    qk_mask = np.ones((3 * H, 1), f32)
+    qk_mask[2 * H:] = 0.0
+    qk_floor = np.full((3 * H, 1), QK_NORM_EPS, f32)
+    qk_floor[2 * H:] = 1.0                 # v: max(0 * ||v||, 1) = 1, not normalised
+    ones_mask, floor = b.const(qk_mask, f32), b.const(qk_floor, f32)
+    f_out = None
+    for L, lw in enumerate(wts.layers):
+        if L > 0:
+            assert f_out is not None
+            h, x = b.skip_rms(x, f_out, b.init(lw.norm_mixer, f"norm_mixer_{L}"), c.norm_eps)
+        # ---- one Gemm: [q k v | a a | beta beta gamma gamma | gate]
+        w_mix = np.concatenate([lw.w_qkv, lw.w_a, lw.w_a, lw.w_beta, lw.w_beta, lw.w_gamma, lw.w_gamma,
+                                lw.w_gate], axis=1)
+        bias = np.zeros(w_mix.shape[1], f32)
+        o0 = 3 * HD + 2 * H * m
+        bias[o0:o0 + 2 * H] = np.tile(lw.b_beta, 2)
+        bias[o0 + 2 * H:o0 + 4 * H] = np.tile(lw.b_gamma, 2)
+        mix = b.op("Gemm", [h, b.init(w_mix, f"w_mix_{L}"), b.init(bias, f"b_mix_{L}")], "mix")
+        qkv, a2, gates, g = b.op("Split", [mix, b.const([3 * HD, 2 * H * m, 4 * H, HD])], n_out=4, axis=1)
+        # ---- causal depthwise conv: window = [cache, x], y = sum(window * W); cache <- window[1:]
+        cache = b.op("Where", [fresh3, b.const(0.0, f32), ins[f"{L}.conv"]], "cache")
+        win = b.op("Concat", [cache, b.op("Unsqueeze", [qkv, b.const([2])])], "win", axis=2)
+        b.op("Slice", [win, b.const([1]), b.const([K]), b.const([2])], outputs=[outs[f"{L}.conv"]])
+        y = b.op("ReduceSum", [b.op("Mul", [win, b.init(lw.conv, f"conv_{L}")]), b.const([2])], keepdims=0)
+        y3 = b.op("Reshape", [b.silu(y), b.const([-1, 3 * H, d])], "qkv3")              # [B, 3H, d]
+        if c.qk_norm == "l2":
+            nrm = b.op("ReduceL2", [y3, b.const([-1])], keepdims=1)
+            y3 = b.op("Div", [y3, b.op("Max", [b.op("Mul", [nrm, ones_mask]), floor])], "qkv_n")
+        q, kv = b.op("Split", [y3, b.const([H, 2 * H])], n_out=2, axis=1)            # [B,H,d], [B,2H,d]
+        # ---- the memory step, both passes stacked on the head axis: M = [K; V]  [B, 2H, m, d]
+        m0 = np.concatenate([lw.m0_key, lw.m0_value], axis=0).astype(f32)
+        M_in = b.op("Concat", [ins[f"{L}.key_memory"], ins[f"{L}.value_memory"]], "M_in", axis=1)
+        M = b.op("Where", [fresh4, b.init(m0, f"m0_{L}"), M_in], "M")
+        if C > 1:
+            assert start4 is not None
+            S_in = b.op("Concat", [ins[f"{L}.key_snapshot"], ins[f"{L}.value_snapshot"]], "S_in", axis=1)
+            S = b.op("Where", [start4, M, S_in], "S")    # a fresh row is at a chunk start too
+        else:
+            S = M
+        kv_col = b.op("Unsqueeze", [kv, b.const([3])], "kv_col")                         # [B,2H,d,1]
+        kv_row = b.op("Unsqueeze", [kv, b.const([2])], "kv_row")                         # [B,2H,1,d]
+        Z = b.op("MatMul", [S, kv_col], "Z")                                             # [B,2H,m,1]
+        a4 = b.op("Reshape", [a2, b.const([-1, 2 * H, m, 1])], "a")
+        u = _inner_grad(b, c.phi, Z, a4, -2, m, c.eps)
+        gt = b.op("Reshape", [b.op("Sigmoid", [gates]), b.const([-1, 4 * H, 1, 1])], "gates")
+        beta2, gamma2 = b.op("Split", [gt, b.const([2 * H, 2 * H])], n_out=2, axis=1)
+        outer = b.op("Mul", [b.op("Mul", [gamma2, u], "gu"), kv_row], "outer")
+        M_new = b.op("Sub", [b.op("Mul", [beta2, M]), outer], "M_new")
+        K_new, V_new = b.op("Split", [M_new, b.const([H, H])], outputs=[outs[f"{L}.key_memory"],
+                                                                         outs[f"{L}.value_memory"]],
+                            n_out=2, axis=1)
+        if C > 1:
+            b.op("Split", [S, b.const([H, H])], outputs=[outs[f"{L}.key_snapshot"],
+                                                          outs[f"{L}.value_snapshot"]], n_out=2, axis=1)
+        Kq = b.op("MatMul", [K_new, b.op("Unsqueeze", [q, b.const([3])], "q_col")], "Kq")   # [B,H,m,1]
+        r, _ = _nonlin(b, c.f, Kq, -2, m, c.eps, want_vjp=False)
+        r_row = b.op("Reshape", [r, b.const([-1, H, 1, m])], "r_row")
+        vr = b.op("MatMul", [r_row, V_new], "Vr")                                        # [B,H,1,d]
+        o, _ = _nonlin(b, c.rho, vr, -1, d, c.eps, want_vjp=False)
+        o2 = b.op("Reshape", [o, b.const([-1, HD])], "o")
+        # ---- out: x + W_o (RMSNorm(o) * GELU(W_g h)); FFN
+        on = b.rms(o2, b.init(lw.out_norm, f"out_norm_{L}"), c.norm_eps)
+        mixed = b.op("MatMul", [b.op("Mul", [on, b.gelu(g)]), b.init(lw.w_out, f"w_out_{L}")], "mixer_out")
+        h2, x = b.skip_rms(x, mixed, b.init(lw.norm_ffn, f"norm_ffn_{L}"), c.norm_eps)
+        gu = b.op("MatMul", [h2, b.init(np.concatenate([lw.w_ffn_gate, lw.w_ffn_up], axis=1), f"w_gu_{L}")])
+        gate, up = b.op("Split", [gu, b.const([c.ffn_dim, c.ffn_dim])], n_out=2, axis=1)
+        f_out = b.op("MatMul", [b.op("Mul", [b.silu(gate), up]), b.init(lw.w_ffn_down, f"w_down_{L}")],
+                     "ffn_out")
+    assert f_out is not None and wts.norm is not None and wts.lm_head is not None
+    hn, _ = b.skip_rms(x, f_out, b.init(wts.norm, "norm"), c.norm_eps)
+    logits2 = b.op("MatMul", [hn, b.init(wts.lm_head, "lm_head")], "logits2")
+    b.op("Reshape", [logits2, b.const([-1, 1, c.vocab_size])], outputs=["logits"])
+
+    def vi(name: str, dtype: int, shape: list[Any]) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, dtype, shape)
+
+    inputs = [vi("input_ids", TensorProto.INT64, ["batch", 1])]
+    outputs = [vi("logits", TensorProto.FLOAT, ["batch", 1, c.vocab_size])]
+    for t in spec:
+        dt = TensorProto.INT64 if t.dtype == "int64" else TensorProto.FLOAT
+        shape = ["batch", *t.shape[1:]]
+        inputs.append(vi(t.past_name, dt, shape))
+        outputs.append(vi(t.present_name, dt, shape))
+    graph = helper.make_graph(b.nodes, "trellis_lean_decode", inputs, outputs, initializer=b.inits)
+    lean = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                   helper.make_opsetid("com.microsoft", 1)],
+                             producer_name="trellis-export ort_rewrite lean-decode")
+    lean.ir_version = model.ir_version or 9
+    for p in model.metadata_props:
+        lean.metadata_props.add(key=p.key, value=p.value)
+    return lean
