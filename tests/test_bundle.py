@@ -232,6 +232,20 @@ def test_bundle_onnx_builds_with_tensorrt_rtx_and_the_bundle_shapes(copy: Path) 
         assert _profile_shapes(network, settings, tokens) == prof["shapes"]
 
 
+@pytest.mark.tensorrt_rtx
+@pytest.mark.skipif(not HAVE_RTX, reason='TensorRT-RTX is not installed (pip install -e ".[tensorrt-rtx]")')
+def test_plugin_build_uses_the_bundled_kernels(copy: Path) -> None:
+    """build_engine.py --plugin (with trellis-export installed, as its README says): every TrellisMemory
+    node becomes a plugin layer carrying the bundle's sm_87 records, compiled nowhere else."""
+    proc = run_script(copy, "build_engine.py", "--plugin", "--runtime", "tensorrt-rtx",
+                      "--compute-capability", "8.6")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads((copy / "model.engine.json").read_text())
+    assert info["plugin"] is True and info["plugin_layers"] == CONFIG.n_layers
+    assert info["kernel_records"] == len(json.loads((copy / KERNELS_FILE).read_text()))
+    assert b".target sm_87" in (copy / "model.engine").read_bytes()
+
+
 # ------------------------------------------------------------------------------------- verify_engine.py
 def test_verify_engine_ort_passes_and_reports(copy: Path) -> None:
     proc = run_script(copy, "verify_engine.py", "--runtime", "ort", "--json", str(copy.parent / "r.json"))

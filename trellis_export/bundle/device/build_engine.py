@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from trellis_bundle import BundleError, fail, import_tensorrt, open_bundle  # noqa: E402
 
 
-def plugin_creator(trt: object, bundle: Path, manifest: dict) -> object:
+def plugin_creator(trt: object, bundle: Path, manifest: dict, used: list[int]) -> object:
     """Register the plugin with the bundle's AOT kernels (no compiler needed on the device)."""
     try:
         from trellis_export.plugins_trt import plugin_v3
@@ -41,10 +41,22 @@ def plugin_creator(trt: object, bundle: Path, manifest: dict) -> object:
         if not mine:
             raise BundleError(f"no bundled kernels for heads={heads} slots={slots} head_dim={head_dim} "
                               f"{dtype}")
+        used.append(len(mine))
         return mine
 
     plugin_v3.compile_records = bundled_records          # the records come from the bundle
-    return plugin_v3.register(trt, targets=[int(c) for c in kernels["compute_capabilities"]])
+    creator = plugin_v3.register(trt, targets=[int(c) for c in kernels["compute_capabilities"]])
+    if hasattr(plugin_v3, "shape_key"):                  # plugins that look records up before the build
+        shapes = {(r["constexprs"]["H"], r["constexprs"]["M"], r["constexprs"]["D"], r["dtype"])
+                  for r in records}
+        for h, m, d, dt in sorted(shapes):
+            key = plugin_v3.shape_key(heads=h, slots=m, head_dim=d, dtype=dt)
+            creator.compiled[key] = bundled_records({}, heads=h, slots=m, head_dim=d, dtype=dt, targets=())
+    if "rtx" in trt.__name__:     # TensorRT-RTX 1.7.1's parser dlopens an unversioned library name
+        from trellis_export.plugins_trt.runtimes import ensure_rtx_library_link
+
+        ensure_rtx_library_link(quiet=True)
+    return creator
 
 
 def build(bundle: Path, manifest: dict, output: Path, plugin: bool, runtime: str | None,
@@ -52,10 +64,10 @@ def build(bundle: Path, manifest: dict, output: Path, plugin: bool, runtime: str
     trt = import_tensorrt(runtime or manifest["target"]["runtime"], strict=runtime is not None)
     version = getattr(trt, "__version__", "?")
     rtx = "rtx" in trt.__name__
-    if plugin:
-        plugin_creator(trt, bundle, manifest)
     logger = trt.Logger(trt.Logger.WARNING if verbose else trt.Logger.ERROR)
     builder = trt.Builder(logger)
+    used: list[int] = []
+    creator = plugin_creator(trt, bundle, manifest, used) if plugin else None
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -92,11 +104,15 @@ def build(bundle: Path, manifest: dict, output: Path, plugin: bool, runtime: str
     if blob is None:
         raise BundleError(f"TensorRT {version} failed to build the engine (see its log above)")
     seconds = time.perf_counter() - t0
+    missing = creator.compiled.get("missing") if creator is not None else None
+    if missing:
+        raise BundleError(f"the bundle's kernels do not cover the plugin layers' shapes {missing}")
     tmp = output.with_name(output.name + ".tmp")
     tmp.write_bytes(bytes(blob))
     tmp.replace(output)
     info = {"fingerprint": manifest["model"]["fingerprint"], "runtime": trt.__name__, "version": version,
-            "plugin": bool(n_plugin), "plugin_layers": n_plugin, "layers": len(layers),
+            "plugin": bool(n_plugin), "plugin_layers": n_plugin, "kernel_records": sum(used),
+            "layers": len(layers),
             "profiles": manifest["engine"]["profiles"], "build_seconds": round(seconds, 3),
             "bytes": output.stat().st_size}
     output.with_name(output.name + ".json").write_text(json.dumps(info, indent=1) + "\n")
