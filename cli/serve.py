@@ -35,7 +35,7 @@ _pos = click.IntRange(min=1)
               help="ONNX Runtime intra-op threads per instance (0: its default).")
 @click.option("--gpu-configs/--no-gpu-configs", default=True, show_default=True,
               help="Also write the onnxruntime_onnx and tensorrt_plan models with implicit state.")
-@click.option("--force", is_flag=True, help="Rewrite an existing repository.")
+@click.option("--force", is_flag=True, help="Replace a directory that trellis-export did not write.")
 def triton_repo(model: str, out: str, name: str, instances: int, max_sequences: int, max_batch_size: int,
                 idle_seconds: float, queue_delay_us: int, ort_threads: int, gpu_configs: bool,
                 force: bool) -> None:

@@ -17,6 +17,7 @@ from conftest import TOL_SHORT, assert_rel_close, tiny_config, tiny_model
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] not installed; pip install "
                     "'trellis-export[serve]'")
 
+from trellis_export.errors import TrellisExportError  # noqa: E402
 from trellis_export.serving.checks import ConfigCheckError, GraphIO, check_config, parse_config  # noqa: E402
 from trellis_export.serving.repo import (  # noqa: E402
     RepoError,
@@ -174,9 +175,12 @@ def test_swapped_model_refused(repo: Path, tmp_path: Path) -> None:
 def test_cli_errors_are_one_line(repo: Path, onnx_model: Path, tmp_path: Path) -> None:
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
+    foreign = tmp_path / "foreign"              # a directory trellis-export did not write
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
     checks = [
         (("triton-repo", str(junk), "-o", str(tmp_path / "r1")), "not a Trellis ONNX model"),
-        (("triton-repo", str(onnx_model), "-o", str(repo)), "--force"),
+        (("triton-repo", str(onnx_model), "-o", str(foreign)), "--force"),
         (("triton-repo", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "r2")), "no such"),
     ]
     env = dict(os.environ, TRELLIS_SERVING_HOME=str(tmp_path / "nowhere"))
@@ -197,5 +201,15 @@ def test_cli_triton_repo_writes(onnx_model: Path, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "checked against the graph: ok" in res.stdout
     assert check_repository(tmp_path / "r")["models"] == {"trellis": "python"}
-    with pytest.raises(RepoError, match="--force"):
-        write_repository(onnx_model, tmp_path / "r")
+    # a repository trellis-export wrote is replaced without --force; a foreign directory needs it
+    assert write_repository(onnx_model, tmp_path / "r")["models"].keys() == {"trellis", "trellis_onnx",
+                                                                              "trellis_trt"}
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    with pytest.raises(TrellisExportError, match="--force"):
+        write_repository(onnx_model, tmp_path / "mine")
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "x"
+    write_repository(onnx_model, tmp_path / "mine", force=True)
+    assert not (tmp_path / "mine" / "keep.txt").exists()
+    with pytest.raises(RepoError, match="no such ONNX model"):
+        write_repository(tmp_path / "absent.onnx", tmp_path / "r2")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -176,7 +175,9 @@ def _model_facts(path: Path) -> tuple[ModelFacts, Any, Any]:
 
 def write_repository(model_path: str | os.PathLike[str], out: str | os.PathLike[str],
                      opts: RepoOptions | None = None, *, force: bool = False) -> dict[str, Any]:
-    """Write (or, with ``force``, rewrite) the repository; returns the manifest."""
+    """Write the repository; returns the manifest. An existing directory is replaced when trellis-export
+    wrote it (a repository, or marked), any other only with ``force`` (the rules of
+    :func:`trellis_export.outputs.claim_outputs`)."""
     import onnx
 
     opts = opts or RepoOptions()
@@ -190,36 +191,27 @@ def write_repository(model_path: str | os.PathLike[str], out: str | os.PathLike[
     src = Path(model_path)
     if not src.is_file():
         raise RepoError(f"{src}: no such ONNX model file")
-    dest = Path(out)
-    if dest.exists() and any(dest.iterdir()):
-        if not (dest / MANIFEST).is_file():
-            raise RepoError(f"{dest} exists and is not a trellis model repository; choose another -o")
-        if not force:
-            raise RepoError(f"{dest} already holds a repository; pass --force to write it again")
+    dest = Path(os.path.abspath(os.fspath(out)))
+    from ..outputs import MARKER, OutputSpec, claim_outputs, replace_dir, temporary_sibling, write_marker
+
+    def owns(name: str) -> bool:       # a repository written before markers existed still counts
+        return name in (MANIFEST, MARKER) or (dest / name / "config.pbtxt").is_file()
+
+    # the project's output rules: a directory trellis-export wrote is replaced, any other only with force
+    claim_outputs([OutputSpec(dest, "-o/--output", kind="dir", parents=True, owns=owns)], inputs=[src],
+                  force=force)
     facts, config, proto = _model_facts(src)
     spec = state_spec(config)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with temporary_sibling(dest, directory=True) as tmp:
         written = _write_tree(tmp, src, opts, facts, config, proto, spec, onnx)
         manifest = {"format": FORMAT, "format_version": 1, "fingerprint": facts.fingerprint,
                     "source_model": str(src.resolve()), "serve_model": opts.name, "models": written,
                     "vocab_size": facts.vocab, "options": asdict(opts)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-        os.chmod(dest, 0o777 & ~_umask())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_marker(tmp)
+        replace_dir(tmp, dest)
     return manifest
-
-
-def _umask() -> int:
-    from ..fileio import current_umask
-
-    return current_umask()
 
 
 def _write_tree(root: Path, src: Path, opts: RepoOptions, facts: ModelFacts, config: Any, proto: Any,
