@@ -205,55 +205,63 @@ def compile_kernels(config: Any, target: Target, dtype: str, dest: Path) -> dict
 
 # ------------------------------------------------------------------------------- README
 def readme(target: Target, manifest: dict[str, Any]) -> str:
+    """The bundle's README.md: the three device commands, in order, and what each needs."""
     dtype = manifest["model"]["activation_dtype"]
     tol = manifest["tolerances"]
-    tol_line = (f"relative RMS <= {tol['float16_logits']:g} on the logits (float16 engine; states reported)"
-                if dtype == "float16" else
+    ref = manifest["reference"]
+    tol_line = (f"relative RMS <= {tol['float16_logits']:g} on the logits (a float16 engine; its state "
+                "errors are reported, not judged)" if dtype == "float16" else
                 f"relative RMS <= {tol['float32_short']:g} up to stream position {tol['short_stream']} and "
-                f"<= {tol['float32_long']:g} beyond, on logits and every state tensor")
-    return f"""# Trellis engine bundle: {target.description}
+                f"<= {tol['float32_long']:g} beyond, on the logits and on every state tensor")
+    builder = "tensorrt_rtx (TensorRT for RTX)" if target.runtime == "tensorrt-rtx" else "trtexec"
+    kernels = manifest["kernels"]
+    return f"""# Trellis engine bundle for {target.description}
 
-Model {manifest['model']['fingerprint'][:16]} ({dtype} activations, float32 memories and gates), made by
-trellis-export {manifest['versions']['trellis-export']}. Copy this whole directory to the device.
+Model `{manifest['model']['fingerprint'][:16]}`, {dtype} activations with float32 memories and gates,
+made by trellis-export {manifest['versions']['trellis-export']}. Copy this whole directory to the device
+(the engine is built there: engines are specific to the device's TensorRT version and GPU).
 
 ## On the device: three commands, in order
 
 ```bash
-./build_engine.sh                  # 1. build model.engine with {target.builder} (TRTEXEC=... to override)
-python3 verify_engine.py           # 2. parity check against the float64 reference: PASSED, exit 0
-python3 run_stream.py --text "hello" --tokens 32    # 3. stream tokens, latency per token
+./build_engine.sh                                  # 1. build model.engine with {builder}
+python3 verify_engine.py                           # 2. parity check: prints PASSED, exits 0
+python3 run_stream.py --text "hello" --tokens 32   # 3. stream tokens, latency per token
 ```
 
-Step 1 alternative without trtexec: `python3 build_engine.py` (TensorRT Python API, same shapes).
+1. `build_engine.sh` runs `{target.builder}` (set `TRTEXEC=/path/to/it` to use another) with
+   every input's min / opt / max shape in two profiles: decode (1 token) and prefill (up to
+   {manifest['engine']['tokens']['max']} tokens per call), each for batch sizes \
+   {manifest['engine']['batch']['min']}-{manifest['engine']['batch']['max']}. Without that binary,
+   `python3 build_engine.py` does the same through the TensorRT Python API.
+   TensorRT: {target.tensorrt}.
+2. `verify_engine.py` streams {ref['tokens']} tokens on two rows that start at stream positions
+   {' and '.join(map(str, ref['start_positions']))} (one prefill call of {ref['prefill']} tokens, then
+   single-token steps) and compares with the float64 reference in `reference/`: {tol_line}
+   (TRELLIS_SPEC.md section 8). It first checks every file against its sha256 in manifest.json and
+   refuses a changed one. `--runtime ort` runs the same check on model.onnx with ONNX Runtime.
+3. `run_stream.py`: a prompt in (one prefill call), greedy tokens out (one decode step each).
 
-Needs on the device: {target.tensorrt}; for steps 2-3 Python 3 with `numpy`, `safetensors`, the
-TensorRT Python module (JetPack: `python3-libnvinfer`) and `cuda-python`. No torch, no trellis-export.
-`python3 verify_engine.py --runtime ort` runs the same check with ONNX Runtime (`pip install numpy
-safetensors onnxruntime`), e.g. on the machine you copy the bundle from.
-
-The check: {manifest['reference']['tokens']} tokens on two rows starting at stream positions
-{' and '.join(map(str, manifest['reference']['start_positions']))}: one prefill call of
-{manifest['reference']['prefill']} tokens, then single-token steps; {tol_line}
-(TRELLIS_SPEC.md section 8). Any file changed after the bundle was made is refused (sha256 in
-manifest.json).
+Steps 2 and 3 need Python 3 with `numpy`, `safetensors`, the TensorRT Python module (JetPack:
+`sudo apt install python3-libnvinfer`) and `cuda-python`; `--runtime ort` needs `onnxruntime`
+instead. No torch and no trellis-export.
 
 ## Function body or plugin
 
-The engine built by the commands above expands each `trellis::TrellisMemory` node from the
-standard-ops function body in model.onnx: it needs nothing but TensorRT (TensorRT 10.3 on JetPack 6
-has no other way: mapping the node to a plugin by `plugin_namespace` needs TensorRT >= 10.7).
-`python3 build_engine.py --plugin` builds plugin layers instead, with the Triton kernels compiled
-ahead of time in `kernels/aot_records.json` ({manifest['kernels'].get('note') or 'none'}); the plugin
-is Python code from the trellis-export package, which must then be installed on the device (with its
-dependencies: the plugin's launcher imports triton), and both verify_engine.py and run_stream.py
-register it for such an engine. No part of the plugin path has run on a GPU.
+The engine of the commands above expands each `trellis::TrellisMemory` node from the standard-ops
+function body model.onnx carries, so it needs nothing but TensorRT (on JetPack 6, TensorRT 10.3 has
+no other way: mapping a node to a plugin by its `plugin_namespace` attribute needs TensorRT >= 10.7).
+`python3 build_engine.py --plugin` builds plugin layers instead, running the Triton kernels compiled
+ahead of time into `kernels/aot_records.json` ({kernels.get('note') or 'none'}). That plugin is
+Python code of the trellis-export package, which must then be installed on the device with its
+dependencies (its kernel launcher imports triton and torch); verify_engine.py and run_stream.py
+register it for such an engine. The plugin path has never run on a GPU.
 
-## What was tested where
+## What was tested, and where
 
-See `manifest.json` (`tested`, `not_tested`). Nothing in this bundle has run on a {target.name} device
-or on any GPU before you run it.
-
-Files: {', '.join(sorted(manifest['files']))}, manifest.json.
+`manifest.json` lists it (`tested`, `not_tested`). In short: the ONNX Runtime check and a
+TensorRT-RTX build with these shapes ran on the CPU of the machine that made the bundle; nothing in
+this bundle has run on the device, with {target.builder} or on any GPU before you run it there.
 """
 
 
