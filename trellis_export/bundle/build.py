@@ -232,7 +232,8 @@ python3 run_stream.py --text "hello" --tokens 32   # 3. stream tokens, latency p
 1. `build_engine.sh` runs `{target.builder}` (set `TRTEXEC=/path/to/it` to use another) with
    every input's min / opt / max shape in two profiles: decode (1 token) and prefill (up to
    {manifest['engine']['tokens']['max']} tokens per call),
-   each for batch sizes {manifest['engine']['batch']['min']}-{manifest['engine']['batch']['max']}. Without that binary,
+   each for batch sizes {manifest['engine']['batch']['min']}-{manifest['engine']['batch']['max']}.
+   Without that binary,
    `python3 build_engine.py` does the same through the TensorRT Python API.
    TensorRT: {target.tensorrt}.
 2. `verify_engine.py` streams {ref['tokens']} tokens on two rows that start at stream positions
