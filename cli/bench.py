@@ -7,9 +7,61 @@ import sys
 
 import click
 
-from trellis_export.bench.parse import AmountType, SecondsType, SizeListType, split_choices
+from trellis_export.bench.parse import (
+    Amount,
+    parse_amount,
+    parse_seconds,
+    parse_size_list,
+    split_choices,
+)
 
 BACKEND_NAMES = ("torch", "ort", "triton", "trt")
+
+
+class SizeListType(click.ParamType):
+    """Click type of ``--slots`` / ``--context`` / ``--batch``: a comma list of sizes."""
+
+    name = "LIST"
+
+    def __init__(self, minimum: int = 1) -> None:
+        self.minimum = minimum
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, list):
+            return value
+        try:
+            return parse_size_list(value, self.minimum)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class AmountType(click.ParamType):
+    """Click type of ``--warmup``: seconds or iterations."""
+
+    name = "SECONDS|Nit"
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, Amount):
+            return value
+        try:
+            return parse_amount(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class SecondsType(click.ParamType):
+    """Click type of ``--duration``: seconds."""
+
+    name = "SECONDS"
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_seconds(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
 
 
 class _RecordArgs(click.Command):

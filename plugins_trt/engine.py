@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from trellis_export import __version__
-from trellis_export.errors import TrellisExportError
+from trellis_export.errors import TrellisExportError, first_line
 from trellis_export.export.meta import (
     META_ACTIVATION_DTYPE,
     META_CONFIG,
@@ -196,7 +196,7 @@ def onnx_for_engine(source: str | os.PathLike[str] | None, *, plugin: bool, dtyp
         try:
             proto = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # onnx raises DecodeError and friends on a file that is not ONNX
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            msg = first_line(exc)
             raise EngineError(f"{path}: not a readable ONNX model ({msg})") from None
         meta = _meta(proto)
         if META_CONFIG not in meta or META_FINGERPRINT not in meta:
@@ -247,7 +247,7 @@ def resolve_targets(rt: TensorRT, settings: EngineSettings) -> list[str]:
         cc = CudaDriver().compute_capability()
     except Exception as exc:  # no libcuda, no device
         raise EngineError(f"--runtime tensorrt builds on the GPU it targets, and none is usable here "
-                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+                          f"({first_line(exc)})") from None
     return [f"{cc // 10}.{cc % 10}"]
 
 
@@ -334,7 +334,7 @@ def _build(source: EngineSource, settings: EngineSettings, rt: TensorRT) -> tupl
             creator.compiled[plugin_v3.shape_key(**shape)] = plugin_v3.compile_records(
                 attrs, targets=[_cc_int(t) for t in targets], **shape)
         except Exception as exc:  # triton's compiler raises many kinds; one line for the user
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise EngineError(f"{source.description}: compiling the plugin's Triton kernels failed: "
                               f"{first}") from None
     log = _Logger(trt)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import TrellisConfig
-from .errors import TrellisExportError
+from .errors import TrellisExportError, first_line
 from .model.lm import RMSNorm, SwiGLU
 from .opdef import OPSET
 from .state import PAST_PREFIX, PRESENT_PREFIX
@@ -207,7 +207,7 @@ def export_baseline_onnx(model: KVCacheLM, path: str | os.PathLike[str]) -> Path
                                         output_names=output_names, dynamic_shapes=dyn,
                                         external_data=False, verbose=False)
         except Exception as exc:  # torch's exporter raises many types; report one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise BaselineError(f"torch.onnx.export of the KV-cache baseline failed: {first}") from exc
     proto = program.model_proto
     proto.producer_name = "trellis-export (kv-cache baseline)"

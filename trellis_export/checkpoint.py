@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import outputs
 from .config import ConfigError, TrellisConfig
-from .errors import TrellisExportError
+from .errors import TrellisExportError, first_line
 from .outputs import (  # noqa: F401  (atomic_write_bytes is re-exported for older imports)
     atomic_write_bytes,
     current_umask,
@@ -126,7 +126,7 @@ def read_checkpoint(path: str | os.PathLike[str] | None = None, *, check_finite:
             meta = dict(fh.metadata() or {})
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = first_line(exc)
         raise CheckpointError(f"{w_path}: not a readable safetensors file ({msg})") from None
     stored = meta.get("fingerprint")
     if stored is None:

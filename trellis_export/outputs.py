@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TrellisExportError
+from .errors import TrellisExportError, first_line
 
 __all__ = ["MARKER", "OutputError", "Terminated", "OutputSpec", "claim_outputs", "write_error",
            "temporary_sibling", "remove_temporaries", "live_temporaries", "signals_raise", "replace_dir",
@@ -65,7 +65,7 @@ def current_umask() -> int:
 
 def write_error(path: PathLike, exc: OSError, what: str = "cannot write") -> OutputError:
     """One line naming ``path`` and the reason of ``exc`` (its strerror, e.g. 'No space left on device')."""
-    reason = exc.strerror or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    reason = exc.strerror or (first_line(exc))
     return OutputError(f"{path}: {what} ({reason})")
 
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -32,6 +33,8 @@ from .config import TrellisConfig
 from .data import IGNORE, CharCorpus, MQARSpec, char_batch, char_eval_batches, mqar_batch
 from .errors import TrellisExportError
 from .model import TrellisLM
+from .progress import progress_iter
+from .threads import torch_threads
 
 TASKS: tuple[str, ...] = ("mqar", "charlm")
 STATE_FORMAT = "trellis-export-train-state"
@@ -349,6 +352,17 @@ def train(args: TrainArgs, config: TrellisConfig, out: str | os.PathLike[str], *
           stop_after: int | None = None, progress: bool = True,
           log: Callable[[str], None] | None = None, extra_metadata: dict[str, Any] | None = None,
           force: bool = False) -> TrainResult:
+    """Train (see :func:`_train`) with ``args.threads`` torch threads for the duration of the run only."""
+    with torch_threads(args.threads or default_threads()):
+        return _train(args, config, out, state_path=state_path, resume=resume, stop_after=stop_after,
+                      progress=progress, log=log, extra_metadata=extra_metadata, force=force)
+
+
+def _train(args: TrainArgs, config: TrellisConfig, out: str | os.PathLike[str], *,
+           state_path: str | os.PathLike[str] | None = None, resume: bool = False,
+           stop_after: int | None = None, progress: bool = True,
+           log: Callable[[str], None] | None = None, extra_metadata: dict[str, Any] | None = None,
+           force: bool = False) -> TrainResult:
     """Train and write the checkpoint ``out`` (and the resume state) at every evaluation and at the end.
 
     ``stop_after``: stop (with a checkpoint) once this many steps are done, as if interrupted; the
@@ -359,16 +373,13 @@ def train(args: TrainArgs, config: TrellisConfig, out: str | os.PathLike[str], *
     Both outputs are checked before training starts (:func:`trellis_export.outputs.claim_outputs`): an
     existing ``out`` is replaced only when it is a trellis-export checkpoint (or ``force``).
     """
-    import click
-
-    log = log or (lambda s: click.echo(s, err=True))
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     from .outputs import OutputSpec, claim_outputs
 
     check_compatible(args, config)
     state_file = Path(state_path) if state_path is not None else default_state_path(out)
     out, state_file = claim_outputs([OutputSpec(out, "--out", kind="dir", parents=True),
                                      OutputSpec(state_file, "--state", parents=True)], force=force)
-    torch.set_num_threads(args.threads or default_threads())
     torch.set_flush_denormal(True)
     corpus = CharCorpus.build(args.corpus_chars, args.corpus_seed) if args.task == "charlm" else None
 
@@ -416,37 +427,34 @@ def train(args: TrainArgs, config: TrellisConfig, out: str | os.PathLike[str], *
     fp = ""
     t_start = time.perf_counter() - elapsed
 
-    def show(_: Any) -> str:
+    def show() -> str:
         return "" if running is None else f"loss {running:.3f}"
 
-    steps_iter = range(step, end)
-    with click.progressbar(steps_iter, label=f"train {args.task}", show_pos=True, file=None,
-                           item_show_func=show, hidden=not progress) as bar:
-        for s in bar:
-            for g in opt.param_groups:
-                g["lr"] = lr_at(s, args)
-            ids, targets = _batch(args, config, corpus, s)
-            logits, _ = model(ids)
-            loss = masked_loss(logits, targets)
-            if not torch.isfinite(loss):
-                raise TrainError(f"loss became {float(loss)} at step {s}; lower --lr or change the config")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
-            lv = loss.item()
-            running = lv if running is None else 0.9 * running + 0.1 * lv
-            step = s + 1
-            if step % args.eval_every == 0 or step == end:
-                elapsed = time.perf_counter() - t_start
-                last_eval = evaluate(model, args, corpus)
-                history.append({"step": step, "train_loss": round(running, 5), "lr": lr_at(s, args),
-                                "minutes": round(elapsed / 60.0, 3), "eval": last_eval})
-                log(f"step {step}/{args.steps}  loss {running:.4f}  "
-                    + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
-                    + f"  ({elapsed / 60.0:.1f} min)")
-                fp = checkpoint(last_eval)
+    for s in progress_iter(range(step, end), f"train {args.task}", show, enabled=progress):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(s, args)
+        ids, targets = _batch(args, config, corpus, s)
+        logits, _ = model(ids)
+        loss = masked_loss(logits, targets)
+        if not torch.isfinite(loss):
+            raise TrainError(f"loss became {float(loss)} at step {s}; lower --lr or change the config")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        lv = loss.item()
+        running = lv if running is None else 0.9 * running + 0.1 * lv
+        step = s + 1
+        if step % args.eval_every == 0 or step == end:
+            elapsed = time.perf_counter() - t_start
+            last_eval = evaluate(model, args, corpus)
+            history.append({"step": step, "train_loss": round(running, 5), "lr": lr_at(s, args),
+                            "minutes": round(elapsed / 60.0, 3), "eval": last_eval})
+            log(f"step {step}/{args.steps}  loss {running:.4f}  "
+                + "  ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
+                + f"  ({elapsed / 60.0:.1f} min)")
+            fp = checkpoint(last_eval)
     if not fp:
         log(f"nothing to train: the run is at step {step} of {end}")
     elapsed = time.perf_counter() - t_start

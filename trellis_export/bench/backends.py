@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import first_line
+
 BACKENDS: tuple[str, ...] = ("torch", "ort", "triton", "trt")
 
 
@@ -68,7 +70,7 @@ def check_backend(name: str) -> BackendStatus:
 
             cc = CudaDriver().compute_capability()
         except Exception as exc:  # no libcuda / no device
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             return BackendStatus(name, False, f"TensorRT ({', '.join(have)}) is importable, but no usable "
                                               f"CUDA GPU ({first}): engines build here (trellis-export "
                                               "engine) and run on a GPU")

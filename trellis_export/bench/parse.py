@@ -1,7 +1,7 @@
 """Parsing of the bench command's values: sizes (``1k`` = 1024), comma lists, warm-up amounts.
 
-Plain functions raise :class:`ValueError` with a message; the click parameter types turn it into a
-click usage error that names the flag (``Invalid value for '--context': ...``).
+Plain functions raise :class:`ValueError` with a message; the click parameter types in
+``trellis_export.cli.bench`` turn it into a usage error that names the flag.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-import click
 
 #: Binary multipliers of size suffixes: ``1k`` = 1024 tokens, ``1m`` = 1024 * 1024.
 SIZE_SUFFIXES: dict[str, int] = {"": 1, "k": 1024, "m": 1024 * 1024}
@@ -94,48 +92,3 @@ def parse_seconds(text: str) -> float:
     if amount.seconds is None:
         raise ValueError(f"{text!r}: expected seconds (2, 2s, 500ms), not iterations")
     return amount.seconds
-
-
-class SizeListType(click.ParamType):
-    """Click type of ``--slots`` / ``--context`` / ``--batch``: a comma list of sizes."""
-
-    name = "LIST"
-
-    def __init__(self, minimum: int = 1) -> None:
-        self.minimum = minimum
-
-    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
-        if isinstance(value, list):
-            return value
-        try:
-            return parse_size_list(value, self.minimum)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-class AmountType(click.ParamType):
-    """Click type of ``--warmup``: seconds or iterations."""
-
-    name = "SECONDS|Nit"
-
-    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
-        if isinstance(value, Amount):
-            return value
-        try:
-            return parse_amount(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-class SecondsType(click.ParamType):
-    """Click type of ``--duration``: seconds."""
-
-    name = "SECONDS"
-
-    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
-        if isinstance(value, float):
-            return value
-        try:
-            return parse_seconds(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)

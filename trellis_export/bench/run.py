@@ -27,6 +27,7 @@ from ..errors import TrellisExportError
 from ..fileio import atomic_write_bytes
 from ..model import TrellisLM
 from ..state import state_bytes_per_stream
+from ..threads import torch_threads
 from . import synthetic
 from .backends import (
     BACKENDS,
@@ -250,7 +251,11 @@ def run_bench(settings: BenchSettings, log: Log | None = None) -> dict[str, Any]
         if name not in BACKENDS:
             raise BenchError(f"--backend: {name!r} is not one of {', '.join(BACKENDS)}")
     t_start = time.perf_counter()
-    torch.set_num_threads(settings.threads)
+    with torch_threads(settings.threads):
+        return _run_bench(settings, log, t_start)
+
+
+def _run_bench(settings: BenchSettings, log: Log, t_start: float) -> dict[str, Any]:
     machine = describe_machine()
     source, subjects = build_subjects(settings)
     statuses: dict[str, BackendStatus] = {b: check_backend(b) for b in settings.backends}

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .. import __version__, outputs
 from ..checkpoint import model_fingerprint, nonfinite_tensors
-from ..errors import TrellisExportError
+from ..errors import TrellisExportError, first_line
 from ..opdef import DOMAIN, OP_TYPE, OP_VERSION, OPSET
 from ..outputs import OutputError, OutputSpec, claim_outputs, current_umask, temporary_sibling, write_error
 from ..state import state_spec, state_spec_json
@@ -129,7 +129,7 @@ def export_model_proto(model: nn.Module, *, dtype: str = "float32",
                 dynamic_shapes=dynamic_shapes, custom_translation_table=TRANSLATION_TABLE,
                 external_data=False, verbose=False)
         except Exception as exc:  # torch's exporter raises many types; report one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise ExportError(f"torch.onnx.export failed: {first}") from exc
         finally:
             reg_log.setLevel(level)
@@ -174,7 +174,7 @@ def check_exported(path: str | os.PathLike[str], *, strict_shapes: bool = True) 
             proto = onnx.load(str(path), format="protobuf", load_external_data=False)
             onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ExportError(f"{path}: exported model fails the ONNX checks: {first}") from exc
 
 

@@ -14,6 +14,7 @@ import torch
 
 from ..checkpoint import load_checkpoint, model_fingerprint
 from ..model import TrellisLM
+from ..threads import torch_threads
 from .base import Session, SessionError, StateDict
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -42,8 +43,7 @@ class TorchSession(Session):
             fp = model.fingerprint
         else:
             fp = getattr(model, "fingerprint", None) or model_fingerprint(model)
-        if threads is not None:
-            torch.set_num_threads(int(threads))
+        self.threads = int(threads) if threads is not None else None   # applied around each call only
         if model.embed.weight.dtype != _DTYPES[dtype]:
             model = copy.deepcopy(model)          # never change the caller's model in place
         self.model = model.to(_DTYPES[dtype]).eval()
@@ -58,7 +58,7 @@ class TorchSession(Session):
         mode = self.memory_mode
         if mode == "auto":
             mode = "step" if input_ids.shape[1] == 1 else "chunked"
-        with torch.inference_mode():
+        with torch_threads(self.threads), torch.inference_mode():
             ts = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
             logits, new = self.model(torch.from_numpy(input_ids), ts, mode=mode)
             return logits.numpy(), {k: v.contiguous().numpy() for k, v in new.items()}
