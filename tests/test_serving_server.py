@@ -188,7 +188,15 @@ def test_bad_requests_refused_without_disturbing_others(served, ort) -> None:
             with pytest.raises(StreamError, match="(?i)data-type|FP32|dtype"):
                 c.step(seq, [3.0, 4.0], start=True, dtype=np.float32)
             seen.update(oov=str(e1.value), dtype=str(e2.value), shape=str(e3.value))
-        # a sequence refused at START has no state; it can start again properly
+        # a sequence refused at START has no state (not even an older one); it can start again properly
+        c.step(4200, [5, 6], start=True)
+        with pytest.raises(StreamError, match="vocab|128"):
+            c.step(4200, [300], start=True)
+        with pytest.raises(StreamError, match="no state"):
+            c.step(4200, [7])
+        assert c.step(4200, [3, 4], start=True, end=True).shape == (2, 128)
+        with pytest.raises(StreamError, match="no state"):
+            c.step(4100, [7])
         assert c.step(4100, [3, 4], start=True, end=True).shape == (2, 128)
     th.join(timeout=120)
     assert not errors, errors

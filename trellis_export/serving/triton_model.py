@@ -16,7 +16,8 @@ ignored), so each model instance keeps its sequences' states in a
 * all requests of one ``execute`` call (several sequences, from the ``oldest`` strategy) run through
   ``StreamPool.step_many``: one ONNX Runtime call per distinct T, rows at different positions;
 * a bad request (ids outside the vocabulary, not [1, T]) gets an error response of its own; the other
-  requests of the batch run normally.
+  requests of the batch run normally; a refused START leaves the sequence without state (the next
+  request needs START again), never with the state it had before.
 
 Tensors: with numpy 2 in the stub's environment, ``as_numpy()`` / ``pb_utils.Tensor(name, array)`` hand
 out outputs of the right shape and no bytes (measured: the client sees an empty array), so with numpy 2
@@ -110,6 +111,11 @@ class TritonPythonModel:
                                         "request must carry START (or it already ended)") from None
                 work[cid] = ids
             except Exception as exc:  # one bad request never fails the batch
+                if flags & FLAG_START:   # a refused START still ends what the id held before
+                    try:
+                        self.pool.close(cid)
+                    except PoolError:
+                        pass
                 errors[i] = f"sequence {cid}: {exc}" if not str(exc).startswith(("sequence", "stream")) \
                     else str(exc)
         results = self.pool.step_many(work, return_errors=True) if work else {}
