@@ -440,9 +440,15 @@ def test_cli_refuses_a_foreign_directory(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and len(list(tmp_path.iterdir())) == 1
 
 
-def test_gpu_check_without_a_gpu_reports_instead_of_raising(orin: tuple[Path, dict[str, Any]],
-                                                            tmp_path: Path) -> None:
-    res = gpu_check(orin[0], engine=tmp_path / "e.engine", timeout=600)
-    assert res["status"] == "ERROR"
-    assert res.get("error") or res["build"]["rc"] != 0
-    assert not (tmp_path / "e.engine").exists() and check_bundle(orin[0])
+def test_gpu_check_without_a_gpu_says_why_it_skipped(orin: tuple[Path, dict[str, Any]], copy: Path,
+                                                    tmp_path: Path) -> None:
+    eng = tmp_path / "e.engine"
+    res = gpu_check(orin[0], engine=eng, timeout=600)                       # enterprise TensorRT
+    assert res["status"] == "SKIPPED" and res["reason"], res
+    if HAVE_RTX:
+        res = gpu_check(orin[0], runtime="tensorrt-rtx", engine=eng, timeout=600)
+        assert res["status"] == "SKIPPED" and "GPU" in res["reason"], res
+    assert not eng.exists() and check_bundle(orin[0])
+    (copy / "run_stream.py").write_text("tampered\n")
+    res = gpu_check(copy, engine=eng)
+    assert res["status"] == "ERROR" and "sha256" in res["reason"]

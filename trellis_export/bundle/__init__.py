@@ -51,31 +51,51 @@ def check_bundle(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
 def gpu_check(bundle_dir: str | os.PathLike[str], *, runtime: str | None = None, timeout: float = 1800,
               engine: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """On a GPU machine: build the bundle's engine with its build_engine.py (TensorRT Python API) and run
-    its verify_engine.py against it. ``runtime``: ``"tensorrt-rtx"`` | ``"tensorrt"`` (default: the
-    bundle target's; TensorRT-RTX needs the GPU's compute capability among the RTX targets). The engine
-    goes to ``engine`` (default: a file beside the bundle, so the bundle stays as it was made).
+    its verify_engine.py against it, as a user on the device would.
 
-    Returns ``{"status": "PASSED" | "FAILED" | "ERROR", "build": {...}, "verify": {...}}`` with each
-    step's command, exit code, seconds and output tail; never raises for a failed step."""
+    ``runtime``: ``"tensorrt-rtx"`` | ``"tensorrt"`` (default: the bundle target's). TensorRT-RTX builds
+    for this GPU's compute capability when it is a TensorRT-RTX target (sm_75/80/86/89/120/121), so
+    any bundle can be checked that way on such a card. The engine goes to ``engine`` (default: a file
+    beside the bundle, so the bundle stays as it was made).
+
+    Returns ``{"status": "PASSED" | "FAILED" | "ERROR" | "SKIPPED", "reason": ..., "build": {...},
+    "verify": {...}}`` with each step's command, exit code, seconds and output tail (and the verify
+    report); SKIPPED says why the check cannot run here (no GPU, no such TensorRT, a GPU that is not
+    a TensorRT-RTX target). Never raises for a failed step."""
+    from importlib.util import find_spec
+
     bundle = Path(bundle_dir).resolve()
     result: dict[str, Any] = {"bundle": str(bundle), "status": "ERROR"}
     try:
         manifest = check_bundle(bundle)
     except BundleError as exc:
-        result["error"] = str(exc)
+        result["reason"] = str(exc)
         return result
     rt = runtime or manifest["target"]["runtime"]
+    result["runtime"] = rt
+    modules = {"tensorrt": ("tensorrt",), "tensorrt-rtx": ("tensorrt_rtx_bindings", "tensorrt_rtx")}
+    if rt not in modules:
+        result["reason"] = f"runtime must be tensorrt or tensorrt-rtx, got {rt!r}"
+        return result
+    if not any(find_spec(m) is not None for m in modules[rt]):
+        return {**result, "status": "SKIPPED", "reason": f"{rt} is not installed here"}
+    try:
+        from trellis_export.kernels.cuda_launch import CudaDriver
+
+        cc = CudaDriver().compute_capability()
+    except Exception as exc:  # no libcuda, no device
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return {**result, "status": "SKIPPED", "reason": f"no usable GPU ({why})"}
+    result["compute_capability"] = f"{cc // 10}.{cc % 10}"
     eng = Path(engine) if engine is not None else bundle.with_name(bundle.name + ".engine")
     build_cmd = [sys.executable, str(bundle / "build_engine.py"), "--runtime", rt, "-o", str(eng)]
-    if rt == "tensorrt-rtx" and not manifest["target"]["tensorrt_rtx_compute_capabilities"]:
-        try:
-            from trellis_export.kernels.cuda_launch import CudaDriver
+    if rt == "tensorrt-rtx":
+        from trellis_export.plugins_trt.runtimes import RTX_TARGETS
 
-            cc = CudaDriver().compute_capability()
-            build_cmd += ["--compute-capability", f"{cc // 10}.{cc % 10}"]
-        except Exception as exc:  # no driver / GPU: the build step reports it
-            result["error"] = f"no usable GPU for a TensorRT-RTX build ({exc})"
-            return result
+        if result["compute_capability"] not in RTX_TARGETS:
+            return {**result, "status": "SKIPPED",
+                    "reason": f"this GPU (sm_{cc}) is not a TensorRT-RTX target ({', '.join(RTX_TARGETS)})"}
+        build_cmd += ["--compute-capability", result["compute_capability"]]
     steps = [("build", build_cmd),
              ("verify", [sys.executable, str(bundle / "verify_engine.py"), str(eng), "--json",
                          str(eng.with_name(eng.name + ".verify.json"))])]
@@ -89,7 +109,9 @@ def gpu_check(bundle_dir: str | os.PathLike[str], *, runtime: str | None = None,
         result[name] = {"command": cmd, "rc": rc, "seconds": round(time.perf_counter() - t0, 3),
                         "output_tail": out[-4000:]}
         if rc != 0:
-            result["status"] = "FAILED" if name == "verify" and rc == 1 and "FAILED" in out else "ERROR"
+            failed = name == "verify" and rc == 1 and "] FAILED |" in out
+            result["status"] = "FAILED" if failed else "ERROR"
+            result["reason"] = f"{name} step exited {rc}"
             return result
     rep = eng.with_name(eng.name + ".verify.json")
     if rep.is_file():
