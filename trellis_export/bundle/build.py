@@ -401,7 +401,10 @@ def build_bundle(source: str | os.PathLike[str] | None, out: str | os.PathLike[s
         _write_json(tmp / "manifest.json", manifest)
         if check:
             manifest["tested"].extend(run_checks(tmp, manifest, say))
-            _write_json(tmp / "manifest.json", manifest)
+        else:
+            manifest["not_tested"].append("verify_engine.py --runtime ort and the TensorRT-RTX build of "
+                                          "model.onnx: skipped where the bundle was made (--no-check)")
+        _write_json(tmp / "manifest.json", manifest)
         (tmp / MARKER).write_text("This directory was written by trellis-export bundle; it may be replaced "
                                   "by the next run that writes here.\n")
         replace_dir(tmp, dest)
