@@ -21,7 +21,7 @@ from trellis_export.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from trellis_export.config import TrellisConfig
+from trellis_export.config import FINGERPRINT_VERSION, TrellisConfig
 from trellis_export.errors import TrellisExportError
 
 
@@ -45,7 +45,7 @@ def write_weights(ckpt: Path, config: TrellisConfig, tensors: dict[str, torch.Te
                   meta_overrides: dict[str, str] | None = None) -> None:
     """Write model.safetensors ourselves with a valid, recomputed fingerprint."""
     meta = {"format": "trellis-export", "format_version": "1",
-            "fingerprint": fingerprint(config, tensors),
+            "fingerprint": fingerprint(config, tensors), "fingerprint_version": str(FINGERPRINT_VERSION),
             "config": json.dumps(config.to_dict(), sort_keys=True)}
     meta.update(meta_overrides or {})
     save_file(tensors, str(ckpt / WEIGHTS_FILE), metadata=meta)

@@ -40,7 +40,8 @@ def test_gamma_init_is_validated(value: object) -> None:
 def test_gamma_init_default_keeps_old_configs_and_initialisation() -> None:
     c = tiny_config()
     assert c.gamma_init == 0.5
-    assert "gamma_init" not in c.to_dict()          # old config.json files and fingerprints unchanged
+    assert "gamma_init" not in c.canonical_dict(1)   # version-1 fingerprints (old checkpoints) unchanged
+    assert c.canonical_dict(2)["gamma_init"] == 0.5
     assert TrellisConfig.from_json(c.to_json()) == c
     torch.manual_seed(0)
     model = TrellisLM(c)

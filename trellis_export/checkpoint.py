@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import outputs
-from .config import ConfigError, TrellisConfig
+from .config import FINGERPRINT_VERSION, FINGERPRINT_VERSIONS, ConfigError, TrellisConfig
 from .errors import TrellisExportError, first_line
 from .outputs import (  # noqa: F401  (atomic_write_bytes is re-exported for older imports)
     atomic_write_bytes,
@@ -43,10 +43,14 @@ def default_checkpoint_path() -> Path:
     return Path(__file__).resolve().parent / "assets" / "default"
 
 
-def fingerprint(config: TrellisConfig, tensors: dict[str, Tensor]) -> str:
-    """sha256 of the canonical config and of every tensor (name, dtype, shape, little-endian bytes)."""
+def fingerprint(config: TrellisConfig, tensors: dict[str, Tensor], version: int = FINGERPRINT_VERSION) -> str:
+    """sha256 of the canonical config (:meth:`TrellisConfig.canonical_dict` of ``version``) and of
+    every tensor (name, dtype, shape, little-endian bytes). Version 2 and later start with a version
+    tag; version 1 is the unversioned form older checkpoints were saved with."""
     h = hashlib.sha256()
-    h.update(json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":")).encode())
+    if version >= 2:
+        h.update(f"trellis-fingerprint-v{version}\0".encode())
+    h.update(json.dumps(config.canonical_dict(version), sort_keys=True, separators=(",", ":")).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         h.update(f"\0{name}\0{str(t.dtype)}\0{list(t.shape)}\0".encode())
@@ -55,7 +59,10 @@ def fingerprint(config: TrellisConfig, tensors: dict[str, Tensor]) -> str:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    return fingerprint(model.config, dict(model.state_dict()))
+    """The fingerprint of a model's config and weights, in the version it was loaded with (a model made
+    in memory: the current version)."""
+    return fingerprint(model.config, dict(model.state_dict()),
+                       getattr(model, "fingerprint_version", FINGERPRINT_VERSION))
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str],
@@ -68,8 +75,9 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str],
 
     config: TrellisConfig = model.config
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    fp = fingerprint(config, tensors)
+    fp = fingerprint(config, tensors, FINGERPRINT_VERSION)
     meta = {"format": "trellis-export", "format_version": FORMAT_VERSION, "fingerprint": fp,
+            "fingerprint_version": str(FINGERPRINT_VERSION),
             "config": json.dumps(config.to_dict(), sort_keys=True)}
     if metadata:
         meta["training"] = json.dumps(metadata, sort_keys=True)
@@ -140,7 +148,13 @@ def read_checkpoint(path: str | os.PathLike[str] | None = None, *, check_finite:
         if saved_cfg != config:
             raise CheckpointError(f"{cfg_path}: does not match the config the weights were saved with "
                                   f"(see the metadata of {w_path.name})")
-    actual = fingerprint(config, tensors)
+    try:
+        version = int(meta.get("fingerprint_version", "1"))
+        actual = fingerprint(config, tensors, version)
+    except (ValueError, ConfigError):
+        raise CheckpointError(f"{w_path}: unknown fingerprint_version {meta.get('fingerprint_version')!r} "
+                              f"(this trellis-export knows {', '.join(map(str, FINGERPRINT_VERSIONS))})") \
+            from None
     if actual != stored:
         raise CheckpointError(f"{w_path}: fingerprint mismatch (stored {stored[:12]}, computed "
                               f"{actual[:12]}): the weights or {CONFIG_FILE} changed after saving, "
@@ -201,6 +215,7 @@ def load_checkpoint(path: str | os.PathLike[str] | None = None, *,
                               + ", ".join(bad_dtype))
     model.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()})
     model.fingerprint = meta["fingerprint"]
+    model.fingerprint_version = int(meta.get("fingerprint_version", "1"))
     model.checkpoint_path = str(root)
     model.requires_grad_(requires_grad)
     return model.to(device).eval()

@@ -21,6 +21,12 @@ QK_NORMS: tuple[str, ...] = ("l2", "none")
 
 #: Default of ``TrellisConfig.gamma_init`` (the initialisation before the field existed: b_gamma = 0).
 _GAMMA_INIT_DEFAULT = 0.5
+#: Fingerprint versions: 1 (no version recorded; fields added later are hashed only off their default),
+#: 2 (every field hashed, version tag first). New checkpoints get the newest.
+FINGERPRINT_VERSIONS: tuple[int, ...] = (1, 2)
+FINGERPRINT_VERSION = FINGERPRINT_VERSIONS[-1]
+#: Fields added after fingerprint version 1 and the default at which version 1 leaves them out.
+_ADDED_AFTER_FINGERPRINT_V1: dict[str, object] = {"gamma_init": _GAMMA_INIT_DEFAULT}
 
 
 class ConfigError(TrellisExportError, ValueError):
@@ -48,7 +54,7 @@ class TrellisConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     beta_init: float = 0.95
-    gamma_init: float = _GAMMA_INIT_DEFAULT   # initial inner step size sigmoid(b_gamma); see to_dict
+    gamma_init: float = _GAMMA_INIT_DEFAULT   # initial inner step size sigmoid(b_gamma)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -107,13 +113,24 @@ class TrellisConfig:
 
     # ----------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
+        """Every field (``extra`` only when set): what config.json and exported metadata hold."""
         out = dataclasses.asdict(self)
         if not out["extra"]:
             out.pop("extra")
-        if out["gamma_init"] == _GAMMA_INIT_DEFAULT:
-            # Omitted at its default so configs (and fingerprints) written before the field existed
-            # stay byte-identical.
-            out.pop("gamma_init")
+        return out
+
+    def canonical_dict(self, fingerprint_version: int = FINGERPRINT_VERSION) -> dict[str, Any]:
+        """The config as hashed into a fingerprint of ``fingerprint_version``: version 1 (checkpoints
+        saved before versions existed, the bundled one included) leaves out the fields added after it
+        when they hold their default, so those fingerprints never change; version 2 hashes every field."""
+        if fingerprint_version not in FINGERPRINT_VERSIONS:
+            raise ConfigError(f"fingerprint version must be one of {FINGERPRINT_VERSIONS}, got "
+                              f"{fingerprint_version!r}")
+        out = self.to_dict()
+        if fingerprint_version == 1:
+            for name, default in _ADDED_AFTER_FINGERPRINT_V1.items():
+                if out.get(name) == default:
+                    out.pop(name)
         return out
 
     def to_json(self) -> str:

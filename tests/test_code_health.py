@@ -1,0 +1,81 @@
+"""Code-health contracts: versioned fingerprints (old checkpoints keep theirs), scoped torch threads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+from safetensors import safe_open
+
+from trellis_export.checkpoint import (
+    CheckpointError,
+    default_checkpoint_path,
+    fingerprint,
+    load_checkpoint,
+    model_fingerprint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from trellis_export.config import FINGERPRINT_VERSION
+from trellis_export.runtime import open_session
+
+#: The bundled checkpoint's fingerprint as shipped (README, docs/training.md, exported models).
+BUNDLED_FINGERPRINT = "dbaa7208621a5f3dba2fc95fbf585b1f113c4522624dc6342a6c4bd5f316d237"
+
+
+def test_bundled_checkpoint_keeps_its_fingerprint() -> None:
+    cfg, tensors, meta = read_checkpoint()
+    assert meta["fingerprint"] == BUNDLED_FINGERPRINT and "fingerprint_version" not in meta
+    assert fingerprint(cfg, tensors, 1) == BUNDLED_FINGERPRINT
+    assert fingerprint(cfg, tensors, 2) != BUNDLED_FINGERPRINT       # versions never collide
+    model = load_checkpoint()
+    assert model.fingerprint == model_fingerprint(model) == BUNDLED_FINGERPRINT
+
+
+def test_new_checkpoints_hash_every_field(tmp_path: Path) -> None:
+    """A new save records the current version; a field at its default is hashed too (no omissions),
+    so changing any field, default or not, changes the fingerprint."""
+    model = tiny_model(tiny_config(), seed=1, dtype=torch.float32)
+    fp = save_checkpoint(model, tmp_path / "a")
+    with safe_open(str(tmp_path / "a" / "model.safetensors"), framework="pt") as fh:
+        assert fh.metadata()["fingerprint_version"] == str(FINGERPRINT_VERSION)
+    assert load_checkpoint(tmp_path / "a").fingerprint == fp == model_fingerprint(model)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["gamma_init"] == 0.5
+    other = tiny_model(tiny_config(gamma_init=0.3), seed=1, dtype=torch.float32)
+    other.load_state_dict(model.state_dict())
+    assert model_fingerprint(other) != fp
+
+
+def test_a_tampered_fingerprint_version_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model(tiny_config(), seed=2, dtype=torch.float32)
+    save_checkpoint(model, tmp_path / "c")
+    w = tmp_path / "c" / "model.safetensors"
+    with safe_open(str(w), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    tensors = load_file(str(w))
+    for version, needle in (("1", "fingerprint mismatch"), ("7", "unknown fingerprint_version")):
+        save_file(tensors, str(w), metadata={**meta, "fingerprint_version": version})
+        with pytest.raises(CheckpointError, match=needle):
+            read_checkpoint(tmp_path / "c")
+
+
+def test_sessions_do_not_change_the_process_thread_count() -> None:
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    s = open_session("torch", checkpoint=default_checkpoint_path(), threads=target)
+    seen = []
+    real = s.model.forward
+
+    def spy(*a: object, **k: object) -> object:
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    s.model.forward = spy  # type: ignore[method-assign]
+    s.step([[1, 2, 3]])
+    assert seen == [target], "the session's own count applies inside its calls"
+    assert torch.get_num_threads() == before, "and the process's count is restored after"
