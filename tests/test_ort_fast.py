@@ -249,3 +249,32 @@ def test_own_state_is_not_revalidated(models: _Models, backend: str, monkeypatch
     n = len(calls)
     s.step(ids, st3b)
     assert len(calls) == n + 1
+
+
+@pytest.mark.parametrize("variant", [dict(contrib=True, linear_attention=False, stack=True),
+                                     dict(contrib=True, linear_attention=False, stack=False),
+                                     dict(contrib=False, stack=False)])
+@pytest.mark.parametrize("name", ["ln-ln-id-C3", "id-l2-ln-C1"])
+def test_lean_builder_variants(models: _Models, name: str, variant: dict) -> None:
+    """The builder's other variants (kept for the measurements) against the exported graph, B = 5,
+    rows at positions 0 ... 4 (a fresh row, chunk starts and mid-chunk rows), float32 both."""
+    import onnxruntime as ort
+
+    path = models.onnx(name)
+    exported = open_session("ort", model_path=path, ort_graph="exported")
+    proto = onnx.load(str(path))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    lean = ort.InferenceSession(lean_decode_model(proto, exported.config, **variant).SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+    _, state = exported.step(_ids(5, 6, seed=3), None)
+    state["position"] = np.arange(5, dtype=np.int64)
+    for t in range(4):
+        ids = _ids(5, 1, seed=40 + t)
+        want_logits, want = exported.step(ids, state)
+        feeds = {"input_ids": ids, **{"past." + k: v for k, v in state.items()}}
+        got = lean.run(exported._output_names, feeds)
+        assert_rel_close(got[0], want_logits, 2e-6, f"{name} {variant} logits")
+        for k, v in zip(exported._state_names, got[1:]):
+            assert_rel_close(v, want[k], 2e-6, f"{name} {variant} {k}")
+        state = want
