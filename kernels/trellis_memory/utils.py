@@ -97,16 +97,54 @@ def launch_config(kernel: str, m: int, d: int, chunk_size: int, dot_precision: s
 
 
 # --------------------------------------------------------------------------- in-kernel math
+# Reductions over the m (or d) axis cross warps: every tl.sum is a round of shared-memory exchange and
+# barriers, and one token of the decode kernel runs about a dozen of them in a dependent chain. The
+# ln_silu statistics therefore come from one reduction each: the mean and the centred sum of squares
+# by Chan et al.'s parallel (Welford) combination -- numerically as stable as the two-pass form, unlike
+# E[s^2] - E[s]^2 -- and the two sums of the vector-Jacobian product together (``ONE_ROUND``). Used
+# by the decode kernel, where those rounds form the per-token dependent chain; the chunk kernels keep
+# the two-pass sums (few barriers saved there, measured, and triton's interpreter runs a tl.reduce with
+# a combine function on a 2-D tile about 10x slower than tl.sum, which the CPU tests cannot afford).
 @triton.jit
-def nl_fwd(z, mask, N: tl.constexpr, EPS: tl.constexpr, KIND: tl.constexpr, AXIS: tl.constexpr):
-    """y = g(z) over axis AXIS; entries outside ``mask`` are padding (the result there is 0)."""
+def _welford_combine(n_a, m_a, q_a, n_b, m_b, q_b):
+    n = n_a + n_b
+    w = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+    delta = m_b - m_a
+    return n, m_a + delta * w, q_a + q_b + delta * delta * n_a * w
+
+
+@triton.jit
+def _mean_m2(s, mask, AXIS: tl.constexpr):
+    """Mean and centred sum of squares of ``s`` over AXIS (entries outside ``mask`` excluded), in one
+    reduction."""
+    n0 = tl.where(mask, 1.0, 0.0) + tl.zeros_like(s)
+    _, mu, m2 = tl.reduce((n0, tl.where(mask, s, 0.0), tl.zeros_like(s)), axis=AXIS,
+                          combine_fn=_welford_combine, keep_dims=True)
+    return mu, m2
+
+
+@triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def nl_fwd(z, mask, N: tl.constexpr, EPS: tl.constexpr, KIND: tl.constexpr, AXIS: tl.constexpr,
+           ONE_ROUND: tl.constexpr = False):
+    """y = g(z) over axis AXIS; entries outside ``mask`` are padding (the result there is 0).
+    ``ONE_ROUND``: the ln_silu statistics in one reduction (Welford); the decode kernel uses it."""
     if KIND == 0:
         y = tl.where(mask, z, 0.0)
     elif KIND == 1:
         s = tl.where(mask, z * tl.sigmoid(z), 0.0)
-        mu = tl.sum(s, axis=AXIS, keep_dims=True) / N
-        c = tl.where(mask, s - mu, 0.0)
-        sd = tl.sqrt(tl.sum(c * c, axis=AXIS, keep_dims=True) / N + EPS)
+        if ONE_ROUND:
+            mu, m2 = _mean_m2(s, mask, AXIS)
+            c = tl.where(mask, s - mu, 0.0)
+        else:
+            mu = tl.sum(s, axis=AXIS, keep_dims=True) / N
+            c = tl.where(mask, s - mu, 0.0)
+            m2 = tl.sum(c * c, axis=AXIS, keep_dims=True)
+        sd = tl.sqrt(m2 / N + EPS)
         y = c / sd
     else:
         s = tl.where(mask, z * tl.sigmoid(z), 0.0)
@@ -116,7 +154,8 @@ def nl_fwd(z, mask, N: tl.constexpr, EPS: tl.constexpr, KIND: tl.constexpr, AXIS
 
 
 @triton.jit
-def inner_grad(z, a, mask, N: tl.constexpr, EPS: tl.constexpr, KIND: tl.constexpr, AXIS: tl.constexpr):
+def inner_grad(z, a, mask, N: tl.constexpr, EPS: tl.constexpr, KIND: tl.constexpr, AXIS: tl.constexpr,
+               ONE_ROUND: tl.constexpr = False):
     """u = J_g(z)^T (g(z) - a) over axis AXIS (the gradient of 1/2 ||g(z) - a||^2); 0 on padding."""
     if KIND == 0:
         u = tl.where(mask, z - a, 0.0)
@@ -124,13 +163,23 @@ def inner_grad(z, a, mask, N: tl.constexpr, EPS: tl.constexpr, KIND: tl.constexp
         sig = tl.sigmoid(z)
         s = tl.where(mask, z * sig, 0.0)
         ds = sig * (1.0 + z * (1.0 - sig))
-        mu = tl.sum(s, axis=AXIS, keep_dims=True) / N
-        c = tl.where(mask, s - mu, 0.0)
-        sd = tl.sqrt(tl.sum(c * c, axis=AXIS, keep_dims=True) / N + EPS)
+        if ONE_ROUND:
+            mu, m2 = _mean_m2(s, mask, AXIS)
+            c = tl.where(mask, s - mu, 0.0)
+        else:
+            mu = tl.sum(s, axis=AXIS, keep_dims=True) / N
+            c = tl.where(mask, s - mu, 0.0)
+            m2 = tl.sum(c * c, axis=AXIS, keep_dims=True)
+        sd = tl.sqrt(m2 / N + EPS)
         y = c / sd
         e = tl.where(mask, y - a, 0.0)
-        me = tl.sum(e, axis=AXIS, keep_dims=True) / N
-        mey = tl.sum(e * y, axis=AXIS, keep_dims=True) / N
+        if ONE_ROUND:
+            se, sey = tl.reduce((e, e * y), axis=AXIS, combine_fn=_add2, keep_dims=True)
+        else:
+            se = tl.sum(e, axis=AXIS, keep_dims=True)
+            sey = tl.sum(e * y, axis=AXIS, keep_dims=True)
+        me = se / N
+        mey = sey / N
         u = tl.where(mask, ds * (e - me - y * mey) / sd, 0.0)
     else:
         sig = tl.sigmoid(z)
