@@ -7,6 +7,8 @@
 * verify_engine.py --runtime ort PASSES in a fresh venv with only numpy, safetensors and onnxruntime,
   FAILS (exit 1) for a model that is wrong, and refuses a tampered file with one ``error:`` line;
 * the TensorRT-RTX build of the bundle's ONNX with the bundle's shapes (on this CPU);
+* the scripts' TensorRT path on a host-memory stand-in of ``tensorrt`` / ``cuda.bindings`` (an engine
+  that runs model.onnx on ONNX Runtime): profiles, state sets used in turn, engine identity;
 * the AOT kernels compile for the target's architecture (sm_87 Orin, sm_110 Thor);
 * the CLI: bad flags and foreign output directories give one error line, nothing written.
 
@@ -348,6 +350,109 @@ def test_verify_engine_ort_in_a_fresh_venv_without_torch(orin: tuple[Path, dict[
     assert demo.returncode == 0, demo.stderr
     assert sum(line.startswith("token ") for line in demo.stdout.splitlines()) == 7
     assert "decode median" in demo.stdout.splitlines()[-1]
+
+
+# A stand-in for the device: ``tensorrt`` and ``cuda.bindings.runtime`` modules whose "device memory"
+# is host memory and whose engine runs the bundle's model.onnx on ONNX Runtime. The engine file is JSON
+# naming the ONNX file and the profiles; each execution context checks that the shapes it is given fit
+# its profile. This runs the device scripts' TensorRT path (profile choice, the two state sets used in
+# turn, uploads and downloads) on the CPU; it proves nothing about TensorRT itself.
+_FAKE_CUDA = """
+import ctypes
+_keep = {}
+class cudaMemcpyKind:
+    cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice = 1, 2, 3
+def cudaStreamCreate():
+    return (0, 7)
+def cudaStreamSynchronize(stream):
+    return (0,)
+def cudaMalloc(n):
+    buf = ctypes.create_string_buffer(int(n))
+    _keep[ctypes.addressof(buf)] = buf
+    return (0, ctypes.addressof(buf))
+def cudaMemcpyAsync(dst, src, n, kind, stream):
+    ctypes.memmove(int(dst), int(src), int(n))
+    return (0,)
+"""
+_FAKE_TRT = """
+import ctypes, json
+import numpy as np
+import onnxruntime as ort
+__version__ = "0.0-fake"
+class Logger:
+    WARNING, ERROR = 2, 1
+    def __init__(self, level=2):
+        pass
+def _array(ptr, shape, dtype):
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer((ctypes.c_char * n).from_address(ptr), dtype=dtype).reshape(shape)
+class _Context:
+    def __init__(self, engine):
+        self.e, self.shapes, self.ptrs, self.profile = engine, {}, {}, None
+    def set_optimization_profile_async(self, index, stream):
+        assert isinstance(stream, int)
+        self.profile = self.e.profiles[index]
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(int(d) for d in shape)
+    def set_tensor_address(self, name, ptr):
+        self.ptrs[name] = int(ptr)
+    def execute_async_v3(self, stream):
+        assert isinstance(stream, int)
+        B, T = self.shapes["input_ids"]
+        p = self.profile
+        assert p["batch"]["min"] <= B <= p["batch"]["max"] and p["tokens"]["min"] <= T <= p["tokens"]["max"]
+        s = self.e.session
+        feeds = {i.name: _array(self.ptrs[i.name], self.shapes[i.name], self.e.types[i.name]).copy()
+                 for i in s.get_inputs()}
+        names = [o.name for o in s.get_outputs()]
+        for name, value in zip(names, s.run(names, feeds)):
+            _array(self.ptrs[name], value.shape, value.dtype)[...] = value
+        return True
+class _Engine:
+    def __init__(self, spec):
+        self.profiles = spec["profiles"]
+        self.session = ort.InferenceSession(spec["onnx"], providers=["CPUExecutionProvider"])
+        t = {"tensor(int64)": np.int64, "tensor(float)": np.float32, "tensor(float16)": np.float16}
+        self.types = {i.name: t[i.type] for i in self.session.get_inputs()}
+    def create_execution_context(self):
+        return _Context(self)
+class Runtime:
+    def __init__(self, logger):
+        pass
+    def deserialize_cuda_engine(self, data):
+        return _Engine(json.loads(data))
+"""
+
+
+def _fake_device(tmp: Path, bundle: Path) -> dict[str, str]:
+    fakes = tmp / "fakes"
+    (fakes / "cuda" / "bindings").mkdir(parents=True)
+    (fakes / "cuda" / "__init__.py").write_text("")
+    (fakes / "cuda" / "bindings" / "__init__.py").write_text("")
+    (fakes / "cuda" / "bindings" / "runtime.py").write_text(_FAKE_CUDA)
+    (fakes / "tensorrt.py").write_text(_FAKE_TRT)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "model.engine").write_text(json.dumps({"onnx": str(bundle / "model.onnx"),
+                                                     "profiles": manifest["engine"]["profiles"]}))
+    return {**os.environ, "PYTHONPATH": str(fakes)}
+
+
+def test_device_scripts_tensorrt_path_on_a_host_memory_stand_in(copy: Path, tmp_path: Path) -> None:
+    env = _fake_device(tmp_path, copy)
+    proc = run_script(copy, "verify_engine.py", env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.startswith("[I] tensorrt 0.0-fake vs float64 reference")
+    assert proc.stdout.strip().splitlines()[-1].startswith("[I] PASSED")
+    demo = run_script(copy, "run_stream.py", "--ids", "1,2,3", "--tokens", "5", env=env)
+    assert demo.returncode == 0, demo.stderr
+    ort_demo = run_script(copy, "run_stream.py", "--runtime", "ort", "--ids", "1,2,3", "--tokens", "5")
+    tokens = [[line.split()[2] for line in out.splitlines() if line.startswith("token ")]
+              for out in (demo.stdout, ort_demo.stdout)]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 5
+    # an engine built from another model (its model.engine.json says so) is refused
+    (copy / "model.engine.json").write_text(json.dumps({"fingerprint": "0" * 64, "plugin": False}))
+    proc = run_script(copy, "verify_engine.py", env=env)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "another model" in proc.stderr
 
 
 def test_run_stream_refuses_bad_prompts(copy: Path) -> None:

@@ -185,7 +185,8 @@ class _Cuda:
             except ImportError:
                 raise BundleError('TensorRT engines need cuda-python: pip install "cuda-python"') from None
         self.rt = cudart
-        self.stream = self.check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._stream = self.check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.stream = int(self._stream)          # TensorRT takes the handle as an int
 
     def check(self, res: Any, what: str) -> Any:
         err, *rest = res if isinstance(res, tuple) else (res,)
@@ -199,16 +200,18 @@ class _Cuda:
     def h2d(self, dst: int, src: np.ndarray) -> None:
         src = np.ascontiguousarray(src)
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self.check(self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, self.stream), "cudaMemcpy")
+        self.check(self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, kind, self._stream),
+                   "cudaMemcpyAsync (host to device)")
         self.sync()
 
     def d2h(self, dst: np.ndarray, src: int) -> None:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self.check(self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, self.stream), "cudaMemcpy")
+        self.check(self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, kind, self._stream),
+                   "cudaMemcpyAsync (device to host)")
         self.sync()
 
     def sync(self) -> None:
-        self.check(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        self.check(self.rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
 
 
 class TrtRunner:
