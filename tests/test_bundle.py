@@ -557,3 +557,40 @@ def test_gpu_check_without_a_gpu_says_why_it_skipped(orin: tuple[Path, dict[str,
     (copy / "run_stream.py").write_text("tampered\n")
     res = gpu_check(copy, engine=eng)
     assert res["status"] == "ERROR" and "sha256" in res["reason"]
+
+
+@pytest.mark.parametrize("signame,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_signal_mid_bundle_leaves_the_previous_bundle_and_no_temporaries(
+        tiny_checkpoint: tuple[Path, torch.nn.Module], tmp_path: Path, signame: str, code: int) -> None:
+    """The signal arrives right after build_engine.sh was written inside the temporary directory."""
+    import textwrap
+
+    ckpt, _ = tiny_checkpoint
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / MARKER).write_text("x")
+    (out / "previous.txt").write_text("the previous bundle")
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from pathlib import Path
+        import trellis_export.outputs as outputs
+        real = outputs.write_file
+        def write_then_signal(path, data):
+            real(path, data)
+            if Path(path).name == "build_engine.sh":
+                assert Path(path).parent.name.startswith("."), path
+                os.kill(os.getpid(), signal.{signame})
+        outputs.write_file = write_then_signal
+        import trellis_export.bundle.build as build
+        build.write_file = write_then_signal
+        from trellis_export.cli.main import main
+        sys.argv = ["trellis-export", "bundle", {str(ckpt)!r}, "-o", {str(out)!r}, "--target", "orin"]
+        main()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: ") and sum(ln.startswith("error: ") for ln in lines) == 1
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "previous.txt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "ckpt"]
