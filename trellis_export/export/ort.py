@@ -45,6 +45,9 @@ class OrtSources:
     decode: bytes | None = None
     decode_graph: str = "exported"
     reason: str | None = None
+    #: With a lean graph that leaves the reset of fresh rows to the host: per state tensor the value a
+    #: row at position 0 must hold before the call (see ``ort_rewrite.host_reset_values``).
+    reset: dict[str, Any] | None = None
 
 
 def ort_model_source(path: str | os.PathLike[str] | bytes, options: ort.SessionOptions,
@@ -88,35 +91,37 @@ def ort_model_sources(path: str | os.PathLike[str] | bytes, options: ort.Session
         if _has_external_data(model):
             external = True
             options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(Path(path).resolve().parent))
-    decode, reason = None, None
+    decode, reason, reset = None, None, None
     if ort_graph != "exported":
-        decode, reason = _lean_decode(model, ort_graph, external)
+        decode, reason, reset = _lean_decode(model, ort_graph, external)
     if function_body == "as-is":
         src: str | bytes = path if isinstance(path, bytes) else str(path)
     else:
         src = with_flavour(model, function_body).SerializeToString()
-    return OrtSources(src, decode, ort_graph if decode is not None else "exported", reason)
+    return OrtSources(src, decode, ort_graph if decode is not None else "exported", reason, reset)
 
 
-def _lean_decode(model: Any, ort_graph: str, external: bool) -> tuple[bytes | None, str | None]:
+def _lean_decode(model: Any, ort_graph: str, external: bool
+                 ) -> tuple[bytes | None, str | None, dict[str, Any] | None]:
     from ..config import ConfigError, TrellisConfig
     from .meta import META_ACTIVATION_DTYPE, META_CONFIG
-    from .ort_rewrite import RewriteError, lean_decode_model
+    from .ort_rewrite import RewriteError, host_reset_values, lean_decode_model
 
     if external:
-        return None, "the model keeps its weights in external data (the lean graph would copy them)"
+        return None, "the model keeps its weights in external data (the lean graph would copy them)", None
     meta = {p.key: p.value for p in model.metadata_props}
     if META_CONFIG not in meta:
-        return None, f"no Trellis config in the model's metadata ({META_CONFIG})"
+        return None, f"no Trellis config in the model's metadata ({META_CONFIG})", None
+    contrib = ort_graph == "lean"
     try:
         config = TrellisConfig.from_json(meta[META_CONFIG])
-        lean = lean_decode_model(model, config, contrib=ort_graph == "lean",
+        lean = lean_decode_model(model, config, contrib=contrib, host_reset=contrib,
                                  activation_dtype=meta.get(META_ACTIVATION_DTYPE, "float32"))
-        return lean.SerializeToString(), None
+        return lean.SerializeToString(), None, host_reset_values(model, config) if contrib else None
     except (RewriteError, ConfigError) as exc:
-        return None, str(exc)
+        return None, str(exc), None
     except ValueError as exc:     # protobuf's 2 GiB limit
-        return None, f"cannot serialise the lean graph ({exc})"
+        return None, f"cannot serialise the lean graph ({exc})", None
 
 
 def ort_session(path: str | os.PathLike[str] | bytes, providers: Sequence[str] | None = None,

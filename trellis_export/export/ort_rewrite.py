@@ -45,7 +45,8 @@ from ..config import TrellisConfig
 from ..opdef import DOMAIN, OP_TYPE
 from ..state import state_spec
 
-__all__ = ["lean_decode_model", "RewriteError", "ORT_GRAPHS", "LayerWeights", "read_weights"]
+__all__ = ["lean_decode_model", "host_reset_values", "RewriteError", "ORT_GRAPHS", "LayerWeights",
+           "read_weights"]
 
 #: ``OrtSession(ort_graph=...)``: ``"lean"`` (decode calls on :func:`lean_decode_model`, others on the
 #: exported graph), ``"lean-std"`` (the same without contrib ops: for measurements), ``"exported"``.
@@ -364,7 +365,7 @@ def _inner_grad(b: _B, phi: str, z: str, a: str, axis: int, n: int, eps: float, 
 
 
 def _memory_linear_attention(b: _B, c: TrellisConfig, lw: LayerWeights, L: int, y3: str, a2: str,
-                             gates: str, ins: dict[str, str], outs: dict[str, str], fresh4: str,
+                             gates: str, ins: dict[str, str], outs: dict[str, str], fresh4: str | None,
                              start4: str | None) -> str:
     """One layer's memory step with ``com.microsoft::LinearAttention(update_rule="gated")`` doing the
     writes: ``S_t = exp(g) S + k (x) v`` with S = the memory [m, d], g = log beta, k = -gamma u (the
@@ -375,8 +376,11 @@ def _memory_linear_attention(b: _B, c: TrellisConfig, lw: LayerWeights, L: int, 
     cols = b.op("Split", [b.op("Reshape", [y3, b.const([-1, 3 * H, d, 1])]), b.const([H, H, H])],
                 n_out=3, axis=1)                                                   # q k v [B, H, d, 1]
     k3, v3 = (b.op("Reshape", [x, b.const([-1, 1, H * d])], "packed") for x in cols[1:])   # [B, 1, H d]
-    Ms = [b.op("Where", [fresh4, b.init(m0x, f"m0_{x}_{L}"), ins[f"{L}.{x}_memory"]], "M")
-          for x, m0x in (("key", lw.m0_key), ("value", lw.m0_value))]
+    if fresh4 is None:     # host_reset: rows at position 0 already hold M0 (OrtSession does it)
+        Ms = [ins[f"{L}.key_memory"], ins[f"{L}.value_memory"]]
+    else:
+        Ms = [b.op("Where", [fresh4, b.init(m0x, f"m0_{x}_{L}"), ins[f"{L}.{x}_memory"]], "M")
+              for x, m0x in (("key", lw.m0_key), ("value", lw.m0_value))]
     if C > 1:
         assert start4 is not None
         Ss = [b.op("Where", [start4, M_, ins[f"{L}.{x}_snapshot"]], outputs=[outs[f"{L}.{x}_snapshot"]])
@@ -410,12 +414,30 @@ def _memory_linear_attention(b: _B, c: TrellisConfig, lw: LayerWeights, L: int, 
     return b.op("Reshape", [o, b.const([-1, H * d])], "o")
 
 
+def host_reset_values(model: onnx.ModelProto, config: TrellisConfig) -> dict[str, np.ndarray]:
+    """What a row at position 0 holds before the step (TRELLIS_SPEC.md section 5), per state tensor
+    the lean graph built with ``host_reset=True`` expects the caller to have reset: the learned M0
+    ``[H, m, d]`` for the running memories, zeros ``[3 H d, conv_size - 1]`` for the conv caches (the
+    snapshots need none: a row at position 0 is at a chunk start, where the snapshot is the memory)."""
+    wts = read_weights(model, config)
+    out: dict[str, np.ndarray] = {}
+    for L, lw in enumerate(wts.layers):
+        out[f"{L}.key_memory"] = lw.m0_key
+        out[f"{L}.value_memory"] = lw.m0_value
+        out[f"{L}.conv"] = np.zeros((3 * config.memory_dim, config.conv_size - 1), np.float32)
+    return out
+
+
 def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib: bool = True,
-                      stack: bool = True, linear_attention: bool | None = None,
+                      stack: bool = True, linear_attention: bool | None = None, host_reset: bool = False,
                       activation_dtype: str = "float32") -> onnx.ModelProto:
     """The T = 1 streaming step of ``model`` as one straight-line graph (see the module doc).
 
     Same inputs and outputs as the exported graph (``input_ids`` is ``[batch, 1]``), same metadata.
+    ``host_reset=True`` leaves out the reset of rows at position 0 (memories <- M0, conv cache <- 0:
+    two Where per memory and one per conv cache, each a full pass over that state tensor at large B);
+    the caller must then hand in such rows already reset (:func:`host_reset_values` gives the
+    values; :class:`~trellis_export.runtime.OrtSession` does it, only on calls that have such rows).
     Raises :class:`RewriteError` for a graph it cannot read or a float16 export."""
     if activation_dtype != "float32":
         raise RewriteError(f"the lean decode graph is float32 only (this model's activations are "
@@ -438,9 +460,13 @@ def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib:
 
     pos = ins["position"]
     b.op("Add", [pos, b.const(1)], outputs=[outs["position"]])
-    fresh = b.op("Equal", [pos, b.const(0)], "fresh")
-    fresh3 = b.op("Reshape", [fresh, b.const([-1, 1, 1])], "fresh3")
-    fresh4 = b.op("Unsqueeze", [fresh3, b.const([3])], "fresh4")
+    fresh3 = fresh4 = None
+    if not host_reset:
+        fresh = b.op("Equal", [pos, b.const(0)], "fresh")
+        fresh3 = b.op("Reshape", [fresh, b.const([-1, 1, 1])], "fresh3")
+        fresh4 = b.op("Unsqueeze", [fresh3, b.const([3])], "fresh4")
+    elif not linear_attention:
+        raise RewriteError("host_reset is implemented for the LinearAttention graph only")
     start4 = None
     if C > 1:
         start = b.op("Equal", [b.op("Mod", [pos, b.const(C)]), b.const(0)], "chunk_start")
@@ -468,7 +494,8 @@ def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib:
         mix = b.op("Gemm", [h, b.init(w_mix, f"w_mix_{L}"), b.init(bias, f"b_mix_{L}")], "mix")
         qkv, a2, gates, g = b.op("Split", [mix, b.const([3 * HD, 2 * H * m, 4 * H, HD])], n_out=4, axis=1)
         # ---- causal depthwise conv: window = [cache, x], y = sum(window * W); cache <- window[1:]
-        cache = b.op("Where", [fresh3, b.const(0.0, f32), ins[f"{L}.conv"]], "cache")
+        cache = ins[f"{L}.conv"] if fresh3 is None else \
+            b.op("Where", [fresh3, b.const(0.0, f32), ins[f"{L}.conv"]], "cache")
         win = b.op("Concat", [cache, b.op("Unsqueeze", [qkv, b.const([2])])], "win", axis=2)
         b.op("Slice", [win, b.const([1]), b.const([K]), b.const([2])], outputs=[outs[f"{L}.conv"]])
         y = b.op("ReduceSum", [b.op("Mul", [win, b.init(lw.conv, f"conv_{L}")]), b.const([2])], keepdims=0)

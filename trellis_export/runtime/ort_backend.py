@@ -119,6 +119,7 @@ class OrtSession(Session):
         self.decode_graph = sources.decode_graph
         self.decode_graph_reason = sources.reason
         self.decode_session: Any = None
+        self._decode_reset = sources.reset
         if sources.decode is not None:
             dso = ort.SessionOptions()
             for attr in ("log_severity_level", "graph_optimization_level", "intra_op_num_threads",
@@ -205,6 +206,7 @@ class OrtSession(Session):
         out = super().describe()
         out.update(model=self.model_path, function_body=self.function_body, ort_graph=self.ort_graph,
                    decode_graph=self.decode_graph, decode_graph_reason=self.decode_graph_reason,
+                   decode_host_reset=self.decode_session is not None and self._decode_reset is not None,
                    providers_requested=self.providers_requested,
                    providers_missing=self.providers_missing)
         return out
@@ -214,8 +216,16 @@ class OrtSession(Session):
         feeds = {"input_ids": input_ids}
         for name in self._state_names:
             feeds["past." + name] = state[name]
-        sess = self.decode_session if input_ids.shape[1] == 1 and self.decode_session is not None \
-            else self.session
+        sess = self.session
+        if input_ids.shape[1] == 1 and self.decode_session is not None:
+            sess = self.decode_session
+            if self._decode_reset is not None:
+                fresh = state["position"] == 0
+                if fresh.any():   # the lean graph leaves this reset to us (rare: a stream's first token)
+                    for name, value in self._decode_reset.items():
+                        x = feeds["past." + name].copy()
+                        x[fresh] = value
+                        feeds["past." + name] = x
         # InferenceSession.run is a Python wrapper (input-name checks, provider fallback) around _sess.run;
         # calling the latter directly saves ~5 us a call (docs/ort_performance.md). Any failure goes
         # through the public run, which raises onnxruntime's own error.
