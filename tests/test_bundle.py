@@ -69,12 +69,12 @@ def run_script(bundle: Path, script: str, *args: str, python: str = sys.executab
 
 
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
+def model() -> Any:
     return tiny_model(CONFIG, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
-def orin(tmp_path_factory: pytest.TempPathFactory, model: torch.nn.Module) -> tuple[Path, dict[str, Any]]:
+def orin(tmp_path_factory: pytest.TempPathFactory, model: Any) -> tuple[Path, dict[str, Any]]:
     """An Orin bundle of the tiny model, with its own checks (ORT parity, RTX build) run."""
     out = tmp_path_factory.mktemp("orin") / "bundle"
     manifest = build_bundle(None, out, target="orin", model=model, batch=BATCH, tokens=TOKENS, check=True)
@@ -102,7 +102,7 @@ def test_bundle_is_complete_and_its_hashes_match(orin: tuple[Path, dict[str, Any
 
 
 def test_manifest_says_what_the_device_needs_and_what_was_tested(orin: tuple[Path, dict[str, Any]],
-                                                               model: torch.nn.Module) -> None:
+                                                               model: Any) -> None:
     _, m = orin
     assert m["state_spec"]["tensors"] == [t.to_dict() for t in state_spec(CONFIG)]
     assert m["model"]["config"] == CONFIG.to_dict() and m["model"]["activation_dtype"] == "float32"
@@ -127,7 +127,7 @@ def test_manifest_says_what_the_device_needs_and_what_was_tested(orin: tuple[Pat
 
 
 def test_reference_is_the_float64_reference(orin: tuple[Path, dict[str, Any]],
-                                            model: torch.nn.Module) -> None:
+                                            model: Any) -> None:
     from safetensors.numpy import load_file
 
     from trellis_export.runtime.torch_backend import TorchSession
@@ -262,12 +262,12 @@ def test_verify_engine_ort_passes_and_reports(copy: Path) -> None:
     assert rep["top1_agreement"] == 1.0
 
 
-def _wrong_model(bundle: Path, model: torch.nn.Module, dest: Path) -> Path:
+def _wrong_model(bundle: Path, model: Any, dest: Path) -> Path:
     """The bundle's model with one gate bias moved by 0.05, carrying the bundle's fingerprint: what a
     mis-converted engine would be."""
     from trellis_export.export.onnx_export import export_model_proto, save_model_atomic
 
-    bad = tiny_model(CONFIG, dtype=torch.float32)
+    bad: Any = tiny_model(CONFIG, dtype=torch.float32)
     bad.load_state_dict(model.state_dict())
     with torch.no_grad():
         bad.layers[1].beta_proj.bias.add_(0.05)
@@ -275,7 +275,7 @@ def _wrong_model(bundle: Path, model: torch.nn.Module, dest: Path) -> Path:
     return save_model_atomic(export_model_proto(bad, fingerprint=fp), dest)
 
 
-def test_verify_engine_fails_for_a_wrong_model(copy: Path, model: torch.nn.Module, tmp_path: Path) -> None:
+def test_verify_engine_fails_for_a_wrong_model(copy: Path, model: Any, tmp_path: Path) -> None:
     wrong = _wrong_model(copy, model, tmp_path / "wrong.onnx")
     proc = run_script(copy, "verify_engine.py", "--runtime", "ort", "--model", str(wrong))
     assert proc.returncode == 1, proc.stdout[-2000:]
@@ -286,7 +286,8 @@ def test_verify_engine_fails_for_a_wrong_model(copy: Path, model: torch.nn.Modul
 def test_verify_engine_refuses_another_models_onnx(copy: Path, tmp_path: Path) -> None:
     from trellis_export.export.onnx_export import export_onnx
 
-    other = export_onnx(tiny_model(CONFIG, seed=3, dtype=torch.float32), tmp_path / "other.onnx")
+    other_model: Any = tiny_model(CONFIG, seed=3, dtype=torch.float32)
+    other = export_onnx(other_model, tmp_path / "other.onnx")
     proc = run_script(copy, "verify_engine.py", "--runtime", "ort", "--model", str(other))
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("error: ") and "fingerprint" in proc.stderr and proc.stdout == ""
@@ -464,7 +465,7 @@ def test_run_stream_refuses_bad_prompts(copy: Path) -> None:
 
 # ------------------------------------------------------------------------------------- float16, kernels
 def test_aot_kernels_are_compiled_for_the_target(orin: tuple[Path, dict[str, Any]], tmp_path: Path,
-                                                 model: torch.nn.Module) -> None:
+                                                 model: Any) -> None:
     import base64
 
     from trellis_export.kernels.aot import variant_name, variants_for

@@ -160,7 +160,7 @@ def build_script(target: Target, profiles: list[dict[str, Any]], fingerprint: st
     return "\n".join(lines) + "\n"
 
 
-def parse_build_script(text: str) -> list[dict[str, list[int]]]:
+def parse_build_script(text: str) -> list[dict[str, list[list[int]]]]:
     """The profiles of a build_engine.sh: for each, input -> [min, opt, max] shapes (parsed)."""
     words = shlex.split(text.replace("\\\n", " "), comments=True)
     profiles: list[dict[str, list[list[int]]]] = []
@@ -172,7 +172,7 @@ def parse_build_script(text: str) -> list[dict[str, list[int]]]:
                 for item in w[len(flag):].split(","):
                     name, _, dims = item.rpartition(":")
                     profiles[-1].setdefault(name, []).append([int(d) for d in dims.split("x")])
-    return profiles  # type: ignore[return-value]
+    return profiles
 
 
 # ------------------------------------------------------------------------------- kernels

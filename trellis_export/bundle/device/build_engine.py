@@ -17,12 +17,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from trellis_bundle import BundleError, fail, import_tensorrt, open_bundle  # noqa: E402
 
 
-def plugin_creator(trt: object, bundle: Path, manifest: dict, used: list[int]) -> object:
+def plugin_creator(trt: Any, bundle: Path, manifest: dict, used: list[int]) -> Any:
     """Register the plugin with the bundle's AOT kernels (no compiler needed on the device)."""
     try:
         from trellis_export.plugins_trt import plugin_v3

@@ -20,6 +20,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +61,7 @@ class Record:
         return ("FAILED" if self.failed else "PASSED") if self.judged else "REPORTED"
 
 
-def run_check(bundle: Path, manifest: dict, runner: object, resync: bool) -> dict:
+def run_check(bundle: Path, manifest: dict, runner: Any, resync: bool) -> dict:
     ref = load_reference(bundle, manifest)
     info = manifest["reference"]
     act = manifest["model"]["activation_dtype"]
