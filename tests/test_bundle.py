@@ -161,6 +161,32 @@ def test_reference_is_the_float64_reference(orin: tuple[Path, dict[str, Any]],
     assert not np.allclose(ref["start.0.key_memory"][0], ref["start.0.key_memory"][1])
 
 
+def test_large_vocabulary_keeps_logit_windows_and_still_checks(copy: Path, model: Any,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past LOGITS_BUDGET the reference keeps the logits of the LOGITS_WINDOW tokens before each
+    checkpoint; verify_engine.py checks those (and every state) and still PASSES / FAILS."""
+    from safetensors.numpy import save_file
+
+    import trellis_export.bundle.build as build
+
+    monkeypatch.setattr(build, "LOGITS_BUDGET", 0)
+    m = json.loads((copy / "manifest.json").read_text())
+    info = m["reference"]
+    arrays, new_info = build.make_reference(model, tokens=info["tokens"], prefill=info["prefill"],
+                                            seed=info["seed"], activation_dtype="float32")
+    kept = arrays["logits_positions"]
+    assert arrays["logits"].shape == (2, len(kept), CONFIG.vocab_size) and len(kept) < info["tokens"]
+    assert all(c - 1 in kept for c in info["checkpoints"])
+    assert "before each checkpoint" in new_info["logits_stored"]
+    save_file(arrays, str(copy / REFERENCE_FILE))
+    m["files"][REFERENCE_FILE] = sha(copy / REFERENCE_FILE)
+    (copy / "manifest.json").write_text(json.dumps(m))
+    proc = run_script(copy, "verify_engine.py", "--runtime", "ort", "--json", str(copy.parent / "r.json"))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    rep = json.loads((copy.parent / "r.json").read_text())
+    assert rep["tensors"]["logits"]["checks"] == 2 * len(info["checkpoints"])
+
+
 # ------------------------------------------------------------------------------------- build_engine.sh
 def _onnx_inputs(path: Path) -> list[tuple[str, list[int | str]]]:
     proto = onnx.load(str(path), load_external_data=False)

@@ -45,6 +45,10 @@ REFERENCE_FILE, KERNELS_FILE = "reference/reference.safetensors", "kernels/aot_r
 #: The reference stream: row 0 starts at position 0, row 1 after this many warm-up tokens.
 ROW_OFFSETS: tuple[int, ...] = (0, 37)
 DEFAULT_PREFILL = 48
+#: Reference logits are kept for every token while they fit in this many bytes (float64); beyond, for
+#: the LOGITS_WINDOW tokens before each checkpoint only (large vocabularies).
+LOGITS_BUDGET = 128 * 1024**2
+LOGITS_WINDOW = 32
 
 
 def _dist_version(name: str) -> str | None:
@@ -77,7 +81,8 @@ def checkpoints(prefill: int, tokens: int) -> list[int]:
 # ------------------------------------------------------------------------------- reference
 def make_reference(model: Any, *, tokens: int, prefill: int, seed: int, activation_dtype: str
                    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The seeded stream and the float64 reference's logits (every token) and states (at checkpoints).
+    """The seeded stream and the float64 reference's logits (every token, or for a large vocabulary the
+    ``LOGITS_WINDOW`` tokens before each checkpoint: ``logits_positions``) and states (at checkpoints).
 
     Two rows at different stream positions: row b starts after ``ROW_OFFSETS[b]`` warm-up tokens; the
     start state is stored in the engine's dtypes (float32 memories, activation-dtype conv) and the
@@ -102,21 +107,32 @@ def make_reference(model: Any, *, tokens: int, prefill: int, seed: int, activati
     arrays.update({f"start.{n}": v for n, v in start.items()})
     state = {n: (v if v.dtype == np.int64 else v.astype(np.float64)) for n, v in start.items()}
     marks = checkpoints(prefill, tokens)
+    if len(ROW_OFFSETS) * tokens * vocab * 8 <= LOGITS_BUDGET:
+        keep = np.arange(tokens)
+    else:
+        keep = np.unique(np.concatenate([np.arange(max(0, m - LOGITS_WINDOW), m) for m in marks]))
     logits = []
     pos = 0
     for mark in marks:
         for r0 in range(pos, mark, 512):
-            lo, state = ref.step(ids[:, r0:min(r0 + 512, mark)], state)
-            logits.append(lo)
+            r1 = min(r0 + 512, mark)
+            lo, state = ref.step(ids[:, r0:r1], state)
+            sel = keep[(keep >= r0) & (keep < r1)] - r0
+            logits.append(np.asarray(lo, dtype=np.float64)[:, sel])
         pos = mark
         arrays.update({f"state.{mark}.{n}": np.ascontiguousarray(v) for n, v in state.items()})
-    arrays["logits"] = np.concatenate(logits, axis=1).astype(np.float64)
+    arrays["logits"] = np.ascontiguousarray(np.concatenate(logits, axis=1))
+    arrays["logits_positions"] = keep.astype(np.int64)
     info = {"file": REFERENCE_FILE, "tokens": tokens, "prefill": prefill, "rows": len(ROW_OFFSETS),
             "start_positions": [int(p) for p in start["position"]], "checkpoints": marks, "seed": seed,
             "dtype": "float64",
             "reference": "PyTorch float64 reference (trellis_export.runtime torch backend)",
             "keys": {"input_ids": "[rows, tokens] int64", "start.<state>": "the state both sides start from",
-                     "logits": "[rows, tokens, vocab] float64", "state.<checkpoint>.<state>": "float64"}}
+                     "logits": "[rows, len(logits_positions), vocab] float64",
+                     "logits_positions": "stream indices (0-based) whose logits are stored",
+                     "state.<checkpoint>.<state>": "float64"},
+            "logits_stored": "every token" if len(keep) == tokens else
+                             f"the {LOGITS_WINDOW} tokens before each checkpoint"}
     return arrays, info
 
 
