@@ -88,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smaller grid and fewer timing iterations")
     p.add_argument("--no-timing", action="store_true", help="correctness sections only")
     p.add_argument("--no-aot", action="store_true", help="skip the AOT (driver API) section")
+    p.add_argument("--no-trt", action="store_true", help="skip the TensorRT engine section")
     p.add_argument("--aot-json", default=None,
                    help="launch records written by `python -m trellis_export.kernels.aot` to launch "
                         "instead of compiling them here (records for other targets are ignored)")
@@ -703,6 +704,123 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+# =========================================================================== TensorRT engines
+def run_trt(args: argparse.Namespace) -> dict[str, Any]:
+    """TensorRT engines of the bundled model on this card (issue "TensorRT engines"): for each of the
+    function-body and plugin engines, build with TensorRT-RTX for this GPU's compute capability when
+    it is a TensorRT-RTX target (else try once and record exactly what happened), stream it against the
+    float64 reference over 4k tokens (``verify``: logits and states, spec tolerances), time decode and
+    prefill through the TensorRT session against the ORT CUDA provider when present, and run the
+    deployment bundle's on-device check (``trellis_export.bundle.gpu_check``)."""
+    import tempfile
+
+    import numpy as np
+    from trellis_export.kernels.cuda_launch import CudaDriver
+    from trellis_export.plugins_trt.engine import (
+        EngineSettings,
+        Range,
+        build_engine,
+        onnx_for_engine,
+        write_engine,
+    )
+    from trellis_export.plugins_trt.runtimes import RTX_TARGETS, available_runtimes, load_tensorrt
+
+    from trellis_export.errors import TrellisExportError
+    from trellis_export.runtime import open_session
+    from trellis_export.verify import verify
+
+    cc = CudaDriver().compute_capability()
+    cc_text = f"{cc // 10}.{cc % 10}"
+    out: dict[str, Any] = {"compute_capability": cc_text, "runtimes": available_runtimes(), "engines": {}}
+    if not out["runtimes"]:
+        out["skipped"] = "no TensorRT module importable"
+        return out
+    rt = load_tensorrt()
+    out["runtime"] = f"{rt.name} {rt.version}"
+    if rt.is_rtx and cc_text not in RTX_TARGETS:
+        out["note"] = (f"sm_{cc} is not a TensorRT-RTX target ({', '.join(RTX_TARGETS)}): trying once with "
+                       "the nearest lower target, recording what happens")
+    work = Path(tempfile.mkdtemp(prefix="gpu_suite_trt."))
+    tokens = 256 if args.quick else 1024
+    for plugin in (False, True):
+        name = "plugin" if plugin else "function_body"
+        rec: dict[str, Any] = {}
+        out["engines"][name] = rec
+        try:
+            targets = (cc_text,) if (not rt.is_rtx or cc_text in RTX_TARGETS) else \
+                (max((t for t in RTX_TARGETS if float(t) <= cc / 10), key=float),)
+            settings = EngineSettings(plugin=plugin, batch=Range(1, 1, 8), tokens=Range(1, tokens, tokens),
+                                      compute_capabilities=targets if rt.is_rtx else ())
+            src = onnx_for_engine(None, plugin=plugin)
+            data, report = build_engine(src, settings, rt)
+            engine = write_engine(work / f"{name}.engine", data, report, src)
+            rec["build"] = {k: report.to_dict()[k] for k in ("layers", "layers_by_type", "build_seconds",
+                                                              "engine_bytes", "targets", "memory_nodes")}
+        except (TrellisExportError, RuntimeError, OSError) as exc:
+            rec["build_error"] = str(exc)
+            continue
+        try:
+            rep = verify(None, engine, tokens=512 if args.quick else 4096, batch=2)
+            rec["verify"] = {"status": rep["status"], "top1_agreement": rep["top1_agreement"],
+                             "tensors": {k: {"rel_rms": v["rel_rms"], "worst_rel_rms": v.get("worst_rel_rms"),
+                                             "status": v["status"]} for k, v in rep["tensors"].items()}}
+        except Exception as exc:  # noqa: BLE001 - record and go on
+            rec["verify_error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            sess = open_session("trt", engine_path=engine)
+            rng = np.random.default_rng(0)
+            vocab = sess.config.vocab_size
+            timing: dict[str, Any] = {}
+            for phase, T in (("decode", 1), ("prefill", tokens)):
+                ids = rng.integers(0, vocab, size=(1, T), dtype=np.int64)
+                _, h = sess.step(ids)
+                times = []
+                for i in range(10 + (args.iters or 100)):
+                    t0 = time.perf_counter()
+                    _, h2 = sess.step(ids, h)
+                    if i >= 10:
+                        times.append(time.perf_counter() - t0)
+                timing[phase] = {"p50_ms": median(times) * 1e3, "tokens": T,
+                                 "tokens_per_s": T / median(times)}
+            rec["timing_trt_session"] = timing
+        except Exception as exc:  # noqa: BLE001
+            rec["timing_error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            from trellis_export.checkpoint import load_checkpoint
+            from trellis_export.export.onnx_export import export_onnx
+
+            path = export_onnx(load_checkpoint(), work / "model.onnx")
+            s = open_session("ort", model_path=path, providers=["CUDAExecutionProvider"])
+            ids = np.ones((1, 1), dtype=np.int64)
+            _, st = s.step(ids)
+            times = []
+            for i in range(110):
+                t0 = time.perf_counter()
+                _, st = s.step(ids, st)
+                if i >= 10:
+                    times.append(time.perf_counter() - t0)
+            out["ort_cuda_decode_p50_ms"] = median(times) * 1e3
+        else:
+            out["ort_cuda"] = "onnxruntime has no CUDAExecutionProvider here"
+    except Exception as exc:  # noqa: BLE001
+        out["ort_cuda_error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        from trellis_export.bundle import gpu_check
+        from trellis_export.bundle.build import build_bundle
+
+        bdir = work / "bundle"
+        build_bundle(None, bdir, target="rtx")
+        out["bundle_check"] = gpu_check(bdir)
+    except Exception as exc:  # noqa: BLE001
+        out["bundle_error"] = f"{type(exc).__name__}: {exc}"
+    out["ok"] = all(r.get("verify", {}).get("status") == "PASSED" for r in out["engines"].values()) \
+        if out["engines"] else False
+    return out
+
+
 # =========================================================================== main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -724,6 +842,8 @@ def main(argv: list[str] | None = None) -> int:
             sections.append(("aot_timing", lambda: run_aot_timing(args)))
     if not args.no_timing:
         sections.append(("timing", lambda: run_timing(args)))
+    if not args.no_trt:
+        sections.append(("trt", lambda: run_trt(args)))
     for name, fn in sections:
         t0 = time.time()
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from typing import Any
 
 import click
 
@@ -26,7 +27,7 @@ class SizeListType(click.ParamType):
     def __init__(self, minimum: int = 1) -> None:
         self.minimum = minimum
 
-    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, list):
             return value
         try:
@@ -40,7 +41,7 @@ class AmountType(click.ParamType):
 
     name = "SECONDS|Nit"
 
-    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, Amount):
             return value
         try:
@@ -54,7 +55,7 @@ class SecondsType(click.ParamType):
 
     name = "SECONDS"
 
-    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, float):
             return value
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -21,7 +22,7 @@ class _Group(click.Group):
       previous content.
     """
 
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    def invoke(self, ctx: click.Context) -> Any:
         from trellis_export.outputs import signals_raise
 
         try:
@@ -33,8 +34,8 @@ class _Group(click.Group):
             where = f"{exc.filename}: " if exc.filename else ""
             _fail(f"{where}{exc.strerror or exc}", 1)
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,  # type: ignore[override]
-             **extra):
+    def main(self, args: Any = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         from trellis_export.outputs import Terminated, remove_temporaries
 
         try:
@@ -51,7 +52,7 @@ class _Group(click.Group):
         except Terminated as exc:
             remove_temporaries()
             _fail(f"terminated ({exc.signame}); temporary files removed, existing outputs unchanged",
-                  int(exc.code))
+                  128 + exc.signum)
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)

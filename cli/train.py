@@ -6,6 +6,7 @@ import json
 import shlex
 import sys
 import time
+from typing import Any
 
 import click
 
@@ -88,7 +89,7 @@ _nl = click.Choice(NONLINEARITIES)
 @click.pass_context
 def train(ctx: click.Context, out: str | None, resume: bool, state_path: str | None,
           stop_after: int | None, no_progress: bool, force: bool, eval_only: str | None,
-          **opts: object) -> None:
+          **opts: Any) -> None:
     """Train a model (default: a small MQAR model) and write an atomic checkpoint with training.json."""
     from trellis_export.config import TrellisConfig
     from trellis_export.train import (
@@ -118,7 +119,7 @@ def train(ctx: click.Context, out: str | None, resume: bool, state_path: str | N
             base = checkpoint_mqar_spec(path)
             spec = MQARSpec(**{k: (opts[k] if k in spec_flags or base is None else getattr(base, k))
                                for k in ("vocab_size", "num_pairs", "seq_len", "num_queries")})
-        kw = {"num_examples": opts["eval_examples"] if "eval_examples" in given else 1024}
+        kw: dict[str, Any] = {"num_examples": opts["eval_examples"] if "eval_examples" in given else 1024}
         if "seed" in given:
             kw["seed"] = opts["seed"]
         report = eval_checkpoint(path, spec=spec, task=task, **kw)
@@ -127,8 +128,8 @@ def train(ctx: click.Context, out: str | None, resume: bool, state_path: str | N
     if out is None:
         raise click.UsageError("--out DIR is required (or use --eval-only CKPT)")
 
-    train_kw = {field: opts[flag] for flag, field in _TRAIN_FLAGS.items()}
-    cfg_kw = {field: opts[flag] for flag, field in _CONFIG_FLAGS.items()}
+    train_kw: dict[str, Any] = {field: opts[flag] for flag, field in _TRAIN_FLAGS.items()}
+    cfg_kw: dict[str, Any] = {field: opts[flag] for flag, field in _CONFIG_FLAGS.items()}
     if resume:   # flags not given on this command line come from the stored run
         stored_args, stored_cfg = resume_settings(state_path or default_state_path(out))
         train_kw = {field: (opts[flag] if flag in given else getattr(stored_args, field))

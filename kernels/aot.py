@@ -296,7 +296,7 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
     hidden = ["global_scratch", "profile_scratch", *[f"hidden_{i}" for i in range(2, n_hidden)]][:n_hidden]
     gss = int(getattr(md, "global_scratch_size", 0) or 0)
     mver = re.search(r"^\s*\.version\s+([\d.]+)", ptx, re.M)
-    attrs = op_attributes_from(chunk_size=chunk_size, phi=phi, f=f, rho=rho, eps=eps)
+    op_attrs = op_attributes_from(chunk_size=chunk_size, phi=phi, f=f, rho=rho, eps=eps)
     return AOTKernel(
         kernel=kernel, name=entry, target=f"sm_{cc}", cc=cc, ptx=ptx, ptx_target=ptx_target(ptx),
         ptx_version=mver.group(1) if mver else "", triton_version=triton.__version__, dtype=dtype,
@@ -305,7 +305,7 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
         hidden_params=hidden, ptx_params=params, num_warps=int(md.num_warps), num_stages=cfg.num_stages,
         shared_mem=int(md.shared), global_scratch_size=gss, grid=LaunchConfig.GRID_EXPR,
         block=(32 * int(md.num_warps), 1, 1),
-        plugin={"plugin_id": PLUGIN_NAME, "attributes": attrs,
+        plugin={"plugin_id": PLUGIN_NAME, "attributes": op_attrs,
                 "aot_impl_returns": "(kernel_name=name, ptx, KernelLaunchParams(grid_x=B*H, block_x="
                                     "32*num_warps, shared_mem), SymIntExprs([T]))",
                 "hidden_params_note": "triton appends these pointer params after the outputs; a "

@@ -98,7 +98,7 @@ def ptxas_stats(ptx: str, arch: str | int, ptxas: str | None = None, timeout: fl
     bars = re.search(r"used (\d+) barriers", log)
     if regs is None or spill is None:
         raise RuntimeError(f"could not parse ptxas -v output:\n{log[-3000:]}")
-    return PtxasStats(arch=arch, registers=int(regs.group(1)), stack=int(spill.group(1)),
+    return PtxasStats(arch=str(arch), registers=int(regs.group(1)), stack=int(spill.group(1)),
                       spill_stores=int(spill.group(2)), spill_loads=int(spill.group(3)),
                       smem_static=int(smem.group(1)) if smem else 0,
                       barriers=int(bars.group(1)) if bars else 0, ptxas=ptxas_version(ptxas))
@@ -107,11 +107,11 @@ def ptxas_stats(ptx: str, arch: str | int, ptxas: str | None = None, timeout: fl
 _MEM_RE = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global((?:\.[a-z0-9:]+)*)\s", re.M)
 
 
-def ptx_memory_ops(ptx: str) -> dict[str, int]:
+def ptx_memory_ops(ptx: str) -> dict[str, float]:
     """Global loads / stores of the PTX text by width: ``ld_v4``, ``ld_v2``, ``ld_scalar``, same for
     ``st_``, ``ld_bytes_per_instr`` (mean bytes one load instruction moves, 32-bit elements) and
     ``bar_sync`` (barrier instructions in the text: a proxy of the CTA-wide synchronisation rounds)."""
-    out = {f"{op}_{w}": 0 for op in ("ld", "st") for w in ("v4", "v2", "scalar")}
+    out: dict[str, float] = {f"{op}_{w}": 0 for op in ("ld", "st") for w in ("v4", "v2", "scalar")}
     lanes = 0
     for op, mods in _MEM_RE.findall(ptx):
         w = "v4" if ".v4" in mods else "v2" if ".v2" in mods else "scalar"

@@ -328,11 +328,13 @@ def _build(source: EngineSource, settings: EngineSettings, rt: TensorRT) -> tupl
         from trellis_export.opdef import ATTRIBUTES, op_attributes
 
         attrs = {k: v for k, v in op_attributes(TrellisConfig.from_dict(cfg)).items() if k in ATTRIBUTES}
-        shape = dict(heads=int(cfg["n_heads"]), slots=int(cfg["n_slots"]), head_dim=int(cfg["head_dim"]),
-                     dtype=source.activation_dtype)
+        heads, slots, head_dim = int(cfg["n_heads"]), int(cfg["n_slots"]), int(cfg["head_dim"])
+        dtype = source.activation_dtype
         try:
-            creator.compiled[plugin_v3.shape_key(**shape)] = plugin_v3.compile_records(
-                attrs, targets=[_cc_int(t) for t in targets], **shape)
+            key = plugin_v3.shape_key(heads=heads, slots=slots, head_dim=head_dim, dtype=dtype)
+            creator.compiled[key] = plugin_v3.compile_records(
+                attrs, heads=heads, slots=slots, head_dim=head_dim, dtype=dtype,
+                targets=[_cc_int(t) for t in targets])
         except Exception as exc:  # triton's compiler raises many kinds; one line for the user
             first = first_line(exc)
             raise EngineError(f"{source.description}: compiling the plugin's Triton kernels failed: "
@@ -345,9 +347,9 @@ def _build(source: EngineSource, settings: EngineSettings, rt: TensorRT) -> tupl
         else parser.parse(source.onnx_bytes)
     if not ok:
         errs = [parser.get_error(i) for i in range(parser.num_errors)]
-        first = errs[0] if errs else None
-        where = f"node {first.node_name()!r} ({first.node_operator()})" if first is not None else "the model"
-        desc = first.desc().strip().splitlines()[0] if first is not None else "no message"
+        err = errs[0] if errs else None
+        where = f"node {err.node_name()!r} ({err.node_operator()})" if err is not None else "the model"
+        desc = err.desc().strip().splitlines()[0] if err is not None else "no message"
         raise EngineError(f"{source.description}: {rt.name} {rt.version} cannot parse {where}: {desc}")
     layers = [network.get_layer(i) for i in range(network.num_layers)]
     by_type = Counter(str(layer.type).rsplit(".", 1)[-1] for layer in layers)
@@ -379,7 +381,7 @@ def _build(source: EngineSource, settings: EngineSettings, rt: TensorRT) -> tupl
             config.set_compute_capability(cc, i)
     if settings.builder_optimization_level is not None:
         config.builder_optimization_level = int(settings.builder_optimization_level)
-    profiles = []
+    profiles: list[dict[str, Any]] = []
     for name, tokens in settings.profiles():
         prof = builder.create_optimization_profile()
         shapes = _profile_shapes(network, settings, tokens)

@@ -112,6 +112,8 @@ class KVCacheLayer(nn.Module):
 class KVCacheLM(nn.Module):
     """Token embedding -> KV-cache attention layers -> RMSNorm -> LM head (the benchmark baseline)."""
 
+    inv_freq: Tensor           # rotary frequencies (a non-persistent buffer)
+
     def __init__(self, config: TrellisConfig) -> None:
         super().__init__()
         self.config = config
@@ -209,6 +211,8 @@ def export_baseline_onnx(model: KVCacheLM, path: str | os.PathLike[str]) -> Path
         except Exception as exc:  # torch's exporter raises many types; report one line
             first = first_line(exc)
             raise BaselineError(f"torch.onnx.export of the KV-cache baseline failed: {first}") from exc
+    if program is None:
+        raise BaselineError("torch.onnx.export of the KV-cache baseline returned no program")
     proto = program.model_proto
     proto.producer_name = "trellis-export (kv-cache baseline)"
     atomic_write_bytes(dest, proto.SerializeToString())

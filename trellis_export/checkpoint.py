@@ -13,12 +13,15 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from . import outputs
+
+if TYPE_CHECKING:
+    from .model import TrellisLM
 from .config import FINGERPRINT_VERSION, FINGERPRINT_VERSIONS, ConfigError, TrellisConfig
 from .errors import TrellisExportError, first_line
 from .outputs import (  # noqa: F401  (atomic_write_bytes is re-exported for older imports)
@@ -58,14 +61,14 @@ def fingerprint(config: TrellisConfig, tensors: dict[str, Tensor], version: int 
     return h.hexdigest()
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
+def model_fingerprint(model: TrellisLM) -> str:
     """The fingerprint of a model's config and weights, in the version it was loaded with (a model made
     in memory: the current version)."""
     return fingerprint(model.config, dict(model.state_dict()),
                        getattr(model, "fingerprint_version", FINGERPRINT_VERSION))
 
 
-def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike[str],
+def save_checkpoint(model: TrellisLM, path: str | os.PathLike[str],
                     metadata: dict[str, Any] | None = None, *, force: bool = False) -> str:
     """Save ``model`` (a TrellisLM) to the directory ``path``; returns the fingerprint.
 
@@ -182,7 +185,7 @@ def nonfinite_tensors(tensors: dict[str, Tensor], limit: int = 3) -> str:
 
 def load_checkpoint(path: str | os.PathLike[str] | None = None, *,
                     device: str | torch.device = "cpu", check_finite: bool = True,
-                    requires_grad: bool = False) -> torch.nn.Module:
+                    requires_grad: bool = False) -> TrellisLM:
     """Load a TrellisLM from a checkpoint directory (the bundled default when ``path`` is None).
 
     Missing, unexpected and mis-shaped tensors are reported by name in a :class:`CheckpointError`, and
@@ -190,11 +193,11 @@ def load_checkpoint(path: str | os.PathLike[str] | None = None, *,
     mode with ``requires_grad=False`` parameters, so its outputs carry no autograd history; pass
     ``requires_grad=True`` (or call ``model.requires_grad_()``) to fine-tune it.
     """
-    from .model import TrellisLM
+    from .model import TrellisLM as _TrellisLM
 
     config, tensors, meta = read_checkpoint(path, check_finite=check_finite)
     root = Path(path) if path is not None else default_checkpoint_path()
-    model = TrellisLM(config)
+    model = _TrellisLM(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -218,4 +221,5 @@ def load_checkpoint(path: str | os.PathLike[str] | None = None, *,
     model.fingerprint_version = int(meta.get("fingerprint_version", "1"))
     model.checkpoint_path = str(root)
     model.requires_grad_(requires_grad)
-    return model.to(device).eval()
+    model.to(device).eval()
+    return model

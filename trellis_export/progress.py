@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
-def progress_iter(items: Sized, label: str, show: Callable[[], str] = lambda: "", enabled: bool = True,
+def progress_iter(items: Sequence[T], label: str, show: Callable[[], str] = lambda: "", enabled: bool = True,
                   every: float = 0.2) -> Iterator[T]:
     """Iterate ``items`` with a progress line on stderr (nothing when not ``enabled``)."""
     total = len(items)
     last = 0.0
     done = 0
     try:
-        for item in items:  # type: ignore[attr-defined]
+        for item in items:
             yield item
             done += 1
             now = time.monotonic()

@@ -146,7 +146,8 @@ def build_model(config: TrellisConfig, seed: int) -> TrellisLM:
 
 
 def make_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and "m0_" not in name else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},

@@ -267,7 +267,8 @@ def verify(checkpoint: str | os.PathLike[str] | None, model_path: str | os.PathL
             raise VerifyError("--providers applies to ONNX models; a TensorRT engine runs on TensorRT")
         rt = open_session("trt", engine_path=model_path)
         # the engine's profiles bound the call sizes: longer pieces are cut to its token range
-        pieces = [q for p in pieces for q in _cut(p, rt.max_tokens)]
+        max_tokens = int(getattr(rt, "max_tokens"))  # noqa: B009 - a TrtSession attribute
+        pieces = [q for p in pieces for q in _cut(p, max_tokens)]
     else:
         rt = open_session("ort", model_path=model_path, providers=providers, threads=threads,
                           allow_fallback=allow_fallback)

@@ -17,11 +17,13 @@ as in the streaming kernel.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import triton
 import triton.language as tl
 
-from .utils import DOT_PRECISIONS, inner_grad, launch_config, nl_code, nl_fwd
+from .utils import DOT_PRECISIONS, MemoryOutputs, inner_grad, launch_config, nl_code, nl_fwd
 
 
 @triton.jit
@@ -133,4 +135,4 @@ def chunk_trellis_fwd(
         PHI=nl_code(phi, "phi"), F=nl_code(f, "f"), RHO=nl_code(rho, "rho"), EPS=float(eps),
         DOT_PRECISION=dot_precision, DECODE=T == 1, IN_PLACE=False, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
-    return outs
+    return cast(MemoryOutputs, outs)

@@ -30,11 +30,13 @@ the snapshot store of rows where no chunk starts).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import triton
 import triton.language as tl
 
-from .utils import DOT_PRECISIONS, inner_grad, launch_config, nl_code, nl_fwd
+from .utils import DOT_PRECISIONS, MemoryOutputs, inner_grad, launch_config, nl_code, nl_fwd
 
 #: The extra pointer arguments of the split kernels, after the op's outputs.
 WORKSPACE_ARGS: tuple[str, ...] = ("ws_memory", "ws_u")
@@ -234,4 +236,4 @@ def chunk_split_trellis_fwd(
         cfg = launch_config(name, m, d, C, dot_precision)
         kernel[grid](*args, T, *outs, *ws, BM=cfg.BM, BD=cfg.BD, BC=cfg.BC, **kw,
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return outs
+    return cast(MemoryOutputs, outs)

@@ -19,11 +19,13 @@ one-round form cost registers (96 -> 109-115 at d = 32) and spills (8 -> 48-52 b
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import triton
 import triton.language as tl
 
-from .utils import inner_grad, launch_config, nl_code, nl_fwd
+from .utils import MemoryOutputs, inner_grad, launch_config, nl_code, nl_fwd
 
 
 @triton.jit
@@ -123,7 +125,7 @@ def fused_recurrent_trellis_fwd(
         PHI=nl_code(phi, "phi"), F=nl_code(f, "f"), RHO=nl_code(rho, "rho"), EPS=float(eps),
         DOT_PRECISION="ieee", DECODE=T == 1, IN_PLACE=bool(in_place), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
-    return outs
+    return cast(MemoryOutputs, outs)
 
 
 def _alloc(q: torch.Tensor, B: int, T: int, H: int, m: int, d: int) -> tuple[torch.Tensor, ...]:

@@ -28,8 +28,9 @@ def memory_triton(q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor, gamm
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     fn = fused_recurrent_trellis_fwd if mode == "step" else chunk_trellis_fwd
-    return tuple(fn(q, k, v, a, beta, gamma, key_memory, value_memory, key_snapshot, value_snapshot,
-                    position, chunk_size=chunk_size, phi=phi, f=f, rho=rho, eps=eps))
+    o, km, vm, ks, vs = fn(q, k, v, a, beta, gamma, key_memory, value_memory, key_snapshot, value_snapshot,
+                           position, chunk_size=chunk_size, phi=phi, f=f, rho=rho, eps=eps)
+    return o, km, vm, ks, vs
 
 
 @memory_triton.register_fake
@@ -40,8 +41,8 @@ def _memory_triton_fake(q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor
     B, T, H, d = q.shape
     m = a.shape[-1]
     o = q.new_empty((B, T, H, d))
-    st = tuple(key_memory.new_empty((B, H, m, d), dtype=torch.float32) for _ in range(4))
-    return (o, *st)
+    km, vm, ks, vs = (key_memory.new_empty((B, H, m, d), dtype=torch.float32) for _ in range(4))
+    return o, km, vm, ks, vs
 
 
 def trellis_memory_triton(q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor, gamma: Tensor,

@@ -8,12 +8,16 @@ The launch configuration is computed here once and used by the JIT wrappers, the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import triton
 import triton.language as tl
 
 from trellis_export.config import NONLINEARITIES
 from trellis_export.opdef import INPUTS, OUTPUTS
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: constexpr code of each nonlinearity inside the kernels (index into config.NONLINEARITIES).
 NL_CODE: dict[str, int] = {name: i for i, name in enumerate(NONLINEARITIES)}
@@ -26,6 +30,8 @@ INPUT_ARGS: tuple[str, ...] = INPUTS
 SCALAR_ARGS: tuple[str, ...] = ("T",)
 OUTPUT_ARGS: tuple[str, ...] = tuple(f"out_{n}" for n in OUTPUTS)
 RUNTIME_ARGS: tuple[str, ...] = INPUT_ARGS + SCALAR_ARGS + OUTPUT_ARGS
+#: What the kernels' Python wrappers return: o and the four new memories (OUTPUT_ARGS order).
+MemoryOutputs = tuple["Tensor", "Tensor", "Tensor", "Tensor", "Tensor"]
 #: Kernel constexprs, in signature order after the runtime arguments.
 #: ``DECODE`` (T a compile-time 1) and ``IN_PLACE`` (outputs alias the input memories) default to
 #: False and come last, so records and callers that predate them keep their meaning.

@@ -154,8 +154,12 @@ def trt_call(session: Any, ids: np.ndarray, state: dict[str, np.ndarray]) -> Tim
 
 def triton_model(model: torch.nn.Module, trellis: bool) -> torch.nn.Module:
     """A CUDA copy of ``model``; the Trellis model's memory runs the Triton kernels."""
-    m = copy.deepcopy(model).to("cuda").eval()
+    m = copy.deepcopy(model)
+    m.to("cuda").eval()
     if trellis:
+        from ..model import TrellisLM
         from ..model.backends import use_backend
+
+        assert isinstance(m, TrellisLM)
         use_backend(m, "triton")
     return m

@@ -69,8 +69,8 @@ def format_table(report: dict[str, Any]) -> str:
     if notes:
         lines.append("")
         lines.append("not measured")
-        for (backend, status, reason), where in sorted(notes.items()):
-            which = "; ".join(where) if len(where) <= 3 else f"{len(where)} cells"
+        for (backend, status, reason), places in sorted(notes.items()):
+            which = "; ".join(places) if len(places) <= 3 else f"{len(places)} cells"
             lines.append(f"  {backend:<7}{status} ({which}): {reason}")
     if report["crossover"]:
         lines.append("")

@@ -221,11 +221,14 @@ def onnx_model(subject: Subject, work_dir: Path, log: Log) -> Path:
         log(f"exporting {subject.label} to {path}")
         t0 = time.perf_counter()
         with _quiet_export():
-            if subject.model == TRELLIS:
+            model = subject.torch_model
+            if isinstance(model, TrellisLM):
                 from ..export import export_onnx
-                export_onnx(subject.torch_model, path, fingerprint=subject.fingerprint)
+                export_onnx(model, path, fingerprint=subject.fingerprint)
+            elif isinstance(model, KVCacheLM):
+                export_baseline_onnx(model, path)
             else:
-                export_baseline_onnx(subject.torch_model, path)
+                raise BenchError(f"{subject.label}: no model to export")
         log(f"  exported in {time.perf_counter() - t0:.1f} s")
     subject.onnx_path = path
     return path
@@ -292,6 +295,8 @@ def _run_bench(settings: BenchSettings, log: Log, t_start: float) -> dict[str, A
                                  threads=settings.threads)
             statuses["ort"].detail["providers_used"] = list(handle.get_providers())
         elif backend == "triton":
+            if subject.torch_model is None:
+                raise BenchError(f"{subject.label}: an ONNX file has no PyTorch model for the triton backend")
             handle = cuda_models.setdefault(id(subject), triton_model(subject.torch_model,
                                                                       subject.model == TRELLIS))
         elif backend == "trt":
@@ -455,8 +460,8 @@ def _progress(i: int, n: int, subject: Subject, cell: dict[str, Any]) -> str:
 def _describe_models(subjects: list[Subject], contexts: list[int]) -> dict[str, Any]:
     out: dict[str, Any] = {"trellis": [], "kv_cache": None}
     for s in subjects:
-        params = s.torch_model.num_parameters() if s.torch_model is not None else None
-        entry = {"n_slots": s.n_slots, "weights": s.weights, "fingerprint": s.fingerprint,
+        params = sum(p.numel() for p in s.torch_model.parameters()) if s.torch_model is not None else None
+        entry: dict[str, Any] = {"n_slots": s.n_slots, "weights": s.weights, "fingerprint": s.fingerprint,
                  "parameters": params}
         if s.model == TRELLIS:
             entry["state_bytes_per_stream"] = s.state_bytes(0)

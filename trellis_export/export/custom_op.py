@@ -8,6 +8,7 @@ one ONNX node ``trellis::TrellisMemory`` (inputs, outputs and attributes from :m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import onnxscript
@@ -31,7 +32,7 @@ def memory_op(q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor, gamma: T
     o, st = trellis_memory(q, k, v, a, beta, gamma,
                            MemoryState(key_memory, value_memory, key_snapshot, value_snapshot), position,
                            chunk_size=chunk_size, phi=phi, f=f, rho=rho, eps=eps, mode="step")
-    return (o.clone(), *(t.clone() for t in st))  # type: ignore[return-value]
+    return o.clone(), st[0].clone(), st[1].clone(), st[2].clone(), st[3].clone()
 
 
 @memory_op.register_fake
@@ -41,8 +42,9 @@ def _memory_fake(q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor, gamma
     wide = any(t.dtype == torch.float64 for t in (q, k, v, a, beta, gamma, key_memory, value_memory,
                                                     key_snapshot, value_snapshot))
     st = torch.float64 if wide else torch.float32
-    return (torch.empty_like(q), *(torch.empty_like(t, dtype=st)
-                                   for t in (key_memory, value_memory, key_snapshot, value_snapshot)))
+    return (torch.empty_like(q), torch.empty_like(key_memory, dtype=st),
+            torch.empty_like(value_memory, dtype=st), torch.empty_like(key_snapshot, dtype=st),
+            torch.empty_like(value_snapshot, dtype=st))
 
 
 def export_memory_fn(q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor, gamma: Tensor,
@@ -84,4 +86,5 @@ def _translate(q: Any, k: Any, v: Any, a: Any, beta: Any, gamma: Any, key_memory
 
 
 #: ``custom_translation_table`` for ``torch.onnx.export``.
-TRANSLATION_TABLE = {torch.ops.trellis_export.memory.default: _translate}
+TRANSLATION_TABLE: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch.ops.trellis_export.memory.default: _translate}

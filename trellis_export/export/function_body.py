@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -71,13 +72,13 @@ class _Builder:
         return f"{self._prefix}{hint}_{self._counter[0]}"
 
     def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None,
-           output: str | None = None, **attrs: object) -> str:
+           output: str | None = None, **attrs: Any) -> str:
         """One node with one output; returns the output's name."""
         return self.ops(op_type, inputs, hint, outputs=[output] if output is not None else None,
                         **attrs)[0]
 
     def ops(self, op_type: str, inputs: Sequence[str], hint: str | None = None, n_out: int = 1,
-            outputs: Sequence[str] | None = None, **attrs: object) -> list[str]:
+            outputs: Sequence[str] | None = None, **attrs: Any) -> list[str]:
         """One node with ``n_out`` outputs (or the given ``outputs``); returns their names."""
         outs = list(outputs) if outputs is not None else [self.name(hint or op_type.lower())
                                                           for _ in range(n_out)]
@@ -176,12 +177,12 @@ def _nonlin(b: _Builder, c: _Consts, name: str, z: str, want_vjp: bool = False
         var = b.op("ReduceMean", [b.op("Mul", [cen, cen]), c.last], "var", keepdims=1)
         sd = b.op("Sqrt", [b.op("Add", [var, c.eps])], "sd")
         y = b.op("Div", [cen, sd], "y")
-        return y, {"ds": ds, "den": sd} if want_vjp else {}
+        return y, {"ds": str(ds), "den": sd} if want_vjp else {}
     if name == "l2_silu":
         ss = b.op("ReduceSum", [b.op("Mul", [s, s]), c.last], "ss", keepdims=1)
         nrm = b.op("Sqrt", [b.op("Add", [ss, c.eps])], "nrm")
         y = b.op("Div", [s, nrm], "y")
-        return y, {"ds": ds, "den": nrm} if want_vjp else {}
+        return y, {"ds": str(ds), "den": nrm} if want_vjp else {}
     raise ValueError(f"nonlinearity must be one of {', '.join(NONLINEARITIES)}; got {name!r}")
 
 
@@ -510,7 +511,7 @@ def _memory_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 def node_variant(node: onnx.NodeProto) -> tuple[str, str, str, int]:
     """(phi, f, rho, chunk_size) of a TrellisMemory node, from its attributes."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    phi, f, rho = (v.decode() if isinstance(v, bytes) else v
+    phi, f, rho = (v.decode() if isinstance(v, bytes) else str(v)
                    for v in (attrs.get("phi"), attrs.get("f"), attrs.get("rho")))
     return phi, f, rho, int(attrs.get("chunk_size", 0))
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .. import __version__, outputs
 from ..checkpoint import model_fingerprint, nonfinite_tensors
 from ..errors import TrellisExportError, first_line
+from ..model import TrellisLM
 from ..opdef import DOMAIN, OP_TYPE, OP_VERSION, OPSET
 from ..outputs import OutputError, OutputSpec, claim_outputs, current_umask, temporary_sibling, write_error
 from ..state import state_spec, state_spec_json
@@ -64,12 +65,13 @@ class _StepGraph(nn.Module):
         return (logits, *(new[n] for n in self.names))
 
 
-def _prepare(model: nn.Module, dtype: str) -> nn.Module:
+def _prepare(model: TrellisLM, dtype: str) -> TrellisLM:
     """A float32 / float16 copy for export; memories (and the learned M0) stay float32."""
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    m = copy.deepcopy(model).to("cpu").eval()
-    m = m.to(DTYPES[dtype])
+    m = copy.deepcopy(model)
+    m.to("cpu").eval()
+    m.to(DTYPES[dtype])
     if dtype != "float32":
         for layer in m.layers:
             layer.m0_key.data = layer.m0_key.data.float()
@@ -96,7 +98,7 @@ def _set_opsets(model: onnx.ModelProto) -> None:
                                *keep])
 
 
-def export_model_proto(model: nn.Module, *, dtype: str = "float32",
+def export_model_proto(model: TrellisLM, *, dtype: str = "float32",
                        fingerprint: str | None = None) -> onnx.ModelProto:
     """The exported ModelProto in memory (weights inline), function attached, metadata set."""
     config = getattr(model, "config", None)
@@ -133,6 +135,8 @@ def export_model_proto(model: nn.Module, *, dtype: str = "float32",
             raise ExportError(f"torch.onnx.export failed: {first}") from exc
         finally:
             reg_log.setLevel(level)
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
     proto = program.model_proto
     got_in = [i.name for i in proto.graph.input]
     got_out = [o.name for o in proto.graph.output]
@@ -201,14 +205,14 @@ def external_data_locations(path: str | os.PathLike[str]) -> set[str]:
         proto = onnx.load(str(path), format="protobuf", load_external_data=False)
     except Exception:  # not a model: nothing it refers to
         return set()
-    out = set()
+    out: set[str] = set()
     for t in proto.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             out.update(e.value for e in t.external_data if e.key == "location")
     return out
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, dtype: str = "float32",
+def export_onnx(model: TrellisLM, path: str | os.PathLike[str], *, dtype: str = "float32",
                 external_data: bool | None = None, fingerprint: str | None = None,
                 check: bool = True) -> Path:
     """Export the streaming step of ``model`` (a TrellisLM) to ``path``; returns the path.

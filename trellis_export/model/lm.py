@@ -120,7 +120,15 @@ class TrellisLayer(nn.Module):
 
 
 class TrellisLM(nn.Module):
-    """Token embedding -> Trellis layers -> RMSNorm -> LM head, with explicit streaming state."""
+    """Token embedding -> Trellis layers -> RMSNorm -> LM head, with explicit streaming state.
+
+    A model loaded by :func:`trellis_export.checkpoint.load_checkpoint` also carries ``fingerprint``,
+    ``fingerprint_version`` and ``checkpoint_path``."""
+
+    config: TrellisConfig
+    fingerprint: str
+    fingerprint_version: int
+    checkpoint_path: str
 
     def __init__(self, config: TrellisConfig) -> None:
         super().__init__()

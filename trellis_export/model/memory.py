@@ -229,8 +229,8 @@ def trellis_memory(q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor, gam
     _validate(q, k, v, a, beta, gamma, state, position, chunk_size, mode)
     wide = any(t.dtype == torch.float64 for t in (q, k, v, a, beta, gamma, *state))
     ct = torch.float64 if wide else torch.float32
-    args = [t.to(ct) for t in (q, k, v, a, beta, gamma)]
+    qc, kc, vc, ac, bc, gc = (t.to(ct) for t in (q, k, v, a, beta, gamma))
     st = MemoryState(*(t.to(ct) for t in state))
     impl = _step if mode == "step" else _chunked
-    o, new_state = impl(*args, st, position, chunk_size, phi, f, rho, float(eps))
+    o, new_state = impl(qc, kc, vc, ac, bc, gc, st, position, chunk_size, phi, f, rho, float(eps))
     return o.to(q.dtype), new_state

@@ -268,7 +268,7 @@ class StreamPool:
         except InputError as exc:
             raise InputError(f"stream {stream_id!r}: {exc}") from None
 
-    def step_many(self, requests: Mapping[Hashable, Any] | Iterable[tuple[Hashable, Any]], *,
+    def step_many(self, requests: Mapping[Any, Any] | Iterable[tuple[Any, Any]], *,
                   return_errors: bool = False) -> dict[Hashable, Any]:
         """Advance several streams; ``requests`` maps stream id -> ids ([T] or [1, T]).
 

@@ -48,8 +48,9 @@ FLAG_START = getattr(pb_utils, "TRITONSERVER_REQUEST_FLAG_SEQUENCE_START", 1)
 FLAG_END = getattr(pb_utils, "TRITONSERVER_REQUEST_FLAG_SEQUENCE_END", 2)
 
 
-def _param(config: dict[str, Any], key: str, default: str | None = None) -> str | None:
-    return config.get("parameters", {}).get(key, {}).get("string_value", default)
+def _param(config: dict[str, Any], key: str, default: str = "") -> str:
+    """A string parameter of the model's config.pbtxt ('' when absent and no default)."""
+    return str(config.get("parameters", {}).get(key, {}).get("string_value", default))
 
 
 class TritonPythonModel:
@@ -129,6 +130,7 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(output_tensors=[],
                                                             error=pb_utils.TritonError(errors[i])))
                 continue
+            assert res is not None       # every stream without an error has a result
             logits = np.ascontiguousarray(res[None], dtype=np.float32)
             out = (pb_utils.Tensor.from_dlpack("logits", logits) if _DLPACK
                    else pb_utils.Tensor("logits", logits))
