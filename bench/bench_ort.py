@@ -147,7 +147,8 @@ def _raw_run(session: Any, ids: np.ndarray) -> tuple[Step, Any]:
     def f(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         res = sess.run(outs, {"input_ids": ids, **{"past." + n: state[n] for n in names}})
         return dict(zip(names, res[1:]))
-    return f, session.init_state(ids.shape[0])
+    # one session step first: the lean graph leaves the reset of rows at position 0 to the session
+    return f, session.step(ids, session.init_state(ids.shape[0]))[1]
 
 
 def _torch_fn(fn: Any, ids_np: np.ndarray, torch: Any) -> Step:
@@ -169,6 +170,57 @@ def _stats(times: list[float], tokens: int, batch: int) -> dict[str, Any]:
     st["tokens_per_s_p50"] = tokens * batch / (st["p50_ms"] / 1e3)
     st["us_per_token_p50"] = st["p50_ms"] * 1e3 / (tokens * batch)
     return st
+
+
+# ----------------------------------------------------------------------------- graph variants
+#: The lean builder's variants (``lean_decode_model`` keywords), timed as raw runs against each other.
+GRAPH_VARIANTS: dict[str, dict[str, Any]] = {
+    "lean_std_stacked": dict(contrib=False),
+    "contrib_stacked": dict(contrib=True, linear_attention=False, stack=True),
+    "contrib_split": dict(contrib=True, linear_attention=False, stack=False),
+    "linear_attention": dict(contrib=True, linear_attention=True),
+    "linear_attention_host_reset": dict(contrib=True, linear_attention=True, host_reset=True),
+}
+
+
+def _graph_variants(onnx_path: Path, cfg: Any, threads: int, batches: list[int], seconds: float
+                    ) -> dict[str, Any]:
+    """Raw ``InferenceSession.run`` of the exported graph (ort flavour) and of each lean variant, per
+    B, interleaved; plus each variant's node count. States past position 0 (no row to reset)."""
+    import onnx
+    import onnxruntime as ort
+
+    from trellis_export.export.function_body import with_flavour
+    from trellis_export.export.ort_rewrite import lean_decode_model
+
+    proto = onnx.load(str(onnx_path))
+    graphs = {"exported_ort_flavour": with_flavour(onnx.load(str(onnx_path)), "ort")}
+    graphs.update({k: lean_decode_model(proto, cfg, **kw) for k, kw in GRAPH_VARIANTS.items()})
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    sessions = {k: ort.InferenceSession(g.SerializeToString(), so, providers=["CPUExecutionProvider"])
+                for k, g in graphs.items()}
+    spec = open_session("ort", model_path=onnx_path, ort_graph="exported").state_spec
+    outs = ["logits"] + [t.present_name for t in spec]
+    res: dict[str, Any] = {"nodes": {k: len(g.graph.node) for k, g in graphs.items()}, "decode": {}}
+    rng = np.random.default_rng(5)
+    for B in batches:
+        feeds = {"input_ids": rng.integers(0, cfg.vocab_size, size=(B, 1), dtype=np.int64)}
+        for t in spec:
+            shape = t.concrete_shape(B)
+            feeds[t.past_name] = (rng.integers(1, 50, size=shape, dtype=np.int64) if t.dtype == "int64"
+                                  else (0.3 * rng.standard_normal(shape)).astype(np.float32))
+        fns = {k: (lambda _s, s=s, f=feeds: s.run(outs, f)) for k, s in sessions.items()}
+        warm, _ = _interleaved(fns, {k: None for k in fns}, seconds, 3, min_rounds=5 if B >= 64 else 20,
+                               burst=3)
+        base = float(np.median(warm["exported_ort_flavour"]))
+        res["decode"][str(B)] = {k: {"p50_us": 1e6 * float(np.median(v)),
+                                     "over_exported": float(np.median(v)) / base} for k, v in warm.items()}
+        _log(f"graph variants B={B}: " + ", ".join(f"{k} {r['p50_us']:.0f} us"
+                                                    for k, r in res["decode"][str(B)].items()))
+    return res
 
 
 # ----------------------------------------------------------------------------- profiles
@@ -215,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill", default="16,64,256,1024", help="prefill call lengths T (B = 1)")
     ap.add_argument("--compile-batches", default="1", help="decode batch sizes also timed under "
                     "torch.compile (inductor; ~1 min of compilation each on a small CPU); empty: none")
+    ap.add_argument("--no-variants", action="store_true", help="skip the raw-run comparison of the lean "
+                    "graph's variants")
     ap.add_argument("--profile", action="store_true", help="accepted for older command lines: the ORT "
                     "profiles are always recorded")
     ap.add_argument("--out", default=None, help="result JSON (default bench/results/ort_<date>.json)")
@@ -307,14 +361,17 @@ def _run(args: argparse.Namespace, out: Path) -> int:
             _log(f"prefill T={T}: " + ", ".join(f"{k} {r['us_per_token_p50']:.1f} us/token"
                                                 for k, r in results["prefill"][str(T)].items()))
 
+        variants = None if args.no_variants else _graph_variants(onnx_path, cfg, args.threads, batches,
+                                                                 args.seconds / 2)
         profiles = {"decode_lean": _profile(onnx_path, "lean", args.threads, 1, 200, work),
                     "decode_exported": _profile(onnx_path, "exported", args.threads, 1, 200, work),
                     "decode_lean_B256": _profile(onnx_path, "lean", args.threads, 1, 20, work, batch=256),
                     "prefill_T1024": _profile(onnx_path, "lean", args.threads, 1024, 3, work)}
 
     # ---- the floor and the ratios
-    rates = machine_rates(step_cost(cfg, 1)["bytes"])
-    floors = {str(B): {**step_cost(cfg, B), **floor_us(step_cost(cfg, B), rates)} for B in batches}
+    # copy bandwidth measured at each step's own working set (L2 at B = 1, L3 / DRAM at B = 256)
+    rates = {str(B): machine_rates(step_cost(cfg, B)["bytes"]) for B in batches}
+    floors = {str(B): {**step_cost(cfg, B), **floor_us(step_cost(cfg, B), rates[str(B)])} for B in batches}
     ratios: dict[str, Any] = {"decode": {}, "prefill": {}}
     for B in batches:
         r = results["decode"][str(B)]
@@ -361,6 +418,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         "torch_compile_s": compile_s,
         "machine_rates": rates, "floor": floors,
         "results": results, "ratios": ratios, "aims": aims, "profiles": profiles,
+        "graph_variants": variants,
     }
     atomic_write_bytes(out, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
     _print(report, out)
@@ -406,9 +464,9 @@ def _print(report: dict[str, Any], out: Path) -> None:
     m = report["machine"]
     print(f"machine: {m.get('cpu_model')} ({m.get('logical_cores')} logical cores), load "
           f"{m.get('load_average_at_start')}")
-    rates = report["machine_rates"]
-    print(f"copy {rates['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s ({rates['copy_bytes'] / 1e3:.0f} KB), "
-          f"matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    for B, rates in report["machine_rates"].items():
+        print(f"B = {B}: copy {rates['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
+              f"({rates['copy_bytes'] / 1e3:.0f} KB), matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s")
     print(f"{'decode B':>8} {'variant':<20} {'p50 us':>10} {'tokens/s':>10}")
     for B, r in report["results"]["decode"].items():
         for k, v in r.items():
