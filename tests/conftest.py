@@ -24,6 +24,13 @@ intra-op threads made a tiny forward 80x slower (measured 2.4 s vs 0.03 s).
 from __future__ import annotations
 
 import dataclasses
+import os
+
+# Triton kernels run on this CPU only in interpreter mode, and the mode must be chosen before triton is
+# first imported -- which any test module's imports may do (the bundle and AOT modules import the kernel
+# modules). Set it once here, before every test module; AOT compilation (PTX for real targets) runs in
+# child processes without it (kernels/aot.py, plugins_trt/plugin_v3.compile_records, the ptxas tests).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 from pathlib import Path
 from typing import Any
 
