@@ -115,7 +115,7 @@ def _lean_decode(model: Any, ort_graph: str, external: bool
     contrib = ort_graph == "lean"
     try:
         config = TrellisConfig.from_json(meta[META_CONFIG])
-        lean = lean_decode_model(model, config, contrib=contrib, host_reset=contrib,
+        lean = lean_decode_model(model, config, contrib=contrib, host_reset=contrib, host_snapshot=contrib,
                                  activation_dtype=meta.get(META_ACTIVATION_DTYPE, "float32"))
         return lean.SerializeToString(), None, host_reset_values(model, config) if contrib else None
     except (RewriteError, ConfigError) as exc:

@@ -381,8 +381,9 @@ def _memory_linear_attention(b: _B, c: TrellisConfig, lw: LayerWeights, L: int, 
     else:
         Ms = [b.op("Where", [fresh4, b.init(m0x, f"m0_{x}_{L}"), ins[f"{L}.{x}_memory"]], "M")
               for x, m0x in (("key", lw.m0_key), ("value", lw.m0_value))]
-    if C > 1:
-        assert start4 is not None
+    if C > 1 and start4 is None:   # host_snapshot: the caller hands in the chunk-start snapshot S itself
+        Ss = [ins[f"{L}.key_snapshot"], ins[f"{L}.value_snapshot"]]
+    elif C > 1:
         Ss = [b.op("Where", [start4, M_, ins[f"{L}.{x}_snapshot"]], outputs=[outs[f"{L}.{x}_snapshot"]])
               for M_, x in zip(Ms, ("key", "value"))]
     else:
@@ -430,7 +431,7 @@ def host_reset_values(model: onnx.ModelProto, config: TrellisConfig) -> dict[str
 
 def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib: bool = True,
                       stack: bool = True, linear_attention: bool | None = None, host_reset: bool = False,
-                      activation_dtype: str = "float32") -> onnx.ModelProto:
+                      host_snapshot: bool = False, activation_dtype: str = "float32") -> onnx.ModelProto:
     """The T = 1 streaming step of ``model`` as one straight-line graph (see the module doc).
 
     Same inputs and outputs as the exported graph (``input_ids`` is ``[batch, 1]``), same metadata.
@@ -438,6 +439,11 @@ def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib:
     two Where per memory and one per conv cache, each a full pass over that state tensor at large B);
     the caller must then hand in such rows already reset (:func:`host_reset_values` gives the
     values; :class:`~trellis_export.runtime.OrtSession` does it, only on calls that have such rows).
+    ``host_snapshot=True`` (with ``host_reset``; C > 1) goes one step further: the ``past.*_snapshot``
+    inputs must already hold the chunk-start snapshot S of this token (the memory for rows at a chunk
+    start, position % C == 0, else the stored snapshot), and the graph has no ``present.*_snapshot``
+    outputs: the present snapshot is S itself, which the caller returns as it is (no Where pass, no
+    copy; when the rows step in lockstep S is one of the two input arrays, chosen per call).
     Raises :class:`RewriteError` for a graph it cannot read or a float16 export."""
     if activation_dtype != "float32":
         raise RewriteError(f"the lean decode graph is float32 only (this model's activations are "
@@ -468,7 +474,9 @@ def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib:
     elif not linear_attention:
         raise RewriteError("host_reset is implemented for the LinearAttention graph only")
     start4 = None
-    if C > 1:
+    if host_snapshot and not host_reset:
+        raise RewriteError("host_snapshot needs host_reset")
+    if C > 1 and not host_snapshot:
         start = b.op("Equal", [b.op("Mod", [pos, b.const(C)]), b.const(0)], "chunk_start")
         start4 = b.op("Reshape", [start, b.const([-1, 1, 1, 1])], "start4")
     ids = b.op("Reshape", ["input_ids", b.const([-1])], "ids")
@@ -590,7 +598,8 @@ def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib:
         dt = TensorProto.INT64 if t.dtype == "int64" else TensorProto.FLOAT
         shape = ["batch", *t.shape[1:]]
         inputs.append(vi(t.past_name, dt, shape))
-        outputs.append(vi(t.present_name, dt, shape))
+        if not (host_snapshot and t.name.endswith("_snapshot")):
+            outputs.append(vi(t.present_name, dt, shape))
     used = {i for n in b.nodes for i in n.input}
     graph = helper.make_graph(b.nodes, "trellis_lean_decode", inputs, outputs,
                               initializer=[t for t in b.inits if t.name in used])

@@ -120,6 +120,8 @@ class OrtSession(Session):
         self.decode_graph_reason = sources.reason
         self.decode_session: Any = None
         self._decode_reset = sources.reset
+        self._decode_outputs: list[str] = []
+        self._host_snapshot = False
         if sources.decode is not None:
             dso = ort.SessionOptions()
             for attr in ("log_severity_level", "graph_optimization_level", "intra_op_num_threads",
@@ -130,6 +132,9 @@ class OrtSession(Session):
                 dso.profile_file_prefix = f"{profile}_decode"
             try:
                 self.decode_session = ort.InferenceSession(sources.decode, sess_options=dso, providers=use)
+                self._decode_outputs = [o.name for o in self.decode_session.get_outputs()]
+                # a lean graph without present.*_snapshot outputs takes the chunk-start snapshot as input
+                self._host_snapshot = len(self._decode_outputs) < len(self.session.get_outputs())
             except Exception as exc:  # a provider without the contrib ops, say: decode on the export
                 msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 self.decode_graph, self.decode_graph_reason = "exported", f"onnxruntime refused it ({msg})"
@@ -227,27 +232,55 @@ class OrtSession(Session):
         feeds = {"input_ids": input_ids}
         for name in self._state_names:
             feeds["past." + name] = state[name]
-        sess = self.session
         if input_ids.shape[1] == 1 and self.decode_session is not None:
-            sess = self.decode_session
-            if self._decode_reset is not None:
-                fresh = state["position"] == 0
-                if fresh.any():   # the lean graph leaves this reset to us (rare: a stream's first token)
-                    for name, value in self._decode_reset.items():
-                        x = feeds["past." + name].copy()
-                        x[fresh] = value
-                        feeds["past." + name] = x
-        # InferenceSession.run is a Python wrapper (input-name checks, provider fallback) around _sess.run;
-        # calling the latter directly saves ~5 us a call (docs/ort_performance.md). Any failure goes
-        # through the public run, which raises onnxruntime's own error.
-        fast = getattr(sess, "_sess", None)
-        try:
-            res = fast.run(self._output_names, feeds, None) if fast is not None else None
-        except Exception:
-            res = None
-        if res is None:
-            res = sess.run(self._output_names, feeds)
+            return self._run_decode(feeds, state["position"])
+        res = self._call(self.session, self._output_names, feeds)
         return res[0], dict(zip(self._state_names, res[1:]))
+
+    @staticmethod
+    def _call(sess: Any, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        # InferenceSession.run is a Python wrapper (input-name checks, provider fallback) around
+        # _sess.run; calling the latter directly saves ~5 us a call (docs/ort_performance.md). Any
+        # failure goes through the public run, which raises onnxruntime's own error.
+        fast = getattr(sess, "_sess", None)
+        if fast is not None:
+            try:
+                return fast.run(outputs, feeds, None)
+            except Exception:
+                pass
+        return sess.run(outputs, feeds)
+
+    def _run_decode(self, feeds: dict[str, np.ndarray], position: np.ndarray) -> tuple[np.ndarray, StateDict]:
+        """T = 1 on the lean graph, doing on the host what it leaves out (ort_rewrite host_reset /
+        host_snapshot): rows at position 0 get M0 and a zero conv cache (copies, only on calls that have
+        such rows), and the snapshot inputs get this token's chunk-start snapshot S (the memory array
+        itself when every row starts a chunk, the stored one when none does, np.where otherwise), which
+        is also the present snapshot returned."""
+        if self._decode_reset is not None:
+            fresh = position == 0
+            if fresh.any():   # rare: a stream's first token
+                for name, value in self._decode_reset.items():
+                    x = feeds["past." + name].copy()
+                    x[fresh] = value
+                    feeds["past." + name] = x
+        snaps: dict[str, np.ndarray] = {}
+        if self._host_snapshot:
+            start = position % self.config.chunk_size == 0
+            every, some = bool(start.all()), bool(start.any())
+            for L in range(self.config.n_layers):
+                for x in ("key", "value"):
+                    mem, snap = feeds[f"past.{L}.{x}_memory"], feeds[f"past.{L}.{x}_snapshot"]
+                    if every:
+                        s = mem
+                    elif some:
+                        s = np.where(start[:, None, None, None], mem, snap)
+                    else:
+                        s = snap
+                    feeds[f"past.{L}.{x}_snapshot"] = snaps[f"{L}.{x}_snapshot"] = s
+        res = self._call(self.decode_session, self._decode_outputs, feeds)
+        out = dict(zip((o[len("present."):] for o in self._decode_outputs[1:]), res[1:]))
+        out.update(snaps)
+        return res[0], {name: out[name] for name in self._state_names}
 
     def end_profiling(self) -> str:
         """Stop ORT profiling; returns the JSON trace file's path (of the exported graph's session; the
