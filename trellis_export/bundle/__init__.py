@@ -39,7 +39,7 @@ def check_bundle(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
     device scripts' own check); raises :class:`BundleError` naming the first file that is not."""
     sys.path.insert(0, str(Path(__file__).resolve().parent / "device"))
     try:
-        import trellis_bundle  # type: ignore[import-not-found]
+        import trellis_bundle
     finally:
         sys.path.pop(0)
     try:
