@@ -138,15 +138,18 @@ def _session_step(session: Any, ids: np.ndarray) -> Step:
 
 
 def _raw_run(session: Any, ids: np.ndarray) -> tuple[Step, Any]:
-    """ORT ``InferenceSession.run`` on the lean decode session (or the model session), prepared feeds."""
-    sess = session.decode_session if (ids.shape[1] == 1 and session.decode_session is not None) \
-        else session.session
+    """ORT ``InferenceSession.run`` on the lean decode session (or the model session) on prepared feeds:
+    the graph alone, without the session's host work (checks; the lean graph's host reset and
+    chunk-start snapshot choice: the snapshot inputs are passed through as they are)."""
+    lean = ids.shape[1] == 1 and session.decode_session is not None
+    sess = session.decode_session if lean else session.session
     names = session._state_names
-    outs = session._output_names
+    outs = [o.name for o in sess.get_outputs()]
+    out_names = [o[len("present."):] for o in outs[1:]]
 
     def f(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         res = sess.run(outs, {"input_ids": ids, **{"past." + n: state[n] for n in names}})
-        return dict(zip(names, res[1:]))
+        return {**state, **dict(zip(out_names, res[1:]))}
     # one session step first: the lean graph leaves the reset of rows at position 0 to the session
     return f, session.step(ids, session.init_state(ids.shape[0]))[1]
 
@@ -180,6 +183,8 @@ GRAPH_VARIANTS: dict[str, dict[str, Any]] = {
     "contrib_split": dict(contrib=True, linear_attention=False, stack=False),
     "linear_attention": dict(contrib=True, linear_attention=True),
     "linear_attention_host_reset": dict(contrib=True, linear_attention=True, host_reset=True),
+    "linear_attention_host_reset_snapshot": dict(contrib=True, linear_attention=True, host_reset=True,
+                                                 host_snapshot=True),
 }
 
 
@@ -203,7 +208,6 @@ def _graph_variants(onnx_path: Path, cfg: Any, threads: int, batches: list[int],
     sessions = {k: ort.InferenceSession(g.SerializeToString(), so, providers=["CPUExecutionProvider"])
                 for k, g in graphs.items()}
     spec = open_session("ort", model_path=onnx_path, ort_graph="exported").state_spec
-    outs = ["logits"] + [t.present_name for t in spec]
     res: dict[str, Any] = {"nodes": {k: len(g.graph.node) for k, g in graphs.items()}, "decode": {}}
     rng = np.random.default_rng(5)
     for B in batches:
@@ -212,7 +216,8 @@ def _graph_variants(onnx_path: Path, cfg: Any, threads: int, batches: list[int],
             shape = t.concrete_shape(B)
             feeds[t.past_name] = (rng.integers(1, 50, size=shape, dtype=np.int64) if t.dtype == "int64"
                                   else (0.3 * rng.standard_normal(shape)).astype(np.float32))
-        fns = {k: (lambda _s, s=s, f=feeds: s.run(outs, f)) for k, s in sessions.items()}
+        fns = {k: (lambda _s, s=s, f=feeds: s.run([o.name for o in s.get_outputs()], f))
+               for k, s in sessions.items()}
         warm, _ = _interleaved(fns, {k: None for k in fns}, seconds, 3, min_rounds=5 if B >= 64 else 20,
                                burst=3)
         base = float(np.median(warm["exported_ort_flavour"]))

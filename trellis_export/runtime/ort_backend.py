@@ -122,6 +122,7 @@ class OrtSession(Session):
         self._decode_reset = sources.reset
         self._decode_outputs: list[str] = []
         self._host_snapshot = False
+        self._snapshot_names: list[tuple[str, str, str]] = []
         if sources.decode is not None:
             dso = ort.SessionOptions()
             for attr in ("log_severity_level", "graph_optimization_level", "intra_op_num_threads",
@@ -135,6 +136,9 @@ class OrtSession(Session):
                 self._decode_outputs = [o.name for o in self.decode_session.get_outputs()]
                 # a lean graph without present.*_snapshot outputs takes the chunk-start snapshot as input
                 self._host_snapshot = len(self._decode_outputs) < len(self.session.get_outputs())
+                snaps = [i.name for i in self.decode_session.get_inputs() if i.name.endswith("_snapshot")]
+                self._snapshot_names = [(n.replace("_snapshot", "_memory"), n, n[len("past."):])
+                                        for n in snaps] if self._host_snapshot else []
             except Exception as exc:  # a provider without the contrib ops, say: decode on the export
                 msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 self.decode_graph, self.decode_graph_reason = "exported", f"onnxruntime refused it ({msg})"
@@ -256,27 +260,34 @@ class OrtSession(Session):
         such rows), and the snapshot inputs get this token's chunk-start snapshot S (the memory array
         itself when every row starts a chunk, the stored one when none does, np.where otherwise), which
         is also the present snapshot returned."""
-        if self._decode_reset is not None:
-            fresh = position == 0
-            if fresh.any():   # rare: a stream's first token
-                for name, value in self._decode_reset.items():
-                    x = feeds["past." + name].copy()
-                    x[fresh] = value
-                    feeds["past." + name] = x
+        small = position.shape[0] <= 32          # Python on a short list beats numpy's per-call cost
+        pos = position.tolist() if small else position
+        if self._decode_reset is not None and (0 in pos if small else not pos.all()):
+            fresh = position == 0                  # rare: a stream's first token
+            for name, value in self._decode_reset.items():
+                x = feeds["past." + name].copy()
+                x[fresh] = value
+                feeds["past." + name] = x
         snaps: dict[str, np.ndarray] = {}
         if self._host_snapshot:
-            start = position % self.config.chunk_size == 0
-            every, some = bool(start.all()), bool(start.any())
-            for L in range(self.config.n_layers):
-                for x in ("key", "value"):
-                    mem, snap = feeds[f"past.{L}.{x}_memory"], feeds[f"past.{L}.{x}_snapshot"]
-                    if every:
-                        s = mem
-                    elif some:
-                        s = np.where(start[:, None, None, None], mem, snap)
-                    else:
-                        s = snap
-                    feeds[f"past.{L}.{x}_snapshot"] = snaps[f"{L}.{x}_snapshot"] = s
+            C = self.config.chunk_size
+            if small:
+                starts = [p % C == 0 for p in pos]
+                every, some = all(starts), any(starts)
+                start = np.array(starts) if some and not every else None
+            else:
+                start = position % C == 0
+                every, some = bool(start.all()), bool(start.any())
+            for mem_name, snap_name, key in self._snapshot_names:
+                mem, snap = feeds[mem_name], feeds[snap_name]
+                if every:
+                    s = mem
+                elif some:
+                    assert start is not None
+                    s = np.where(start[:, None, None, None], mem, snap)
+                else:
+                    s = snap
+                feeds[snap_name] = snaps[key] = s
         res = self._call(self.decode_session, self._decode_outputs, feeds)
         out = dict(zip((o[len("present."):] for o in self._decode_outputs[1:]), res[1:]))
         out.update(snaps)
