@@ -44,16 +44,16 @@ from trellis_export.model.memory import MemoryState, trellis_memory
 
 torch.set_num_threads(1)
 
-#: Tolerances of TRELLIS_SPEC.md section 8 (float32 against the float64 reference).
-TOL_SHORT = 1e-5      # T <= 64
-TOL_LONG = 1e-4       # long streams
+#: Tolerances of TRELLIS_SPEC.md section 8 (float32 against the float64 reference): trellis_export.spec.
+from trellis_export.spec import NONLINEARITIES  # noqa: E402
+
 #: float64 against float64 (two exact algorithms): rounding only.
 TOL_F64 = 1e-10
 
 #: The odd shapes of the house rules: m = 7 slots, d = 5, H = 3 heads.
 M, D, H = 7, 5, 3
 CHUNK_SIZES: tuple[int, ...] = (1, 3, 4, 16)
-NONLINEARITY_NAMES: tuple[str, ...] = ("identity", "ln_silu", "l2_silu")
+NONLINEARITY_NAMES: tuple[str, ...] = NONLINEARITIES
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ from typing import Any
 from .errors import TrellisExportError
 
 #: Slot / output nonlinearities defined in TRELLIS_SPEC.md section 2.
+#: The slot nonlinearities of spec section 2 (re-exported by ``trellis_export.spec``).
 NONLINEARITIES: tuple[str, ...] = ("identity", "ln_silu", "l2_silu")
 QK_NORMS: tuple[str, ...] = ("l2", "none")
 

@@ -28,11 +28,8 @@ import numpy as np
 from .errors import TrellisExportError
 from .fileio import atomic_write_bytes
 from .metrics import error_stats
+from .spec import SHORT_STREAM, TOL_FLOAT16, TOL_LONG, TOL_SHORT, spec_tolerance  # noqa: F401 (re-exported)
 
-SHORT_STREAM = 64          # spec section 8: T <= 64 uses the tight tolerance
-TOL_SHORT = 1e-5
-TOL_LONG = 1e-4
-TOL_FLOAT16 = 5e-3
 DEFAULT_PIECES: tuple[int, ...] = (1, 7, 13, 300, 2, 64)
 DEFAULT_TOKENS = 4096
 #: The reference consumes each interval in calls of this many tokens (chunked memory mode): any split
@@ -48,13 +45,6 @@ _FALLBACK_TEXT = (
 
 class VerifyError(TrellisExportError):
     """verify cannot run: mismatched checkpoint and model, bad flag values."""
-
-
-def spec_tolerance(position: int, activation_dtype: str) -> float:
-    """Tolerance of TRELLIS_SPEC.md section 8 for a check at stream position ``position``."""
-    if activation_dtype == "float16":
-        return TOL_FLOAT16
-    return TOL_SHORT if position <= SHORT_STREAM else TOL_LONG
 
 
 def text_stream(tokens: int, vocab_size: int, batch: int, path: str | os.PathLike[str] | None = None

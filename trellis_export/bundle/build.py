@@ -31,8 +31,8 @@ from trellis_export.outputs import (
     temporary_sibling,
     write_file,
 )
+from trellis_export.spec import SHORT_STREAM, TOL_FLOAT16, TOL_LONG, TOL_SHORT
 from trellis_export.state import state_spec
-from trellis_export.verify import SHORT_STREAM, TOL_FLOAT16, TOL_LONG, TOL_SHORT
 
 from .targets import BundleError, Target, get_target
 
