@@ -105,7 +105,7 @@ def _lean_decode(model: Any, ort_graph: str, external: bool
                  ) -> tuple[bytes | None, str | None, dict[str, Any] | None]:
     from ..config import ConfigError, TrellisConfig
     from .meta import META_ACTIVATION_DTYPE, META_CONFIG
-    from .ort_rewrite import RewriteError, host_reset_values, lean_decode_model
+    from .ort_rewrite import RewriteError, host_reset_values, lean_decode_model, read_weights
 
     if external:
         return None, "the model keeps its weights in external data (the lean graph would copy them)", None
@@ -115,9 +115,12 @@ def _lean_decode(model: Any, ort_graph: str, external: bool
     contrib = ort_graph == "lean"
     try:
         config = TrellisConfig.from_json(meta[META_CONFIG])
+        act = meta.get(META_ACTIVATION_DTYPE, "float32")
+        weights = read_weights(model, config) if act == "float32" else None
         lean = lean_decode_model(model, config, contrib=contrib, host_reset=contrib, host_snapshot=contrib,
-                                 activation_dtype=meta.get(META_ACTIVATION_DTYPE, "float32"))
-        return lean.SerializeToString(), None, host_reset_values(model, config) if contrib else None
+                                 activation_dtype=act, weights=weights)
+        return (lean.SerializeToString(), None,
+                host_reset_values(model, config, weights) if contrib else None)
     except (RewriteError, ConfigError) as exc:
         return None, str(exc), None
     except ValueError as exc:     # protobuf's 2 GiB limit

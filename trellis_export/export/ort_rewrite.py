@@ -46,7 +46,7 @@ from ..opdef import DOMAIN, OP_TYPE
 from ..state import state_spec
 
 __all__ = ["lean_decode_model", "host_reset_values", "RewriteError", "ORT_GRAPHS", "LayerWeights",
-           "read_weights"]
+           "ModelWeights", "read_weights"]
 
 #: ``OrtSession(ort_graph=...)``: ``"lean"`` (decode calls on :func:`lean_decode_model`, others on the
 #: exported graph), ``"lean-std"`` (the same without contrib ops: for measurements), ``"exported"``.
@@ -415,12 +415,14 @@ def _memory_linear_attention(b: _B, c: TrellisConfig, lw: LayerWeights, L: int, 
     return b.op("Reshape", [o, b.const([-1, H * d])], "o")
 
 
-def host_reset_values(model: onnx.ModelProto, config: TrellisConfig) -> dict[str, np.ndarray]:
+def host_reset_values(model: onnx.ModelProto, config: TrellisConfig, weights: ModelWeights | None = None
+                      ) -> dict[str, np.ndarray]:
     """What a row at position 0 holds before the step (TRELLIS_SPEC.md section 5), per state tensor
     the lean graph built with ``host_reset=True`` expects the caller to have reset: the learned M0
     ``[H, m, d]`` for the running memories, zeros ``[3 H d, conv_size - 1]`` for the conv caches (the
-    snapshots need none: a row at position 0 is at a chunk start, where the snapshot is the memory)."""
-    wts = read_weights(model, config)
+    snapshots need none: a row at position 0 is at a chunk start, where the snapshot is the memory).
+    ``weights``: :func:`read_weights` of ``model`` when the caller has it already."""
+    wts = weights or read_weights(model, config)
     out: dict[str, np.ndarray] = {}
     for L, lw in enumerate(wts.layers):
         out[f"{L}.key_memory"] = lw.m0_key
@@ -431,7 +433,8 @@ def host_reset_values(model: onnx.ModelProto, config: TrellisConfig) -> dict[str
 
 def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib: bool = True,
                       stack: bool = True, linear_attention: bool | None = None, host_reset: bool = False,
-                      host_snapshot: bool = False, activation_dtype: str = "float32") -> onnx.ModelProto:
+                      host_snapshot: bool = False, activation_dtype: str = "float32",
+                      weights: ModelWeights | None = None) -> onnx.ModelProto:
     """The T = 1 streaming step of ``model`` as one straight-line graph (see the module doc).
 
     Same inputs and outputs as the exported graph (``input_ids`` is ``[batch, 1]``), same metadata.
@@ -454,7 +457,7 @@ def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib:
         linear_attention = contrib
     if linear_attention and not contrib:
         raise RewriteError("linear_attention needs contrib ops (com.microsoft::LinearAttention)")
-    wts = read_weights(model, config)
+    wts = weights or read_weights(model, config)
     c = config
     H, m, d, HD, C = c.n_heads, c.n_slots, c.head_dim, c.memory_dim, c.chunk_size
     K = c.conv_size
