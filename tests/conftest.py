@@ -45,7 +45,7 @@ from trellis_export.model.memory import MemoryState, trellis_memory
 torch.set_num_threads(1)
 
 #: Tolerances of TRELLIS_SPEC.md section 8 (float32 against the float64 reference): trellis_export.spec.
-from trellis_export.spec import NONLINEARITIES  # noqa: E402
+from trellis_export.spec import NONLINEARITIES, TOL_LONG, TOL_SHORT  # noqa: E402, F401 (re-exported)
 
 #: float64 against float64 (two exact algorithms): rounding only.
 TOL_F64 = 1e-10

@@ -162,12 +162,17 @@ def test_torch_and_ort_agree_per_call(case, onnx_path: Path) -> None:
     assert ts.fingerprint == os_.fingerprint
     ids = _ids(3, 12, 37, seed=4)
     st_t, st_o = ts.init_state(3), os_.init_state(3)
-    for lo, hi in ((0, 1), (1, 6), (6, 7), (7, 12)):
+    for i, (lo, hi) in enumerate(((0, 1), (1, 6), (6, 7), (7, 12))):
         lt, st_t = ts.step(ids[:, lo:hi], st_t)
         lo_, st_o = os_.step(ids[:, lo:hi], st_o)
         assert_rel_close(lo_, lt, TOL_SHORT, f"{name} ort vs torch logits [{lo}:{hi}]")
-        # states are interchangeable between the two backends
-        st_o = {k: v.copy() for k, v in st_t.items()}
+        for k in st_t:                    # ORT's own output state, compared before anything is swapped
+            if k == "position":
+                np.testing.assert_array_equal(st_o[k], st_t[k])
+            else:
+                assert_rel_close(st_o[k], st_t[k], TOL_SHORT, f"{name} ort vs torch {k} [{lo}:{hi}]")
+        if i == 1:                        # states are interchangeable: continue ORT from torch's state
+            st_o = {k: v.copy() for k, v in st_t.items()}
 
 
 # --------------------------------------------------------------------------- state files
@@ -318,7 +323,9 @@ bad = {{k: v for k, v in st.items() if k != "position"}}
 try:
     s.step(np.array([[1], [2]]), bad)
 except Exception as exc:
-    assert type(exc).__name__ == "StateError", exc
+    assert type(exc).__name__ == "StateError" and "position" in str(exc), exc
+else:
+    raise AssertionError("a state without 'position' was accepted")
 assert "torch" not in sys.modules, sorted(m for m in sys.modules if m.startswith("torch"))
 print("ok")
 """

@@ -167,8 +167,12 @@ def test_verify_float16_export_judges_logits_only(exported, tmp_path: Path) -> N
             if t.field == "conv"} == {f"{i}.conv": "float16" for i in range(model.config.n_layers)}
     rep = verify(ckpt, path, tokens=64, streams=("text",))
     tensors = rep["tensors"]
-    assert tensors["logits"]["status"] in ("PASSED", "FAILED")
     assert all(t["status"] == "REPORTED" for k, t in tensors.items() if k != "logits")
     assert rep["streams"]["text"]["drift"][0]["tolerance"] == 5e-3
-    assert rep["status"] == ("PASSED" if tensors["logits"]["min_tolerance"] <= 5e-3 else "FAILED")
-    assert 0.0 < tensors["logits"]["rel_rms"] < 1e-2       # fp16 rounding, not a broken graph
+    # this export is within the float16 tolerance (measured 2.5e-3): PASSED on logits alone ...
+    assert rep["status"] == tensors["logits"]["status"] == "PASSED"
+    assert 1e-4 < tensors["logits"]["rel_rms"] < 5e-3      # fp16 rounding, not a broken graph
+    # ... and the same run judged at the float32 tolerance fails on its logits: the verdict really
+    # comes from the logits against the float16 rule
+    strict = verify(ckpt, path, tokens=64, streams=("text",), tolerance=1e-5)
+    assert strict["status"] == strict["tensors"]["logits"]["status"] == "FAILED"
