@@ -79,3 +79,60 @@ def test_sessions_do_not_change_the_process_thread_count() -> None:
     s.step([[1, 2, 3]])
     assert seen == [target], "the session's own count applies inside its calls"
     assert torch.get_num_threads() == before, "and the process's count is restored after"
+
+
+# --------------------------------------------------------------------------- behaviour that had no test
+def test_untied_head_and_conv_size_through_export_and_ort(tmp_path: Path) -> None:
+    """An untied LM head and conv_size 3 (cache of 2 columns) export and stream on ORT like the
+    float64 reference, over a split stream with rows at different positions."""
+    import numpy as np
+    from conftest import TOL_SHORT, assert_rel_close, random_ids
+
+    from trellis_export.export.onnx_export import export_onnx
+
+    cfg = tiny_config(tie_embeddings=False, conv_size=3, chunk_size=3)
+    model = tiny_model(cfg, seed=8)                              # float64 reference
+    path = export_onnx(tiny_model(cfg, seed=8, dtype=torch.float32), tmp_path / "m.onnx")
+    ort, ref = open_session("ort", model_path=path), open_session("torch", model=model, dtype="float64")
+    assert ort.fingerprint == model_fingerprint(tiny_model(cfg, seed=8, dtype=torch.float32))
+    assert ort.state_spec[-1].shape[-1] == 2                    # conv cache: conv_size - 1 columns
+    ids = random_ids(2, 19, cfg.vocab_size, seed=3).numpy()
+    st_o, st_r = ort.init_state(2), ref.init_state(2)
+    _, st_o = ort.step(ids[:1, :5], {k: v[:1] for k, v in st_o.items()})   # row 0 starts 5 ahead
+    _, st_r = ref.step(ids[:1, :5], {k: v[:1] for k, v in st_r.items()})
+    st_o = ort.concat_states([st_o, ort.init_state(1)])
+    st_r = ref.concat_states([st_r, ref.init_state(1)])
+    for lo, hi in ((5, 6), (6, 13), (13, 14)):
+        lo_, st_o = ort.step(ids[:, lo:hi], st_o)
+        lr, st_r = ref.step(ids[:, lo:hi], st_r)
+        assert_rel_close(lo_, lr, TOL_SHORT, f"logits [{lo}:{hi}]")
+    np.testing.assert_array_equal(st_o["position"], [14, 9])
+
+
+def test_load_state_refuses_a_file_without_a_state_spec(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    from trellis_export.runtime import StateError
+
+    s = open_session("torch", checkpoint=default_checkpoint_path())
+    s.save_state(s.init_state(1), tmp_path / "ok.safetensors")
+    assert s.load_state(tmp_path / "ok.safetensors")["position"].tolist() == [0]
+    with safe_open(str(tmp_path / "ok.safetensors"), framework="numpy") as fh:
+        meta = dict(fh.metadata())
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    del meta["state_spec"]
+    save_file(tensors, str(tmp_path / "nospec.safetensors"), metadata=meta)
+    with pytest.raises(StateError, match="no readable state spec"):
+        s.load_state(tmp_path / "nospec.safetensors")
+
+
+def test_ort_session_profile_writes_a_trace(tmp_path: Path) -> None:
+    from trellis_export.export.onnx_export import export_onnx
+
+    path = export_onnx(tiny_model(tiny_config(), seed=1, dtype=torch.float32), tmp_path / "m.onnx")
+    s = open_session("ort", model_path=path, profile=str(tmp_path / "prof"))
+    s.step([[1, 2, 3]])
+    trace = Path(s.end_profiling())
+    events = json.loads(trace.read_text())
+    assert trace.parent == tmp_path and trace.name.startswith("prof")
+    assert any(e.get("cat") == "Node" for e in events), "kernel events are in the trace"

@@ -295,10 +295,11 @@ class Session(ABC):
             raise StateError(f"{p}: state belongs to another model (fingerprint {stored[:12] or 'none'}, "
                              f"this model is {self.fingerprint[:12]})")
         try:
-            spec = json.loads(meta.get("state_spec", "null"))
-        except json.JSONDecodeError:
-            spec = None
-        if spec is not None and spec.get("tensors") != json.loads(self.state_spec_json())["tensors"]:
+            spec = json.loads(meta["state_spec"])
+        except (KeyError, json.JSONDecodeError):
+            raise StateError(f"{p}: its metadata has no readable state spec ('state_spec'); save_state "
+                             "writes one: the file was not written by a trellis-export session") from None
+        if not isinstance(spec, dict) or spec.get("tensors") != json.loads(self.state_spec_json())["tensors"]:
             raise StateError(f"{p}: the state spec in its metadata differs from this model's state spec")
         self.validate_state(state, source=str(p))
         return state
