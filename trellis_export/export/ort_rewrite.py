@@ -433,8 +433,9 @@ def host_reset_values(model: onnx.ModelProto, config: TrellisConfig, weights: Mo
 
 def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib: bool = True,
                       stack: bool = True, linear_attention: bool | None = None, host_reset: bool = False,
-                      host_snapshot: bool = False, activation_dtype: str = "float32",
-                      weights: ModelWeights | None = None) -> onnx.ModelProto:
+                      host_snapshot: bool = False, conv_transposed: bool = False,
+                      activation_dtype: str = "float32", weights: ModelWeights | None = None
+                      ) -> onnx.ModelProto:
     """The T = 1 streaming step of ``model`` as one straight-line graph (see the module doc).
 
     Same inputs and outputs as the exported graph (``input_ids`` is ``[batch, 1]``), same metadata.
@@ -507,9 +508,18 @@ def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib:
         # ---- causal depthwise conv: window = [cache, x], y = sum(window * W); cache <- window[1:]
         cache = ins[f"{L}.conv"] if fresh3 is None else \
             b.op("Where", [fresh3, b.const(0.0, f32), ins[f"{L}.conv"]], "cache")
-        win = b.op("Concat", [cache, b.op("Unsqueeze", [qkv, b.const([2])])], "win", axis=2)
-        b.op("Slice", [win, b.const([1]), b.const([K]), b.const([2])], outputs=[outs[f"{L}.conv"]])
-        y = b.op("ReduceSum", [b.op("Mul", [win, b.init(lw.conv, f"conv_{L}")]), b.const([2])], keepdims=0)
+        if conv_transposed:   # the window as [B, K, 3 H d]: every op runs along a contiguous 3 H d axis
+            cache_t = b.op("Transpose", [cache], "cache_t", perm=[0, 2, 1])
+            win = b.op("Concat", [cache_t, b.op("Unsqueeze", [qkv, b.const([1])])], "win", axis=1)
+            b.op("Transpose", [b.op("Slice", [win, b.const([1]), b.const([K]), b.const([1])])],
+                 outputs=[outs[f"{L}.conv"]], perm=[0, 2, 1])
+            y = b.op("ReduceSum", [b.op("Mul", [win, b.init(np.ascontiguousarray(lw.conv.T), f"conv_{L}")]),
+                                   b.const([1])], keepdims=0)
+        else:
+            win = b.op("Concat", [cache, b.op("Unsqueeze", [qkv, b.const([2])])], "win", axis=2)
+            b.op("Slice", [win, b.const([1]), b.const([K]), b.const([2])], outputs=[outs[f"{L}.conv"]])
+            y = b.op("ReduceSum", [b.op("Mul", [win, b.init(lw.conv, f"conv_{L}")]), b.const([2])],
+                     keepdims=0)
         y3 = b.op("Reshape", [b.silu(y), b.const([-1, 3 * H, d])], "qkv3")              # [B, 3H, d]
         if c.qk_norm == "l2":
             nrm = b.op("ReduceL2", [y3, b.const([-1])], keepdims=1)
