@@ -237,3 +237,36 @@ def tiny_checkpoint(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     path = tmp_path / "ckpt"
     save_checkpoint(model, path, metadata={"note": "test"})
     return path, model
+
+
+# --------------------------------------------------------------------------- export cache
+_EXPORTS: dict[tuple[str, str], Path] = {}
+_EXPORT_DIR: list[Path] = []
+
+
+def export_cached(model: torch.nn.Module, dtype: str = "float32") -> Path:
+    """The ONNX export of ``model`` (one file per fingerprint and dtype for the whole test session):
+    tests that only *use* an exported tiny or bundled model share one export instead of paying 5-10 s
+    each. The file is read-only by convention: copy it before changing it."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from trellis_export.checkpoint import model_fingerprint
+    from trellis_export.export.onnx_export import export_onnx
+
+    fp = getattr(model, "fingerprint", None) or model_fingerprint(model)
+    key = (fp, dtype)
+    if key not in _EXPORTS:
+        if not _EXPORT_DIR:
+            _EXPORT_DIR.append(Path(tempfile.mkdtemp(prefix="trellis-test-exports-")))
+            atexit.register(shutil.rmtree, _EXPORT_DIR[0], True)
+        _EXPORTS[key] = export_onnx(model, _EXPORT_DIR[0] / f"{fp[:16]}_{dtype}.onnx", dtype=dtype)
+    return _EXPORTS[key]
+
+
+def bundled_onnx() -> Path:
+    """The bundled checkpoint's export, made once per session."""
+    from trellis_export.checkpoint import load_checkpoint
+
+    return export_cached(load_checkpoint())

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TOL_SHORT, assert_rel_close, tiny_model
+from conftest import TOL_SHORT, assert_rel_close, export_cached, tiny_model
 
 from trellis_export.runtime import StateError, open_session
 from trellis_export.runtime.base import InputError
@@ -48,11 +48,8 @@ def model32() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def onnx_path(model32: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trellis_export.export import export_onnx
 
-    path = tmp_path_factory.mktemp("pool") / "tiny.onnx"
-    export_onnx(model32, path)
-    return path
+    return export_cached(model32)
 
 
 def _session(backend: str, model32: torch.nn.Module, onnx_path: Path):

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TOL_SHORT, assert_rel_close, random_ids, tiny_config, tiny_model
+from conftest import TOL_SHORT, assert_rel_close, export_cached, random_ids, tiny_config, tiny_model
 
-from trellis_export.export.onnx_export import export_onnx
 from trellis_export.runtime import InputError, StateError, open_session
 from trellis_export.runtime.trt_backend import DeviceState, Profile, TrtSession, choose_profile
 from trellis_export.state import state_spec
@@ -96,7 +95,7 @@ def model_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, t
     root = tmp_path_factory.mktemp("trt_session")
     cfg = tiny_config(chunk_size=3)
     model = tiny_model(cfg, seed=3, dtype=torch.float32)
-    onnx_path = export_onnx(model, root / "m.onnx")
+    onnx_path = export_cached(model)
     engine = root / "m.engine"
     engine.write_bytes(b"stand-in: never deserialised")
     profiles = [{"name": "decode", "index": 0, "batch": {"min": 1, "opt": 1, "max": 4},

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import tiny_config, tiny_model
+from conftest import bundled_onnx, export_cached, tiny_config, tiny_model
 from trellis_export.cli.main import main
 
 from trellis_export.checkpoint import default_checkpoint_path, save_checkpoint
@@ -24,13 +24,11 @@ CONFIG = dict(vocab_size=41, phi="l2_silu", f="ln_silu", rho="identity", chunk_s
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, torch.nn.Module]:
-    from trellis_export.export import export_onnx
 
     tmp = tmp_path_factory.mktemp("verify")
     model = tiny_model(tiny_config(**CONFIG), seed=5, dtype=torch.float32)
     save_checkpoint(model, tmp / "ckpt")
-    export_onnx(model, tmp / "model.onnx")
-    return tmp / "ckpt", tmp / "model.onnx", model
+    return tmp / "ckpt", export_cached(model), model
 
 
 def _invoke(*args: str):
@@ -141,11 +139,8 @@ def test_bundled_checkpoint_long_stream(tmp_path: Path) -> None:
     (docs/training.md, "Long-stream drift trials": PyTorch float32 stays within 2.2e-6 of float64 over
     16k tokens of random ids and of text), so every 128-token check carries the whole stream's error.
     """
-    from trellis_export.checkpoint import load_checkpoint
-    from trellis_export.export import export_onnx
 
-    path = tmp_path / "default.onnx"
-    export_onnx(load_checkpoint(), path)
+    path = bundled_onnx()
     rep = verify(None, path, tokens=10_000, piece_sizes=(1, 7, 13, 300, 64), interval=128, resync=False)
     checks = sorted({64, 10_000} | set(range(128, 10_000, 128)))
     for s in rep["streams"].values():
