@@ -32,7 +32,6 @@ import functools
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -187,12 +186,11 @@ def median(xs: list[float]) -> float:
 
 
 def write_json(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
-    """Write atomically (temp file + rename); creates the folder."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, p)
+    """Write atomically through the project's one writer (a unique temporary sibling, then a rename)."""
+    from trellis_export.outputs import atomic_write_bytes
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(payload, indent=1, default=str).encode())
 
 
 def _fmt(x: Any) -> str:
@@ -673,9 +671,10 @@ def run_timing(args: argparse.Namespace) -> dict[str, Any]:
 
 # =========================================================================== machine
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    """The project's machine description (``trellis_export.bench.machine``) plus the GPU's details."""
+    from trellis_export.bench.machine import describe_machine
+
+    info: dict[str, Any] = describe_machine()
     try:
         import torch
         info["torch"] = torch.__version__
