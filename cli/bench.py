@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from trellis_export.bench import BACKENDS as BACKEND_NAMES
+from trellis_export.bench import DEFAULT_BACKENDS
 from trellis_export.bench.parse import (
     Amount,
     parse_amount,
@@ -15,8 +17,6 @@ from trellis_export.bench.parse import (
     parse_size_list,
     split_choices,
 )
-
-BACKEND_NAMES = ("torch", "ort", "triton", "trt")
 
 
 class SizeListType(click.ParamType):
@@ -75,7 +75,7 @@ class _RecordArgs(click.Command):
 
 def _backends(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> list[str]:
     try:
-        return split_choices(value or ("torch", "ort"), BACKEND_NAMES)
+        return split_choices(value or DEFAULT_BACKENDS, BACKEND_NAMES)
     except ValueError as exc:
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import first_line
-
-BACKENDS: tuple[str, ...] = ("torch", "ort", "triton", "trt")
+from . import BACKENDS, DEFAULT_BACKENDS  # noqa: F401  (defined torch-free in the package)
 
 
 @dataclass

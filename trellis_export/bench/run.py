@@ -31,6 +31,7 @@ from ..threads import torch_threads
 from . import synthetic
 from .backends import (
     BACKENDS,
+    DEFAULT_BACKENDS,
     BackendStatus,
     check_backend,
     ort_call,
@@ -64,7 +65,7 @@ class BenchSettings:
     """Everything one bench run depends on (the CLI's flags)."""
 
     source: str | None = None
-    backends: list[str] = field(default_factory=lambda: ["torch", "ort"])
+    backends: list[str] = field(default_factory=lambda: list(DEFAULT_BACKENDS))
     slots: list[int] | None = None            # None: the model's own n_slots (required with a model file)
     contexts: list[int] = field(default_factory=lambda: [1024, 8192, 65536])
     batches: list[int] = field(default_factory=lambda: [1, 8])
