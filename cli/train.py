@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from trellis_export.config import NONLINEARITIES, QK_NORMS
+from trellis_export.config import NONLINEARITIES, QK_NORMS, TRAIN_PRESET
 
 #: CLI option -> TrellisConfig field.
 _CONFIG_FLAGS = {"vocab_size": "vocab_size", "d_model": "d_model", "layers": "n_layers", "heads": "n_heads",
@@ -25,6 +25,8 @@ _TRAIN_FLAGS = {"task": "task", "steps": "steps", "batch_size": "batch_size", "l
                 "seq_len": "seq_len", "num_queries": "num_queries", "corpus_chars": "corpus_chars"}
 
 _pos = click.IntRange(min=1)
+#: Every model flag's default: the bundled checkpoint's recipe (one preset, in trellis_export.config).
+_P = TRAIN_PRESET
 _nl = click.Choice(NONLINEARITIES)
 
 
@@ -69,22 +71,23 @@ _nl = click.Choice(NONLINEARITIES)
 @click.option("--corpus-chars", type=_pos, default=200_000, show_default=True,
               help="Size of the generated character corpus.")
 # model config
-@click.option("--vocab-size", type=_pos, default=128, show_default=True)
-@click.option("--d-model", type=_pos, default=64, show_default=True)
-@click.option("--layers", type=_pos, default=2, show_default=True)
-@click.option("--heads", type=_pos, default=2, show_default=True)
-@click.option("--head-dim", type=_pos, default=32, show_default=True)
-@click.option("--slots", type=_pos, default=16, show_default=True, help="Memory slots m per head.")
-@click.option("--chunk-size", type=_pos, default=4, show_default=True,
+@click.option("--vocab-size", type=_pos, default=_P.vocab_size, show_default=True)
+@click.option("--d-model", type=_pos, default=_P.d_model, show_default=True)
+@click.option("--layers", type=_pos, default=_P.n_layers, show_default=True)
+@click.option("--heads", type=_pos, default=_P.n_heads, show_default=True)
+@click.option("--head-dim", type=_pos, default=_P.head_dim, show_default=True)
+@click.option("--slots", type=_pos, default=_P.n_slots, show_default=True, help="Memory slots m per head.")
+@click.option("--chunk-size", type=_pos, default=_P.chunk_size, show_default=True,
               help="C (1: exact recurrence); 16 learns faster but drifts numerically over long streams.")
-@click.option("--phi", type=_nl, default="ln_silu", show_default=True)
-@click.option("--f", "f", type=_nl, default="ln_silu", show_default=True)
-@click.option("--rho", type=_nl, default="identity", show_default=True)
-@click.option("--qk-norm", type=click.Choice(QK_NORMS), default="l2", show_default=True)
-@click.option("--ffn-dim", type=_pos, default=128, show_default=True)
-@click.option("--beta-init", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.99,
+@click.option("--phi", type=_nl, default=_P.phi, show_default=True)
+@click.option("--f", "f", type=_nl, default=_P.f, show_default=True)
+@click.option("--rho", type=_nl, default=_P.rho, show_default=True)
+@click.option("--qk-norm", type=click.Choice(QK_NORMS), default=_P.qk_norm, show_default=True)
+@click.option("--ffn-dim", type=_pos, default=_P.ffn_dim, show_default=True)
+@click.option("--beta-init", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=_P.beta_init,
               show_default=True, help="Initial forget gate beta (0.95 did not learn MQAR in 200 steps).")
-@click.option("--gamma-init", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+@click.option("--gamma-init", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=_P.gamma_init,
               show_default=True, help="Initial inner step size gamma (sigmoid of the gamma bias).")
 @click.pass_context
 def train(ctx: click.Context, out: str | None, resume: bool, state_path: str | None,

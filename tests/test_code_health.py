@@ -136,3 +136,19 @@ def test_ort_session_profile_writes_a_trace(tmp_path: Path) -> None:
     events = json.loads(trace.read_text())
     assert trace.parent == tmp_path and trace.name.startswith("prof")
     assert any(e.get("cat") == "Node" for e in events), "kernel events are in the trace"
+
+
+def test_train_defaults_are_the_bundled_recipe() -> None:
+    """`trellis-export train` without model flags builds exactly the bundled checkpoint's config."""
+    from trellis_export.config import TRAIN_PRESET, TrellisConfig
+
+    assert TRAIN_PRESET == TrellisConfig.load(default_checkpoint_path() / "config.json")
+    from click.testing import CliRunner
+
+    from trellis_export.cli.main import main
+
+    help_text = CliRunner().invoke(main, ["train", "--help"]).output
+    for flag, value in (("--d-model", TRAIN_PRESET.d_model), ("--slots", TRAIN_PRESET.n_slots),
+                        ("--chunk-size", TRAIN_PRESET.chunk_size), ("--beta-init", TRAIN_PRESET.beta_init)):
+        block = help_text[help_text.index(flag):]
+        assert f"default: {value}" in block[:400], flag

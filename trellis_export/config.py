@@ -169,3 +169,11 @@ class TrellisConfig:
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
         return cls.from_json(text, source=str(path))
+
+
+#: The recipe the bundled checkpoint was trained with (trellis_export/assets/default): what ``train``
+#: uses for every model flag that is not given. ``TrellisConfig()``'s own defaults are the paper-sized
+#: model of TRELLIS_SPEC.md; this preset is the small model that learned MQAR here.
+TRAIN_PRESET = TrellisConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=2, head_dim=32, n_slots=16,
+                             chunk_size=4, phi="ln_silu", f="ln_silu", rho="identity", qk_norm="l2",
+                             ffn_dim=128, beta_init=0.99, gamma_init=_GAMMA_INIT_DEFAULT)
