@@ -144,7 +144,6 @@ def test_train_defaults_are_the_bundled_recipe() -> None:
 
     assert TRAIN_PRESET == TrellisConfig.load(default_checkpoint_path() / "config.json")
     from click.testing import CliRunner
-
     from trellis_export.cli.main import main
 
     help_text = CliRunner().invoke(main, ["train", "--help"]).output
