@@ -151,3 +151,22 @@ def test_train_defaults_are_the_bundled_recipe() -> None:
                         ("--chunk-size", TRAIN_PRESET.chunk_size), ("--beta-init", TRAIN_PRESET.beta_init)):
         block = help_text[help_text.index(flag):]
         assert f"default: {value}" in block[:400], flag
+
+
+def test_a_nan_the_model_produces_is_refused_at_the_next_step() -> None:
+    """trust_own_state skips re-validating the session's own states, but not one whose step produced
+    non-finite logits: poison a weight so the model itself makes NaN, and the next step refuses the state
+    it returned, naming a tensor."""
+    import numpy as np
+
+    from trellis_export.runtime import StateError
+
+    model = tiny_model(tiny_config(), seed=4, dtype=torch.float32)
+    with torch.no_grad():
+        model.layers[0].gamma_proj.bias.fill_(float("nan"))
+    s = open_session("torch", model=model)
+    assert s.trust_own_state and s.check_finite
+    logits, state = s.step(np.array([[1, 2, 3]]))
+    assert not np.isfinite(logits).all()
+    with pytest.raises(StateError, match="non-finite"):
+        s.step(np.array([[4]]), state)

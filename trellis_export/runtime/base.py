@@ -188,7 +188,10 @@ class Session(ABC):
             self.validate_state(state, batch=ids.shape[0], source=f"state (batch {ids.shape[0]} "
                                 "like input_ids)")
         logits, new_state = self._run(ids, dict(state))
-        if self.trust_own_state:
+        # a state is trusted (not re-validated next call) only when this step's logits are finite: a
+        # NaN / Inf the model produced reaches the logits through the memory read, and the next step
+        # then validates the state in full and names the tensor (one reduction here, not one per tensor)
+        if self.trust_own_state and (not self.check_finite or np.isfinite(logits.sum())):
             self._remember_state(new_state, ids.shape[0])
         return logits, new_state
 
