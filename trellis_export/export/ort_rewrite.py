@@ -384,6 +384,7 @@ def _memory_linear_attention(b: _B, c: TrellisConfig, lw: LayerWeights, L: int, 
     if C > 1 and start4 is None:   # host_snapshot: the caller hands in the chunk-start snapshot S itself
         Ss = [ins[f"{L}.key_snapshot"], ins[f"{L}.value_snapshot"]]
     elif C > 1:
+        assert start4 is not None
         Ss = [b.op("Where", [start4, M_, ins[f"{L}.{x}_snapshot"]], outputs=[outs[f"{L}.{x}_snapshot"]])
               for M_, x in zip(Ms, ("key", "value"))]
     else:
@@ -397,7 +398,8 @@ def _memory_linear_attention(b: _B, c: TrellisConfig, lw: LayerWeights, L: int, 
     decay = b.op("Reshape", [b.op("Log", [beta]), b.const([-1, 1, H])], "log_beta")   # [B, 1, H]
     gk, gv = b.op("Split", [b.op("Reshape", [b.op("Mul", [gamma2, nu]), b.const([-1, 2, H * m])]),
                             b.const([1, 1])], n_out=2, axis=1)                    # -gamma u [B, 1, H m]
-    attrs = dict(domain="com.microsoft", update_rule="gated", q_num_heads=H, kv_num_heads=H, scale=1.0)
+    attrs: dict[str, Any] = dict(domain="com.microsoft", update_rule="gated", q_num_heads=H, kv_num_heads=H,
+                                 scale=1.0)
     # the key pass: only its new memory is used (its read q^T K is not the key read K q)
     K_new = b.op("LinearAttention", [gk, gk, k3, Ms[0], decay], n_out=2,
                  outputs=[b.name("unused"), outs[f"{L}.key_memory"]], **attrs)[1]
@@ -534,6 +536,8 @@ def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib:
             # apart (no Concat / Split of the big tensors: less memory traffic at large B).
             mem_out = [outs[f"{L}.key_memory"], outs[f"{L}.value_memory"]]
             snap_out = [outs[f"{L}.key_snapshot"], outs[f"{L}.value_snapshot"]] if C > 1 else []
+            if fresh4 is None:
+                raise RewriteError("host_reset needs the LinearAttention memory step (contrib ops)")
             if stack:
                 m0 = np.concatenate([lw.m0_key, lw.m0_value], axis=0).astype(f32)
                 M_in = b.op("Concat", [ins[f"{L}.key_memory"], ins[f"{L}.value_memory"]], "M_in", axis=1)
