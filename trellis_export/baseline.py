@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -32,9 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import TrellisConfig
-from .errors import TrellisExportError, first_line
+from .errors import TrellisExportError
 from .model.lm import RMSNorm, SwiGLU
-from .opdef import OPSET
 from .state import PAST_PREFIX, PRESENT_PREFIX
 
 __all__ = ["KVCacheLM", "KVCacheLayer", "kv_state_names", "kv_state_shapes", "kv_state_bytes_per_stream",
@@ -201,19 +199,11 @@ def export_baseline_onnx(model: KVCacheLM, path: str | os.PathLike[str]) -> Path
     dyn = ({0: B, 1: T}, tuple({0: B} if n == "position" else {0: B, 2: N} for n in names))
     input_names = ["input_ids", *(PAST_PREFIX + n for n in names)]
     output_names = ["logits", *(PRESENT_PREFIX + n for n in names)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(_StepGraph(m, names), (ids, *(state[n] for n in names)), dynamo=True,
-                                        opset_version=OPSET, input_names=input_names,
-                                        output_names=output_names, dynamic_shapes=dyn,
-                                        external_data=False, verbose=False)
-        except Exception as exc:  # torch's exporter raises many types; report one line
-            first = first_line(exc)
-            raise BaselineError(f"torch.onnx.export of the KV-cache baseline failed: {first}") from exc
-    if program is None:
-        raise BaselineError("torch.onnx.export of the KV-cache baseline returned no program")
-    proto = program.model_proto
+    from .export.onnx_export import torch_export
+
+    proto = torch_export(_StepGraph(m, names), (ids, *(state[n] for n in names)), input_names=input_names,
+                         output_names=output_names, dynamic_shapes=dyn, error=BaselineError,
+                         what="the KV-cache baseline")
     proto.producer_name = "trellis-export (kv-cache baseline)"
     atomic_write_bytes(dest, proto.SerializeToString())
     return dest

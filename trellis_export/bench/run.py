@@ -3,16 +3,14 @@ context, timed decode and prefill cells on each backend, and the summaries (cros
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
-import logging
 import math
 import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,18 +190,6 @@ def build_subjects(settings: BenchSettings) -> tuple[dict[str, Any], list[Subjec
     return source, subjects
 
 
-@contextlib.contextmanager
-def _quiet_export() -> Iterator[None]:
-    """Silence the exporter's logger chatter (e.g. 'torchvision is not installed')."""
-    logger = logging.getLogger("torch.onnx")
-    old = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(old)
-
-
 _WORK_FILE = re.compile(r"^(trellis-m\d+|kv-cache)-[0-9a-f]{16}\.onnx(\.data)?$")
 
 
@@ -221,15 +207,14 @@ def onnx_model(subject: Subject, work_dir: Path, log: Log) -> Path:
     if not path.is_file():
         log(f"exporting {subject.label} to {path}")
         t0 = time.perf_counter()
-        with _quiet_export():
-            model = subject.torch_model
-            if isinstance(model, TrellisLM):
-                from ..export import export_onnx
-                export_onnx(model, path, fingerprint=subject.fingerprint)
-            elif isinstance(model, KVCacheLM):
-                export_baseline_onnx(model, path)
-            else:
-                raise BenchError(f"{subject.label}: no model to export")
+        model = subject.torch_model
+        if isinstance(model, TrellisLM):
+            from ..export import export_onnx
+            export_onnx(model, path, fingerprint=subject.fingerprint)
+        elif isinstance(model, KVCacheLM):
+            export_baseline_onnx(model, path)
+        else:
+            raise BenchError(f"{subject.label}: no model to export")
         log(f"  exported in {time.perf_counter() - t0:.1f} s")
     subject.onnx_path = path
     return path

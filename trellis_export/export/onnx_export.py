@@ -118,26 +118,9 @@ def export_model_proto(model: TrellisLM, *, dtype: str = "float32",
     dynamic_shapes = ({0: B, 1: T}, tuple({0: B} for _ in names))
     input_names = ["input_ids", *(t.past_name for t in spec)]
     output_names = ["logits", *(t.present_name for t in spec)]
-    # torch's exporter logs one line per torchvision op it cannot register; none is used here
-    reg_log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = reg_log.level
-    reg_log.setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(
-                _StepGraph(m, names), (ids, *(state[n] for n in names)), dynamo=True,
-                opset_version=OPSET, input_names=input_names, output_names=output_names,
-                dynamic_shapes=dynamic_shapes, custom_translation_table=TRANSLATION_TABLE,
-                external_data=False, verbose=False)
-        except Exception as exc:  # torch's exporter raises many types; report one line
-            first = first_line(exc)
-            raise ExportError(f"torch.onnx.export failed: {first}") from exc
-        finally:
-            reg_log.setLevel(level)
-    if program is None:
-        raise ExportError("torch.onnx.export returned no program")
-    proto = program.model_proto
+    proto = torch_export(_StepGraph(m, names), (ids, *(state[n] for n in names)), input_names=input_names,
+                         output_names=output_names, dynamic_shapes=dynamic_shapes,
+                         custom_translation_table=TRANSLATION_TABLE, error=ExportError, what="")
     got_in = [i.name for i in proto.graph.input]
     got_out = [o.name for o in proto.graph.output]
     if got_in != input_names or got_out != output_names:
@@ -162,6 +145,35 @@ def export_model_proto(model: TrellisLM, *, dtype: str = "float32",
     except ValueError as exc:
         raise ExportError(str(exc)) from None
     return proto
+
+
+def torch_export(module: nn.Module, args: tuple[Tensor, ...], *, input_names: list[str],
+                 output_names: list[str], dynamic_shapes: Any,
+                 custom_translation_table: dict[Any, Any] | None = None,
+                 error: type[TrellisExportError] = TrellisExportError, what: str = "") -> onnx.ModelProto:
+    """``torch.onnx.export(dynamo=True)`` at this project's opset, quietly, as one ModelProto: the one
+    place both exporters (the Trellis step, the KV-cache baseline) call it. The exporter's warnings and
+    its log line per torchvision op it cannot register (none is used) are silenced; a failure is one
+    ``error`` line."""
+    reg_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = reg_log.level
+    reg_log.setLevel(logging.ERROR)
+    label = f"torch.onnx.export{' of ' + what if what else ''}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET,
+                                        input_names=input_names, output_names=output_names,
+                                        dynamic_shapes=dynamic_shapes,
+                                        custom_translation_table=custom_translation_table,
+                                        external_data=False, verbose=False)
+        except Exception as exc:  # torch's exporter raises many types; report one line
+            raise error(f"{label} failed: {first_line(exc)}") from exc
+        finally:
+            reg_log.setLevel(level)
+    if program is None:
+        raise error(f"{label} returned no program")
+    return program.model_proto
 
 
 def _weights_bytes(model: nn.Module, dtype: str) -> int:
