@@ -170,3 +170,23 @@ def test_a_nan_the_model_produces_is_refused_at_the_next_step() -> None:
     assert not np.isfinite(logits).all()
     with pytest.raises(StateError, match="non-finite"):
         s.step(np.array([[4]]), state)
+
+
+@pytest.mark.parametrize("backend", ["torch", "ort"])
+def test_timed_call_is_the_step_from_a_fixed_state(backend: str, tmp_path: Path) -> None:
+    """Session.timed_call (what bench times) computes what step computes, every call from the same
+    state (its output state is dropped), rows at different positions."""
+    import numpy as np
+    from conftest import TOL_SHORT, assert_rel_close, export_cached, random_ids
+
+    model = tiny_model(tiny_config(chunk_size=3), seed=6, dtype=torch.float32)
+    s = (open_session("torch", model=model) if backend == "torch"
+         else open_session("ort", model_path=export_cached(model)))
+    ids = random_ids(3, 1, s.config.vocab_size, seed=2).numpy()
+    _, state = s.step(random_ids(3, 4, s.config.vocab_size, seed=1).numpy())
+    want, _ = s.step(ids, state)
+    call = s.timed_call(ids, state)
+    for _ in range(2):
+        got = call()[0]
+        assert_rel_close(got, want, TOL_SHORT, f"{backend} timed call")
+    assert np.array_equal(state["position"], [4, 4, 4])

@@ -203,3 +203,19 @@ def test_sessions_refuse_a_state_saved_by_another_model(model_files: tuple[Path,
     other.save_state(other.init_state(1), tmp_path / "s.safetensors")
     with pytest.raises(StateError, match="another model"):
         sess.load_state(tmp_path / "s.safetensors")
+
+
+def test_timed_call_steps_from_one_device_state(model_files: tuple[Path, Path, torch.nn.Module]) -> None:
+    """bench's prepared call: every call runs from the same device-resident state (uploaded once) and
+    gives the logits step() gives from that state; only input_ids go up per call."""
+    sess, dev, eng = make_session(model_files)
+    ids = random_ids(2, 1, sess.config.vocab_size, seed=9).numpy()
+    state = sess.init_state(2)
+    state["position"][:] = [3, 11]
+    call = sess.timed_call(ids, state)
+    before = dev.copies["h2d"]
+    outs = [call()[0] for _ in range(3)]
+    assert dev.copies["h2d"] - before == 3
+    want, _ = eng.ort.step(ids, state)
+    for got in outs:
+        np.testing.assert_array_equal(got, want)

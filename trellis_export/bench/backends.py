@@ -141,16 +141,6 @@ def trt_session(onnx_path: Any, max_batch: int, max_tokens: int) -> Any:
     return open_session("trt", engine_path=engine, runtime=rt.name)
 
 
-def trt_call(session: Any, ids: np.ndarray, state: dict[str, np.ndarray]) -> TimedCall:
-    """One TensorRT step from a device-resident state (uploaded once here; each timed call reads it
-    in place and writes the other buffer set, as a stream of decode calls does)."""
-    _, handle = session.step(ids, state)
-
-    def fn() -> Any:
-        return session.step(ids, handle)
-    return fn, None
-
-
 def triton_model(model: torch.nn.Module, trellis: bool) -> torch.nn.Module:
     """A CUDA copy of ``model``; the Trellis model's memory runs the Triton kernels."""
     m = copy.deepcopy(model)

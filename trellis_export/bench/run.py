@@ -35,7 +35,6 @@ from .backends import (
     ort_call,
     torch_call,
     triton_model,
-    trt_call,
     trt_session,
 )
 from .machine import describe_machine
@@ -274,12 +273,20 @@ def _run_bench(settings: BenchSettings, log: Log, t_start: float) -> dict[str, A
         key = (id(subject), backend)
         if key in sessions:
             return sessions[key]
-        if backend == "ort":
+        handle: Any
+        if backend == "ort" and subject.model == TRELLIS:       # a runtime session, as users run it
+            from ..runtime import open_session
+            from ..runtime.ort_backend import default_providers
+            handle = open_session("ort", model_path=onnx_model(subject, work_dir, log),
+                                  providers=default_providers(), threads=settings.threads,
+                                  allow_fallback=True)
+            statuses["ort"].detail["providers_used"] = list(handle.providers)
+            statuses["ort"].detail["trellis_decode_graph"] = handle.describe().get("decode_graph")
+        elif backend == "ort":
             from ..export.ort import ort_session
             from ..runtime.ort_backend import default_providers
             handle = ort_session(onnx_model(subject, work_dir, log), providers=default_providers(),
                                  threads=settings.threads)
-            statuses["ort"].detail["providers_used"] = list(handle.get_providers())
         elif backend == "triton":
             if subject.torch_model is None:
                 raise BenchError(f"{subject.label}: an ONNX file has no PyTorch model for the triton backend")
@@ -288,6 +295,9 @@ def _run_bench(settings: BenchSettings, log: Log, t_start: float) -> dict[str, A
         elif backend == "trt":
             handle = trt_session(onnx_model(subject, work_dir, log), max(settings.batches),
                                  max(settings.prefill_len, 1))
+        elif subject.model == TRELLIS:
+            from ..runtime import open_session
+            handle = open_session("torch", model=subject.torch_model, threads=settings.threads)
         else:
             handle = subject.torch_model
         sessions[key] = handle
@@ -373,13 +383,13 @@ def _run_bench(settings: BenchSettings, log: Log, t_start: float) -> dict[str, A
 def _call(subject: Subject, backend: str, handle: Any, ids: np.ndarray,
           state: dict[str, np.ndarray]) -> tuple[Callable[[], Any], Any]:
     trellis = subject.model == TRELLIS
-    if backend == "ort":
-        return ort_call(handle, ids, state)
     if backend == "triton":
         return torch_call(handle, ids, state, trellis=trellis, device="cuda")
-    if backend == "trt":
-        return trt_call(handle, ids, state)
-    return torch_call(handle, ids, state, trellis=trellis)
+    if trellis:                     # torch / ort / trt: the runtime session's own prepared call
+        return handle.timed_call(ids, state), None
+    if backend == "ort":
+        return ort_call(handle, ids, state)
+    return torch_call(handle, ids, state, trellis=False)
 
 
 def _flat_pairs(settings: BenchSettings, subjects: list[Subject], statuses: dict[str, BackendStatus],

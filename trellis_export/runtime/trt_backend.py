@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -308,6 +308,23 @@ class TrtSession(Session):
     def _run(self, input_ids: np.ndarray, state: StateDict) -> tuple[np.ndarray, StateDict]:
         logits, handle = self.step(input_ids, state)
         return logits, dict(handle)
+
+    def timed_call(self, input_ids: Any, state: Mapping[str, np.ndarray] | None = None
+                   ) -> Callable[[], Any]:
+        """Each call steps from one device-resident state (uploaded once here) into the other buffer
+        set, as a stream of calls does: input_ids in, logits out, no state traffic."""
+        ids = self.check_input_ids(input_ids)
+        handle = self.to_device(state, ids.shape[0])
+        return lambda: self.step(ids, handle)
+
+    def to_device(self, state: Mapping[str, np.ndarray] | None, batch: int) -> DeviceState:
+        """``state`` (None: a fresh one) uploaded into one of the session's buffer sets, as a handle
+        that :meth:`step` uses in place."""
+        slot = self._source_slot(state, batch)
+        self._generation += 1
+        handle = DeviceState(self, slot, batch, self._generation)
+        self._live[slot] = weakref.ref(handle)
+        return handle
 
 
 class _TrtEngine:
