@@ -243,6 +243,87 @@ def run_bench(settings: BenchSettings, log: Log | None = None) -> dict[str, Any]
         return _run_bench(settings, log, t_start)
 
 
+def _open_work_dir(settings: BenchSettings) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:
+    """``--work-dir`` (claimed, marked, reused) or a temporary directory removed at the end."""
+    if not settings.work_dir:
+        tmp = tempfile.TemporaryDirectory(prefix="trellis-bench-")
+        return Path(tmp.name), tmp
+    from ..outputs import OutputSpec, claim_outputs, write_error, write_marker
+
+    work_dir = claim_outputs([OutputSpec(settings.work_dir, "--work-dir", kind="workdir", owns=is_work_file)],
+                             inputs=[settings.source], force=settings.force)[0]
+    try:
+        work_dir.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise write_error(work_dir, exc) from None
+    write_marker(work_dir)
+    return work_dir, None
+
+
+class _Handles:
+    """What each (subject, backend) runs on, made once: a runtime session for Trellis models on torch,
+    ort and trt (the layer users run), a CUDA model for triton, the baseline's own ORT session / model."""
+
+    def __init__(self, settings: BenchSettings, statuses: dict[str, BackendStatus], work_dir: Path,
+                 log: Log) -> None:
+        self.settings, self.statuses, self.work_dir, self.log = settings, statuses, work_dir, log
+        self.handles: dict[tuple[int, str], Any] = {}
+
+    def __call__(self, subject: Subject, backend: str) -> Any:
+        key = (id(subject), backend)
+        if key not in self.handles:
+            self.handles[key] = self._make(subject, backend)
+        return self.handles[key]
+
+    def _make(self, subject: Subject, backend: str) -> Any:
+        settings, trellis = self.settings, subject.model == TRELLIS
+        if backend == "triton":
+            if subject.torch_model is None:
+                raise BenchError(f"{subject.label}: an ONNX file has no PyTorch model for the triton backend")
+            return triton_model(subject.torch_model, trellis)
+        if backend == "trt":
+            return trt_session(onnx_model(subject, self.work_dir, self.log), max(settings.batches),
+                               max(settings.prefill_len, 1))
+        if backend == "ort":
+            from ..runtime.ort_backend import default_providers
+
+            path = onnx_model(subject, self.work_dir, self.log)
+            if not trellis:
+                from ..export.ort import ort_session
+
+                return ort_session(path, providers=default_providers(), threads=settings.threads)
+            from ..runtime import open_session
+
+            session = open_session("ort", model_path=path, providers=default_providers(),
+                                   threads=settings.threads, allow_fallback=True)
+            self.statuses["ort"].detail["providers_used"] = list(session.providers)
+            self.statuses["ort"].detail["trellis_decode_graph"] = session.describe().get("decode_graph")
+            return session
+        if trellis:
+            from ..runtime import open_session
+
+            return open_session("torch", model=subject.torch_model, threads=settings.threads)
+        return subject.torch_model
+
+    def clear(self) -> None:
+        self.handles.clear()
+
+
+def _not_run(subject: Subject, backend: str, status: BackendStatus, settings: BenchSettings, batch: int,
+             context: int, tokens: int) -> tuple[str, str] | None:
+    """(status, reason) of a cell that is not measured: backend unavailable (here, or for this model),
+    or over the memory limit; None when it runs."""
+    if not status.available:
+        return "unavailable", str(status.reason)
+    if backend in subject.unavailable:
+        return "unavailable", subject.unavailable[backend]
+    need = synthetic.kv_cell_bytes(subject.config, batch, context, tokens) if subject.model == KV else 0
+    if need > settings.max_memory_gb * 1024**3:
+        return "skipped", (f"needs about {need / 1024**3:.1f} GiB of memory, over --max-memory "
+                           f"{settings.max_memory_gb:g} GiB")
+    return None
+
+
 def _run_bench(settings: BenchSettings, log: Log, t_start: float) -> dict[str, Any]:
     machine = describe_machine()
     source, subjects = build_subjects(settings)
@@ -250,70 +331,18 @@ def _run_bench(settings: BenchSettings, log: Log, t_start: float) -> dict[str, A
     for st in statuses.values():
         if not st.available:
             log(f"backend {st.name}: unavailable ({st.reason})")
-
-    tmp = None
-    if settings.work_dir:
-        from ..outputs import OutputSpec, claim_outputs, write_error, write_marker
-        work_dir = claim_outputs([OutputSpec(settings.work_dir, "--work-dir", kind="workdir",
-                                             owns=is_work_file)],
-                                 inputs=[settings.source], force=settings.force)[0]
-        try:
-            work_dir.mkdir(exist_ok=True)
-        except OSError as exc:
-            raise write_error(work_dir, exc) from None
-        write_marker(work_dir)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="trellis-bench-")
-        work_dir = Path(tmp.name)
-    sessions: dict[tuple[int, str], Any] = {}
-    cuda_models: dict[int, torch.nn.Module] = {}
-
-    def prepare(subject: Subject, backend: str) -> Any:
-        """The backend's handle of a subject (ORT session, CUDA model, the model), made once."""
-        key = (id(subject), backend)
-        if key in sessions:
-            return sessions[key]
-        handle: Any
-        if backend == "ort" and subject.model == TRELLIS:       # a runtime session, as users run it
-            from ..runtime import open_session
-            from ..runtime.ort_backend import default_providers
-            handle = open_session("ort", model_path=onnx_model(subject, work_dir, log),
-                                  providers=default_providers(), threads=settings.threads,
-                                  allow_fallback=True)
-            statuses["ort"].detail["providers_used"] = list(handle.providers)
-            statuses["ort"].detail["trellis_decode_graph"] = handle.describe().get("decode_graph")
-        elif backend == "ort":
-            from ..export.ort import ort_session
-            from ..runtime.ort_backend import default_providers
-            handle = ort_session(onnx_model(subject, work_dir, log), providers=default_providers(),
-                                 threads=settings.threads)
-        elif backend == "triton":
-            if subject.torch_model is None:
-                raise BenchError(f"{subject.label}: an ONNX file has no PyTorch model for the triton backend")
-            handle = cuda_models.setdefault(id(subject), triton_model(subject.torch_model,
-                                                                      subject.model == TRELLIS))
-        elif backend == "trt":
-            handle = trt_session(onnx_model(subject, work_dir, log), max(settings.batches),
-                                 max(settings.prefill_len, 1))
-        elif subject.model == TRELLIS:
-            from ..runtime import open_session
-            handle = open_session("torch", model=subject.torch_model, threads=settings.threads)
-        else:
-            handle = subject.torch_model
-        sessions[key] = handle
-        return handle
-
+    work_dir, tmp = _open_work_dir(settings)
+    prepare = _Handles(settings, statuses, work_dir, log)
     phases = [p for p in PHASES if p in settings.phases]
     cells: list[dict[str, Any]] = []
     n_total = len(settings.batches) * len(settings.contexts) * len(subjects) * len(settings.backends) \
         * len(phases)
-    limit = settings.max_memory_gb * 1024**3
     try:
         for batch in settings.batches:
             for context in settings.contexts:
                 rng = np.random.default_rng([settings.seed, batch, context])
                 for subject in subjects:
-                    state: dict[str, np.ndarray] | None = None
+                    state: dict[str, np.ndarray] | None = None     # one synthetic state per subject
                     for backend in settings.backends:
                         for phase in phases:
                             tokens = 1 if phase == "decode" else settings.prefill_len
@@ -322,17 +351,10 @@ def _run_bench(settings: BenchSettings, log: Log, t_start: float) -> dict[str, A
                                 "phase": phase, "batch": batch, "context": context, "tokens": tokens,
                                 "state_bytes_per_stream": subject.state_bytes(context),
                                 "status": "ok", "reason": None}
-                            status = statuses[backend]
-                            need = (synthetic.kv_cell_bytes(subject.config, batch, context, tokens)
-                                    if subject.model == KV else 0)
-                            if not status.available:
-                                cell.update(status="unavailable", reason=status.reason)
-                            elif backend in subject.unavailable:
-                                cell.update(status="unavailable", reason=subject.unavailable[backend])
-                            elif need > limit:
-                                cell.update(status="skipped", reason=(
-                                    f"needs about {need / 1024**3:.1f} GiB of memory, over --max-memory "
-                                    f"{settings.max_memory_gb:g} GiB"))
+                            skip = _not_run(subject, backend, statuses[backend], settings, batch, context,
+                                            tokens)
+                            if skip is not None:
+                                cell.update(status=skip[0], reason=skip[1])
                             else:
                                 try:
                                     if state is None:
@@ -349,8 +371,7 @@ def _run_bench(settings: BenchSettings, log: Log, t_start: float) -> dict[str, A
                     gc.collect()
         flat_pairs = _flat_pairs(settings, subjects, statuses, prepare, phases, log)
     finally:
-        sessions.clear()
-        cuda_models.clear()
+        prepare.clear()
         if tmp is not None:
             tmp.cleanup()
 
