@@ -387,40 +387,17 @@ def _train(args: TrainArgs, config: TrellisConfig, out: str | os.PathLike[str], 
     model = build_model(config, args.seed)
     model.train()
     opt = make_optimizer(model, args)
-    step, history, elapsed = 0, [], 0.0
+    step, elapsed = 0, 0.0
+    history: list[dict[str, Any]] = []
     running: float | None = None       # smoothed training loss (part of the resume state)
     if resume:
-        trainer, tensors = read_train_state(state_file)
-        stored = TrainArgs.from_dict(trainer["args"])
-        diff = [f"{k} (stored {v!r}, given {getattr(args, k)!r})" for k, v in stored.to_dict().items()
-                if k not in RESUME_OVERRIDABLE and getattr(args, k) != v]
-        stored_cfg = TrellisConfig.from_dict(trainer["config"], source=str(state_file))
-        if stored_cfg != config:
-            diff += [f"config.{k} (stored {v!r}, given {getattr(config, k)!r})"
-                     for k, v in stored_cfg.to_dict().items() if getattr(config, k) != v]
-        if diff:
-            raise TrainError(f"{state_file}: cannot resume with different settings: " + "; ".join(diff))
-        check_same_run(state_file, trainer, out, run_fingerprint(stored, stored_cfg))
-        _restore(state_file, trainer, tensors, model, opt)
-        step, history = int(trainer["step"]), list(trainer["history"])
-        elapsed, running = float(trainer["elapsed_seconds"]), trainer.get("running_loss")
+        step, history, elapsed, running = _resume(state_file, args, config, out, model, opt)
         log(f"resumed from {state_file} at step {step}")
     end = args.steps if stop_after is None else min(args.steps, stop_after)
 
     def checkpoint(last_eval: dict[str, float]) -> str:
         save_train_state(state_file, model, opt, args, step, history, elapsed, running)
-        meta = {"task": args.task, "args": args.to_dict(), "step": step, "steps": args.steps,
-                "run": run_fingerprint(args, config),
-                "seed": args.seed, "eval": last_eval, "history": history,
-                "wall_minutes": round(elapsed / 60.0, 2), "threads": torch.get_num_threads(),
-                "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_implementation()} "
-                           f"{platform.python_version()}, torch {torch.__version__}"}
-        if args.task == "mqar":
-            meta["data"] = args.mqar_spec(config.vocab_size).to_dict()
-            meta["mqar_accuracy"] = last_eval.get("mqar_accuracy")
-        else:
-            meta["data"] = {"corpus": "generate_corpus", "num_chars": args.corpus_chars,
-                            "seed": args.corpus_seed, "seq_len": args.seq_len}
+        meta = _checkpoint_metadata(args, config, step, history, last_eval, elapsed)
         meta.update(extra_metadata or {})
         return save_checkpoint(model, out, meta, force=force)
 
@@ -432,19 +409,7 @@ def _train(args: TrainArgs, config: TrellisConfig, out: str | os.PathLike[str], 
         return "" if running is None else f"loss {running:.3f}"
 
     for s in progress_iter(range(step, end), f"train {args.task}", show, enabled=progress):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(s, args)
-        ids, targets = _batch(args, config, corpus, s)
-        logits, _ = model(ids)
-        loss = masked_loss(logits, targets)
-        if not torch.isfinite(loss):
-            raise TrainError(f"loss became {float(loss)} at step {s}; lower --lr or change the config")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        lv = loss.item()
+        lv = _train_step(model, opt, args, config, corpus, s)
         running = lv if running is None else 0.9 * running + 0.1 * lv
         step = s + 1
         if step % args.eval_every == 0 or step == end:
@@ -460,6 +425,62 @@ def _train(args: TrainArgs, config: TrellisConfig, out: str | os.PathLike[str], 
         log(f"nothing to train: the run is at step {step} of {end}")
     elapsed = time.perf_counter() - t_start
     return TrainResult(step=step, final_eval=last_eval, history=history, wall_seconds=elapsed, fingerprint=fp)
+
+
+def _resume(state_file: Path, args: TrainArgs, config: TrellisConfig, out: Path, model: TrellisLM,
+            opt: torch.optim.Optimizer) -> tuple[int, list[dict[str, Any]], float, float | None]:
+    """Restore model and optimizer from the resume state of the run that wrote ``out``; returns its
+    step, history, elapsed seconds and smoothed loss. Refuses other settings or another run's state."""
+    trainer, tensors = read_train_state(state_file)
+    stored = TrainArgs.from_dict(trainer["args"])
+    diff = [f"{k} (stored {v!r}, given {getattr(args, k)!r})" for k, v in stored.to_dict().items()
+            if k not in RESUME_OVERRIDABLE and getattr(args, k) != v]
+    stored_cfg = TrellisConfig.from_dict(trainer["config"], source=str(state_file))
+    if stored_cfg != config:
+        diff += [f"config.{k} (stored {v!r}, given {getattr(config, k)!r})"
+                 for k, v in stored_cfg.to_dict().items() if getattr(config, k) != v]
+    if diff:
+        raise TrainError(f"{state_file}: cannot resume with different settings: " + "; ".join(diff))
+    check_same_run(state_file, trainer, out, run_fingerprint(stored, stored_cfg))
+    _restore(state_file, trainer, tensors, model, opt)
+    return (int(trainer["step"]), list(trainer["history"]), float(trainer["elapsed_seconds"]),
+            trainer.get("running_loss"))
+
+
+def _train_step(model: TrellisLM, opt: torch.optim.Optimizer, args: TrainArgs, config: TrellisConfig,
+                corpus: CharCorpus | None, s: int) -> float:
+    """One optimiser step at step index ``s`` (learning-rate schedule, batch, loss, clipping); the loss."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(s, args)
+    ids, targets = _batch(args, config, corpus, s)
+    logits, _ = model(ids)
+    loss = masked_loss(logits, targets)
+    if not torch.isfinite(loss):
+        raise TrainError(f"loss became {float(loss)} at step {s}; lower --lr or change the config")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    opt.step()
+    return float(loss.item())
+
+
+def _checkpoint_metadata(args: TrainArgs, config: TrellisConfig, step: int, history: list[dict[str, Any]],
+                         last_eval: dict[str, float], elapsed: float) -> dict[str, Any]:
+    """What a checkpoint's training.json records about the run."""
+    meta: dict[str, Any] = {
+        "task": args.task, "args": args.to_dict(), "step": step, "steps": args.steps,
+        "run": run_fingerprint(args, config), "seed": args.seed, "eval": last_eval, "history": history,
+        "wall_minutes": round(elapsed / 60.0, 2), "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_implementation()} "
+                   f"{platform.python_version()}, torch {torch.__version__}"}
+    if args.task == "mqar":
+        meta["data"] = args.mqar_spec(config.vocab_size).to_dict()
+        meta["mqar_accuracy"] = last_eval.get("mqar_accuracy")
+    else:
+        meta["data"] = {"corpus": "generate_corpus", "num_chars": args.corpus_chars,
+                        "seed": args.corpus_seed, "seq_len": args.seq_len}
+    return meta
 
 
 def checkpoint_task(path: str | os.PathLike[str] | None) -> str | None:
