@@ -488,7 +488,8 @@ def _print(report: dict[str, Any], out: Path) -> None:
               f"{p['model_run_us_per_call']:.0f} us/run")
     for a in report["aims"]:
         v = "n/a" if a["value"] is None else f"{a['value']:.2f}"
-        print(f"aim: {a['aim']:<52} {v:>8}  {'MET' if a['met'] else 'NOT MET'}")
+        verdict = "not measured" if a["met"] is None else "MET" if a["met"] else "NOT MET"
+        print(f"aim: {a['aim']:<52} {v:>8}  {verdict}")
     print(f"wrote {out}")
 
 
