@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import first_line
 from .targets import TARGETS, BundleError, Target, get_target
 
 __all__ = ["TARGETS", "Target", "BundleError", "get_target", "build_bundle", "parse_build_script",
@@ -84,7 +85,7 @@ def gpu_check(bundle_dir: str | os.PathLike[str], *, runtime: str | None = None,
 
         cc = CudaDriver().compute_capability()
     except Exception as exc:  # no libcuda, no device
-        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        why = first_line(exc)
         return {**result, "status": "SKIPPED", "reason": f"no usable GPU ({why})"}
     result["compute_capability"] = f"{cc // 10}.{cc % 10}"
     eng = Path(engine) if engine is not None else bundle.with_name(bundle.name + ".engine")

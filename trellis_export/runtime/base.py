@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..config import TrellisConfig
-from ..errors import TrellisExportError
+from ..errors import TrellisExportError, first_line
 from ..fileio import atomic_write_bytes
 from ..state import StateTensor, state_spec, state_spec_json
 
@@ -301,7 +301,7 @@ class Session(ABC):
                 meta = dict(fh.metadata() or {})
                 state = {k: fh.get_tensor(k) for k in fh.keys()}
         except Exception as exc:  # safetensors raises SafetensorError / OSError / ValueError ...
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            msg = first_line(exc)
             raise StateError(f"{p}: not a readable safetensors state file ({msg})") from None
         if meta.get("format") != STATE_FORMAT:
             raise StateError(f"{p}: not a trellis state file (metadata 'format' is "

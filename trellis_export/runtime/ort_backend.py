@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..config import ConfigError, TrellisConfig
+from ..errors import first_line
 from ..export.meta import META_ACTIVATION_DTYPE, META_CONFIG, META_FINGERPRINT, META_STATE_SPEC
 from ..state import state_spec
 from .base import Session, SessionError, StateDict
@@ -106,7 +107,7 @@ class OrtSession(Session):
         except ValueError as exc:
             raise SessionError(str(exc)) from None
         except Exception as exc:  # onnx raises DecodeError / OSError on a file that is not a model
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            msg = first_line(exc)
             raise SessionError(f"{path}: not a readable ONNX model ({msg})") from None
         self.function_body = function_body
         self.ort_graph = ort_graph
@@ -114,7 +115,7 @@ class OrtSession(Session):
         try:
             self.session = ort.InferenceSession(sources.model, sess_options=so, providers=use)
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf / InvalidGraph ...
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            msg = first_line(exc)
             raise SessionError(f"{path}: onnxruntime cannot load this model ({msg})") from None
         self.decode_graph = sources.decode_graph
         self.decode_graph_reason = sources.reason
@@ -140,7 +141,7 @@ class OrtSession(Session):
                 self._snapshot_names = [(n.replace("_snapshot", "_memory"), n, n[len("past."):])
                                         for n in snaps] if self._host_snapshot else []
             except Exception as exc:  # a provider without the contrib ops, say: decode on the export
-                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                msg = first_line(exc)
                 self.decode_graph, self.decode_graph_reason = "exported", f"onnxruntime refused it ({msg})"
         self.model_path = str(path)
         self.providers = list(self.session.get_providers())
