@@ -355,16 +355,14 @@ def _build(source: EngineSource, settings: EngineSettings, rt: TensorRT) -> tupl
     by_type = Counter(str(layer.type).rsplit(".", 1)[-1] for layer in layers)
     plugin_layers = {layer.name for layer in layers if layer.type == trt.LayerType.PLUGIN_V3}
     nodes = []
-    for name in _memory_node_names(source.onnx_bytes) if settings.plugin else []:
-        hit = next((p for p in plugin_layers if p == name or p.startswith(name + "_") or
-                    p.startswith(name)), None)
+    for name in _memory_node_names(source.onnx_bytes):
+        if not settings.plugin:
+            nodes.append({"node": name, "became": "function body (expanded into standard layers)",
+                          "layer": ""})
+            continue
+        hit = next((p for p in plugin_layers if p.startswith(name)), None)  # named after the node
         nodes.append({"node": name, "became": "plugin layer" if hit else "missing", "layer": hit or ""})
     if not settings.plugin:
-        import onnx
-
-        proto = onnx.load_model_from_string(source.onnx_bytes)
-        nodes = [{"node": n.name, "became": "function body (expanded into standard layers)", "layer": ""}
-                 for n in proto.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
         if plugin_layers:
             raise EngineError(f"{source.description}: plugin layers {sorted(plugin_layers)} in a "
                               "--no-plugin build")
