@@ -288,7 +288,6 @@ def make_classes(trt: Any) -> tuple[type, type]:
             self.plugin_namespace = PLUGIN_NAMESPACE
             self.plugin_version = PLUGIN_VERSION
             self.targets = tuple(targets)
-            self.created: list[TrellisMemoryPlugin] = []
             #: kernels for the build, per :func:`shape_key` (filled by the builder before parsing)
             self.compiled: dict[Any, list[dict[str, Any]]] = {}
             self._fields = plugin_fields(trt, None)          # kept alive: TensorRT holds their buffers
@@ -296,9 +295,7 @@ def make_classes(trt: Any) -> tuple[type, type]:
 
         def create_plugin(self, name: str, fc: Any, phase: Any) -> TrellisMemoryPlugin:
             fields = decode_fields({f.name: f.data for f in fc})
-            plugin = TrellisMemoryPlugin(fields, self.targets, phase, self.compiled)
-            self.created.append(plugin)
-            return plugin
+            return TrellisMemoryPlugin(fields, self.targets, phase, self.compiled)
 
     return TrellisMemoryPlugin, TrellisMemoryCreator
 
