@@ -284,10 +284,14 @@ class TrtSession(Session):
         self._engine.execute(profile, ids.shape, self._ids_buf, self._bufs[src], self._bufs[dst],
                              self._logits_buf, B)
         self.dev.d2h(logits, self._logits_buf)
+        return logits, self._handle(dst, B)  # type: ignore[return-value]
+
+    def _handle(self, slot: int, batch: int) -> DeviceState:
+        """A new handle of the state in buffer set ``slot``, the one live there from now on."""
         self._generation += 1
-        handle = DeviceState(self, dst, B, self._generation)
-        self._live[dst] = weakref.ref(handle)
-        return logits, handle  # type: ignore[return-value]
+        handle = DeviceState(self, slot, batch, self._generation)
+        self._live[slot] = weakref.ref(handle)
+        return handle
 
     def _source_slot(self, state: Mapping[str, np.ndarray] | None, B: int) -> int:
         """The buffer set holding the input state: a handle of this session on the device is used in
@@ -320,11 +324,7 @@ class TrtSession(Session):
     def to_device(self, state: Mapping[str, np.ndarray] | None, batch: int) -> DeviceState:
         """``state`` (None: a fresh one) uploaded into one of the session's buffer sets, as a handle
         that :meth:`step` uses in place."""
-        slot = self._source_slot(state, batch)
-        self._generation += 1
-        handle = DeviceState(self, slot, batch, self._generation)
-        self._live[slot] = weakref.ref(handle)
-        return handle
+        return self._handle(self._source_slot(state, batch), batch)
 
 
 class _TrtEngine:
