@@ -35,14 +35,21 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def check_bundle(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The bundle's manifest after checking that every listed file is present with its sha256 (the
-    device scripts' own check); raises :class:`BundleError` naming the first file that is not."""
+def device_module() -> Any:
+    """``device/trellis_bundle.py``, the device scripts' shared helpers, as they import it themselves
+    (a top-level module beside them): the package uses the same hashing and checks."""
     sys.path.insert(0, str(Path(__file__).resolve().parent / "device"))
     try:
         import trellis_bundle
     finally:
         sys.path.pop(0)
+    return trellis_bundle
+
+
+def check_bundle(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The bundle's manifest after checking that every listed file is present with its sha256 (the
+    device scripts' own check); raises :class:`BundleError` naming the first file that is not."""
+    trellis_bundle = device_module()
     try:
         return trellis_bundle.open_bundle(Path(bundle_dir))
     except trellis_bundle.BundleError as exc:

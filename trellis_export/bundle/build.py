@@ -6,7 +6,6 @@ The bundle is written into a temporary sibling directory and swapped in whole
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -283,15 +282,11 @@ this bundle has run on the device, with {target.builder} or on any GPU before yo
 
 
 # ------------------------------------------------------------------------------- the bundle
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every bundle file, by the device scripts' own ``sha256`` (what verifies them)."""
+    from . import device_module
+
+    sha256 = device_module().sha256
     out = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
