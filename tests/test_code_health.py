@@ -217,3 +217,16 @@ def test_bench_ort_runs_and_judges_its_aims(tmp_path: Path) -> None:
         else:
             assert a["met"] == (a["value"] >= a["target"]), a
     assert "torch.compile" in " ".join(aims) and "not measured" in res.stdout
+
+
+def test_bench_work_dir_recognises_its_own_files_only() -> None:
+    """bench --work-dir may be reused without --force when it holds only bench's files: its ONNX
+    exports and (with --backend trt) its engines and their sidecars; nothing else."""
+    from trellis_export.bench.run import is_work_file
+
+    fp = "0123456789abcdef"
+    for name in (f"trellis-m16-{fp}.onnx", f"trellis-m16-{fp}.onnx.data", f"kv-cache-{fp}.onnx",
+                 f"trellis-m64-{fp}.engine", f"trellis-m64-{fp}.engine.json"):
+        assert is_work_file(name), name
+    for name in ("model.onnx", f"trellis-m16-{fp}.engine.bak", f"notes-{fp}.engine", "trellis-m16-x.onnx"):
+        assert not is_work_file(name), name

@@ -116,11 +116,9 @@ def ort_call(session: Any, ids: np.ndarray, state: dict[str, np.ndarray]) -> Tim
     return fn, None
 
 
-def trt_session(onnx_path: Any, max_batch: int, max_tokens: int) -> Any:
+def trt_session(onnx_path: Any, engine_path: Any, max_batch: int, max_tokens: int) -> Any:
     """A TensorRT session of an exported Trellis ONNX model: an engine built for this GPU (function
-    body; profiles decode and 1..``max_tokens``) in memory, written beside the ONNX file."""
-    from pathlib import Path
-
+    body; profiles decode and 1..``max_tokens``), written to ``engine_path`` (bench's work directory)."""
     from ..plugins_trt.engine import EngineSettings, Range, build_engine, onnx_for_engine, write_engine
     from ..plugins_trt.runtimes import load_tensorrt
     from ..runtime import open_session
@@ -136,9 +134,8 @@ def trt_session(onnx_path: Any, max_batch: int, max_tokens: int) -> Any:
                               compute_capabilities=ccs)
     src = onnx_for_engine(onnx_path, plugin=False)
     data, report = build_engine(src, settings, rt)
-    engine = Path(onnx_path).with_suffix(".engine")
-    write_engine(engine, data, report, src)
-    return open_session("trt", engine_path=engine, runtime=rt.name)
+    write_engine(engine_path, data, report, src)
+    return open_session("trt", engine_path=engine_path, runtime=rt.name)
 
 
 def triton_model(model: torch.nn.Module, trellis: bool) -> torch.nn.Module:

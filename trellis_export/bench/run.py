@@ -189,7 +189,7 @@ def build_subjects(settings: BenchSettings) -> tuple[dict[str, Any], list[Subjec
     return source, subjects
 
 
-_WORK_FILE = re.compile(r"^(trellis-m\d+|kv-cache)-[0-9a-f]{16}\.onnx(\.data)?$")
+_WORK_FILE = re.compile(r"^(trellis-m\d+|kv-cache)-[0-9a-f]{16}\.(onnx(\.data)?|engine(\.json)?)$")
 
 
 def is_work_file(name: str) -> bool:
@@ -282,7 +282,10 @@ class _Handles:
                 raise BenchError(f"{subject.label}: an ONNX file has no PyTorch model for the triton backend")
             return triton_model(subject.torch_model, trellis)
         if backend == "trt":
-            return trt_session(onnx_model(subject, self.work_dir, self.log), max(settings.batches),
+            onnx_path = onnx_model(subject, self.work_dir, self.log)
+            # the engine goes into the work directory, never beside a user's ONNX file
+            engine = self.work_dir / f"trellis-m{subject.n_slots}-{subject.fingerprint[:16]}.engine"
+            return trt_session(onnx_path, engine, max(settings.batches),
                                max(settings.prefill_len, 1))
         if backend == "ort":
             from ..runtime.ort_backend import default_providers
