@@ -402,10 +402,16 @@ def _build(source: EngineSource, settings: EngineSettings, rt: TensorRT) -> tupl
         if missing:
             raise EngineError(f"{source.description}: plugin layer(s) of shape {missing} had no compiled "
                               "kernels (the config's heads / slots / head_dim differ from the graph's)")
+        # what get_workspace_size answered TensorRT, per (max B, max T) it was asked about
+        asked = creator.compiled.pop("workspace", None) or []
+        workspace = [dict(t) for t in sorted({tuple(sorted(w.items())) for w in asked})]
         for key, recs in creator.compiled.items():
             kernels.append({"shape": dict(key), "records": len(recs),
                             "targets": sorted({r["target"] for r in recs}),
-                            "variants": sorted({f"{r['kernel']}:{r['variant']}" for r in recs})})
+                            "variants": sorted({f"{r['kernel']}:{r['variant']}" for r in recs}),
+                            "decode_kernel": plugin_v3.KERNEL_FOR_T[True],
+                            "prefill_kernels": plugin_v3.prefill_kernels(recs),
+                            "workspace_requests": workspace})
     report = EngineReport(
         runtime=rt.name, runtime_module=rt.module_name, runtime_version=rt.version, source=source.description,
         plugin=settings.plugin, activation_dtype=source.activation_dtype, fingerprint=source.fingerprint,
@@ -496,6 +502,11 @@ def format_report(report: EngineReport, engine: str | os.PathLike[str] | None = 
         lines.append(f"profile {p['index']}    {p['name']}: batch {Range(**p['batch'])}, "
                      f"tokens {Range(**p['tokens'])}")
     lines.append(f"targets      {', '.join(report.targets)}")
+    for k in report.plugin_kernels:
+        prefill = " + ".join(k.get("prefill_kernels") or ["none"])
+        ws = max((w.get("bytes", 0) for w in k.get("workspace_requests") or []), default=0)
+        lines.append(f"kernels      {k['records']} records: decode {k.get('decode_kernel', '?')}, prefill "
+                     f"{prefill}; plugin workspace {ws:,} bytes at most")
     lines.append(f"dtype        {report.activation_dtype} activations, float32 memories and gates")
     lines.append(f"build        {report.build_seconds:.1f} s, {report.engine_bytes:,} bytes")
     n_warn = sum(w["count"] for w in report.parser_warnings)

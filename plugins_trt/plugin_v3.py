@@ -16,11 +16,17 @@ CHAR, ``eps`` FLOAT32, as TensorRT's ONNX parser hands a node's attributes over)
   triton nor a compiler to run the engine. (An exception raised in a TensorRT callback aborts the
   process, so no callback compiles or raises.)
 * Run (GPU): ``enqueue`` picks the records for the device's compute capability (exact, else the
-  highest lower one whose PTX the driver JIT-compiles), ``fused_recurrent`` for T = 1 and ``chunk``
-  otherwise, the most specialised record whose preconditions hold (16-byte alignment; TensorRT's
-  outputs never alias its inputs, so no in-place record), and launches it with
-  :class:`trellis_export.kernels.cuda_launch.CudaDriver` on TensorRT's stream. **Never run**: no GPU
-  was available to this project's CI; the build path is tested on the CPU with TensorRT-RTX.
+  highest lower one whose PTX the driver JIT-compiles) and launches them with
+  :class:`trellis_export.kernels.cuda_launch.CudaDriver` on TensorRT's stream (:func:`plan_launches`
+  is the host-side choice): ``fused_recurrent`` for T = 1; for T > 1 the split prefill, ``chunk_state``
+  (stage 0) then ``chunk_readout`` (stage 1), with the two workspaces carved out of TensorRT's plugin
+  workspace (:func:`workspace_layout`; ``get_workspace_size`` asks for the profile's max shapes). The
+  one-launch ``chunk`` kernel is the fallback for engines whose records lack a split kernel (engines
+  built before the split, bundles) or a call without a workspace. Within a kernel the most
+  specialised record whose preconditions hold (16-byte alignment, T == 1, outputs aliasing inputs).
+  **Never run**: no GPU was available to this project's CI; the build path is tested on the CPU with
+  TensorRT-RTX, and ``enqueue`` with a host stand-in of the driver that runs the chosen records'
+  kernels under triton's interpreter (tests/test_plugins_trt.py).
 
 Python plugins live in the process: a runtime that deserialises an engine holding this plugin must
 call :func:`register` first (``open_session("trt", ...)`` does, from the engine's sidecar).
@@ -50,7 +56,19 @@ from trellis_export.opdef import (
 KERNELS_FIELD = "kernels"
 #: Inputs whose dtype is the activation dtype (o follows q); the rest are float32 / int64 (spec 1).
 ACT_INPUTS: tuple[str, ...] = ("q", "k", "v", "a")
-KERNEL_FOR_T = {True: "fused_recurrent", False: "chunk"}   # decode (T == 1) / prefill
+#: Decode (T == 1) / one-launch prefill kernel (the kernels of engines and bundles before the split).
+KERNEL_FOR_T = {True: "fused_recurrent", False: "chunk"}
+#: The split prefill, in launch order (record field ``stage`` 0, 1): names as in kernels.trellis_memory.utils
+#: (not imported: that module needs triton, which a device running an engine may not have).
+SPLIT_PREFILL: tuple[str, ...] = ("chunk_state", "chunk_readout")
+#: Every kernel an engine built by this module carries.
+PLUGIN_KERNELS: tuple[str, ...] = (*KERNEL_FOR_T.values(), *SPLIT_PREFILL)
+#: Alignment of each workspace carved out of TensorRT's plugin workspace (bytes).
+WORKSPACE_ALIGN = 256
+#: Launch-argument names of the op's inputs and outputs (kernels.trellis_memory.utils INPUT_ARGS /
+#: OUTPUT_ARGS, spelled here for the same reason).
+INPUT_ARGS: tuple[str, ...] = INPUTS
+OUTPUT_ARGS: tuple[str, ...] = tuple(f"out_{n}" for n in OUTPUTS)
 
 _LOCK = threading.Lock()
 _CREATORS: dict[int, Any] = {}          # id(trt module) -> registered creator
@@ -103,7 +121,8 @@ json.dump(compile_records(args.pop("attrs"), **args), open(sys.argv[2], "w"))
 
 def compile_records(attrs: dict[str, Any], *, heads: int, slots: int, head_dim: int, dtype: str,
                     targets: Sequence[int]) -> list[dict[str, Any]]:
-    """AOT launch records of both kernels, every specialisation, for each target (cached).
+    """AOT launch records of every kernel of :data:`PLUGIN_KERNELS`, every specialisation the plugin
+    can pick (the opt-in tf32x3 records of the split prefill are left out), for each target (cached).
 
     Compiled in a child process when this one runs triton's interpreter (``TRITON_INTERPRET``: its
     kernels cannot be compiled), so that a caller never has to care."""
@@ -121,8 +140,10 @@ def compile_records(attrs: dict[str, Any], *, heads: int, slots: int, head_dim: 
 
         records = []
         for cc in targets:
-            for kernel in KERNEL_FOR_T.values():
+            for kernel in PLUGIN_KERNELS:
                 for variant in variants_for(kernel):
+                    if variant.get("dot_precision", "ieee") != "ieee":
+                        continue
                     records.append(compile_kernel(
                         kernel, int(cc), heads=heads, slots=slots, head_dim=head_dim,
                         chunk_size=int(attrs["chunk_size"]), phi=attrs["phi"], f=attrs["f"], rho=attrs["rho"],
@@ -164,6 +185,87 @@ def records_for_device(records: Sequence[dict[str, Any]], cc: int, kernel: str) 
     return [r for r in mine if int(r["cc"]) == ccs[-1]]
 
 
+def prefill_kernels(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The kernels a T > 1 call launches with these records, in order: the split prefill when every
+    stage of it is there, else the one-launch ``chunk`` kernel (empty when neither is)."""
+    have = {r["kernel"] for r in records}
+    if all(k in have for k in SPLIT_PREFILL):
+        return list(SPLIT_PREFILL)
+    return [KERNEL_FOR_T[False]] if KERNEL_FOR_T[False] in have else []
+
+
+def _align(n: int, to: int = WORKSPACE_ALIGN) -> int:
+    return -(-int(n) // to) * to
+
+
+def workspace_layout(records: Sequence[dict[str, Any]], B: int, T: int) -> dict[str, tuple[int, int]]:
+    """Where each workspace of the split prefill lies in the plugin workspace for a (B, T) call:
+    name -> (offset, bytes), in the records' order, each offset a multiple of :data:`WORKSPACE_ALIGN`.
+    The sizes are :func:`trellis_export.kernels.cuda_launch.workspace_bytes` (the largest over the
+    split records; they are the same expressions of the same constexprs). Empty when the records
+    carry no split prefill or T == 1 (no call of that shape launches it)."""
+    from trellis_export.kernels.cuda_launch import workspace_bytes
+
+    if T <= 1 or prefill_kernels(records) != list(SPLIT_PREFILL):
+        return {}
+    sizes: dict[str, int] = {}
+    for r in records:
+        if r["kernel"] in SPLIT_PREFILL:
+            for name, n in workspace_bytes(r, B, T).items():
+                sizes[name] = max(sizes.get(name, 0), n)
+    out: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for name, n in sizes.items():
+        out[name] = (offset, n)
+        offset += _align(n)
+    return out
+
+
+def workspace_size(records: Sequence[dict[str, Any]], B: int, T: int) -> int:
+    """Bytes of plugin workspace a (B, T) call needs (every workspace rounded up to
+    :data:`WORKSPACE_ALIGN`); the sizes grow with B and T, so the profile's max shapes bound every call."""
+    return sum(_align(n) for _, n in workspace_layout(records, B, T).values())
+
+
+def plan_launches(records: Sequence[dict[str, Any]], cc: int, B: int, T: int, inputs: Sequence[int],
+                  outputs: Sequence[int], workspace: int = 0
+                  ) -> list[tuple[dict[str, Any], dict[str, int], dict[str, int]]]:
+    """The launches of one ``enqueue``, in stream order: (record, pointers, scalars) each.
+
+    ``inputs`` / ``outputs``: the device addresses TensorRT passes, in the op's order; ``workspace``:
+    the plugin workspace's address (0: none). T == 1: the decode kernel. T > 1: the split prefill
+    (stage 0, then stage 1, the same pointers: the workspaces at ``workspace`` + their
+    :func:`workspace_layout` offsets) when the records carry it and a workspace was given, else the
+    one-launch ``chunk`` kernel. Each launch takes the first record of its kernel for ``cc``
+    (:func:`records_for_device`) whose preconditions hold for these pointers
+    (:func:`trellis_export.kernels.cuda_launch.select_record`). Raises ValueError (``LaunchError``)
+    when none fits or the engine has no kernel for this GPU."""
+    from trellis_export.kernels.cuda_launch import LaunchError, select_record
+
+    if len(inputs) != len(INPUT_ARGS) or len(outputs) != len(OUTPUT_ARGS):
+        raise LaunchError(f"{DOMAIN}::{OP_TYPE} plugin: {len(inputs)} inputs / {len(outputs)} outputs, "
+                          f"expected {len(INPUT_ARGS)} / {len(OUTPUT_ARGS)}")
+    pointers = {**{n: int(p) for n, p in zip(INPUT_ARGS, inputs)},
+                **{n: int(p) for n, p in zip(OUTPUT_ARGS, outputs)}}
+    scalars = {"T": int(T)}
+    if T == 1:
+        kernels = [KERNEL_FOR_T[True]]
+    else:
+        kernels = prefill_kernels(records)
+        if kernels == list(SPLIT_PREFILL) and not workspace:
+            kernels = [KERNEL_FOR_T[False]]
+        if kernels == list(SPLIT_PREFILL):
+            for name, (offset, _) in workspace_layout(records, B, T).items():
+                pointers[name] = int(workspace) + offset
+        if not kernels:
+            raise LaunchError(f"{DOMAIN}::{OP_TYPE} plugin: the engine carries no prefill kernel")
+    plan = []
+    for kernel in kernels:
+        rec = dict(select_record(records_for_device(records, cc, kernel), pointers, scalars))
+        plan.append((rec, pointers, scalars))
+    return plan
+
+
 def make_classes(trt: Any) -> tuple[type, type]:
     """The plugin and creator classes for one TensorRT module (``tensorrt`` or
     ``tensorrt_rtx_bindings``): their base classes come from that module."""
@@ -192,8 +294,9 @@ def make_classes(trt: Any) -> tuple[type, type]:
             kernels = fields.get(KERNELS_FIELD) or ""
             self.records: list[dict[str, Any]] = json.loads(kernels) if kernels else []
             self.compiled = compiled if compiled is not None else {}    # the creator's build log
-            self._driver: Any = None
-            self._loaded: dict[str, Any] = {}
+            #: the CudaDriver (made at the first enqueue), or anything with its interface
+            self.driver: Any = None
+            self._loaded: dict[tuple[str, str, int], Any] = {}
 
         # ---------------------------------------------------------------- core / build
         def get_capability_interface(self, type: Any) -> Any:  # noqa: A002 - TensorRT's name
@@ -202,7 +305,7 @@ def make_classes(trt: Any) -> tuple[type, type]:
         def clone(self) -> TrellisMemoryPlugin:
             twin = TrellisMemoryPlugin({**self.attrs, KERNELS_FIELD: json.dumps(self.records)},
                                        self.targets, self.phase, self.compiled)
-            twin._driver = self._driver
+            twin.driver = self.driver
             return twin
 
         def get_output_data_types(self, input_types: Sequence[Any]) -> list[Any]:
@@ -237,7 +340,18 @@ def make_classes(trt: Any) -> tuple[type, type]:
                 self.records = found
 
         def get_workspace_size(self, inp: Sequence[Any], out: Sequence[Any]) -> int:
-            return 0
+            # the split prefill's two workspaces at the profile's max shapes (0 for a decode-only
+            # profile); TensorRT aborts on an exception here, so a failure asks for none (enqueue then
+            # falls back to the one-launch kernel) and is noted for the build report
+            log = self.compiled.setdefault("workspace", [])   # type: ignore[arg-type]
+            try:
+                B, T = int(inp[0].max[0]), int(inp[0].max[1])
+                size = workspace_size(self.records, B, T)
+                log.append({"B": B, "T": T, "bytes": size})
+            except Exception as exc:  # noqa: BLE001 - see above
+                log.append({"error": f"{type(exc).__name__}: {exc}"})
+                size = 0
+            return size
 
         def get_valid_tactics(self) -> list[int]:
             return []
@@ -261,22 +375,19 @@ def make_classes(trt: Any) -> tuple[type, type]:
 
         def enqueue(self, input_desc: Sequence[Any], output_desc: Sequence[Any], inputs: Sequence[int],
                     outputs: Sequence[int], workspace: int, stream: int) -> None:
-            from trellis_export.kernels.cuda_launch import CudaDriver, select_record
-            from trellis_export.kernels.trellis_memory.utils import INPUT_ARGS, OUTPUT_ARGS
+            if self.driver is None:
+                from trellis_export.kernels.cuda_launch import CudaDriver
 
-            if self._driver is None:
-                self._driver = CudaDriver()
+                self.driver = CudaDriver()
             B, T = int(input_desc[0].dims[0]), int(input_desc[0].dims[1])
-            pointers = {**{n: int(p) for n, p in zip(INPUT_ARGS, inputs)},
-                        **{n: int(p) for n, p in zip(OUTPUT_ARGS, outputs)}}
-            scalars = {"T": T}
-            cands = records_for_device(self.records, self._driver.compute_capability(),
-                                       KERNEL_FOR_T[T == 1])
-            rec = select_record(cands, pointers, scalars)
-            kernel = self._loaded.get(rec["variant"])
-            if kernel is None:
-                kernel = self._loaded[rec["variant"]] = self._driver.load_record(rec)
-            self._driver.launch_record(kernel, pointers, scalars, B, stream=int(stream))
+            plan = plan_launches(self.records, self.driver.compute_capability(), B, T, inputs, outputs,
+                                 int(workspace or 0))
+            for rec, pointers, scalars in plan:          # one stream: stage 1 runs after stage 0
+                key = (rec["kernel"], rec["variant"], int(rec["cc"]))
+                kernel = self._loaded.get(key)
+                if kernel is None:
+                    kernel = self._loaded[key] = self.driver.load_record(rec)
+                self.driver.launch_record(kernel, pointers, scalars, B, stream=int(stream))
 
     class TrellisMemoryCreator(trt.IPluginCreatorV3One):
         """Creates :class:`TrellisMemoryPlugin` from the node's attributes (build) or the engine's

@@ -32,7 +32,13 @@ from trellis_export.plugins_trt.engine import (
     read_sidecar,
     sidecar_path,
 )
-from trellis_export.plugins_trt.plugin_v3 import decode_fields, io_dtype_rule, records_for_device
+from trellis_export.plugins_trt.plugin_v3 import (
+    PLUGIN_KERNELS,
+    SPLIT_PREFILL,
+    decode_fields,
+    io_dtype_rule,
+    records_for_device,
+)
 
 from trellis_export.checkpoint import default_checkpoint_path, read_checkpoint, save_checkpoint
 from trellis_export.config import TrellisConfig
@@ -196,9 +202,13 @@ def test_engine_report_matches_the_network(built: dict[str, Built], key: str) ->
         assert k["shape"] == {"heads": cfg.n_heads, "slots": cfg.n_slots, "head_dim": cfg.head_dim,
                               "dtype": "float32"}
         assert k["targets"] == ["sm_86"]
-        assert {v.split(":")[0] for v in k["variants"]} == {"chunk", "fused_recurrent"}
+        assert {v.split(":")[0] for v in k["variants"]} == set(PLUGIN_KERNELS)
+        assert k["decode_kernel"] == "fused_recurrent" and k["prefill_kernels"] == list(SPLIT_PREFILL)
         data = b.engine.read_bytes()
         assert data.count(b".target sm_86") >= k["records"], "the AOT kernels travel inside the engine"
+        for kernel in PLUGIN_KERNELS:
+            assert f'"kernel": "{kernel}"'.encode() in data, kernel
+        assert "prefill chunk_state + chunk_readout" in b.out
     else:
         assert "PLUGIN_V3" not in _layers(rep)
         assert all(n["became"].startswith("function body") for n in rep["memory_nodes"])
@@ -207,6 +217,29 @@ def test_engine_report_matches_the_network(built: dict[str, Built], key: str) ->
             "the portable body has no run-time If"
     # every summary line the CLI printed agrees with the report
     assert f"{rep['layers']} (" in b.out and f"{rep['engine_bytes']:,} bytes" in b.out
+
+
+@rtx
+@pytest.mark.parametrize("key", ["bundled_plugin", "odd_plugin"])
+def test_plugin_workspace_is_the_split_prefills_at_profile_max(built: dict[str, Built], key: str) -> None:
+    """What the plugin's get_workspace_size told TensorRT during the build (logged by the callback):
+    per profile, the split prefill's two workspaces at its max batch and tokens (none for decode)."""
+    from trellis_export.plugins_trt.plugin_v3 import compile_records, workspace_size
+
+    from trellis_export.opdef import ATTRIBUTES, op_attributes
+
+    rep = built[key].report
+    cfg = TrellisConfig.from_dict(rep["config"])
+    attrs = {k: v for k, v in op_attributes(cfg).items() if k in ATTRIBUTES}
+    recs = compile_records(attrs, heads=cfg.n_heads, slots=cfg.n_slots, head_dim=cfg.head_dim,
+                           dtype="float32", targets=[86])       # the build's records (cached)
+    (k,) = rep["plugin_kernels"]
+    want = []
+    for p in rep["profiles"]:
+        B, T = p["input_ids"][2]
+        want.append({"B": B, "T": T, "bytes": workspace_size(recs, B, T)})
+    assert sorted(k["workspace_requests"], key=lambda w: w["T"]) == sorted(want, key=lambda w: w["T"])
+    assert all((w["bytes"] > 0) == (w["T"] > 1) for w in want)
 
 
 @rtx
@@ -280,7 +313,7 @@ def test_plugin_kernels_compile_under_the_interpreter(monkeypatch: pytest.Monkey
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     attrs = {"chunk_size": 3, "phi": "l2_silu", "f": "identity", "rho": "ln_silu", "eps": 1e-5}
     recs = compile_records(attrs, heads=3, slots=7, head_dim=5, dtype="float32", targets=[89])
-    assert {r["kernel"] for r in recs} == {"chunk", "fused_recurrent"}
+    assert {r["kernel"] for r in recs} == set(PLUGIN_KERNELS)
     assert all(r["target"] == "sm_89" and f".entry {r['name']}" in r["ptx"] for r in recs)
 
 

@@ -1,15 +1,29 @@
 """The TensorRT plugins: the IPluginV3 one registered with TensorRT-RTX for real (it is what
 ``trellis-export engine --plugin`` builds with, see tests/test_engine.py), and the QDP AOT plugin for
-enterprise TensorRT >= 10.8, whose registration needs ``tensorrt`` (not installable here)."""
+enterprise TensorRT >= 10.8, whose registration needs ``tensorrt`` (not installable here).
+
+The IPluginV3 plugin's ``enqueue`` runs here for real on the host: the plugin is made by its creator
+from serialised fields (as an engine deserialises it) holding AOT records compiled for sm_86, and
+``HostDriver`` -- ``CudaDriver``'s interface on host memory -- executes each record it is asked to
+launch. PTX cannot run on a CPU, so it runs the record's kernel function (``kernels/trellis_memory``,
+under triton's interpreter) with the record's constexprs, num_warps and ``cuda_launch.grid_for`` grid,
+on views of the host buffers at the addresses the plugin passed; the launch arguments go through
+``cuda_launch.launch_args`` first (the order, PTX types and precondition checks of a real launch).
+"""
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
+import torch
+from conftest import TOL_SHORT, assert_rel_close, make_op_inputs, run_op
 from trellis_export.plugins_trt.trellis_memory import launch_plan, register_plugin, type_combination
 
 from trellis_export.opdef import INPUTS, OP_TYPE, OUTPUTS, PLUGIN_NAMESPACE, PLUGIN_VERSION
@@ -84,3 +98,213 @@ def test_qdp_plugin_registers_with_tensorrt() -> None:   # pragma: no cover - ne
     register_plugin()
     register_plugin()                                 # idempotent
     assert trt.get_plugin_registry().get_creator(OP_TYPE, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None
+
+
+# ------------------------------------------------------------------------------------------ enqueue
+#: The odd shapes of the house rules and an op whose nonlinearities differ per role.
+ATTRS = {"chunk_size": 3, "phi": "ln_silu", "f": "l2_silu", "rho": "identity", "eps": 1e-5}
+SHAPE = {"heads": 3, "slots": 7, "head_dim": 5}
+CC = 86
+_PTR_DTYPES = {"*fp32": torch.float32, "*fp16": torch.float16, "*i64": torch.int64}
+
+
+def _kernel_functions() -> dict[str, Any]:
+    from trellis_export.kernels.trellis_memory.chunk import chunk_trellis_fwd_kernel
+    from trellis_export.kernels.trellis_memory.chunk_split import chunk_readout_kernel, chunk_state_kernel
+    from trellis_export.kernels.trellis_memory.fused_recurrent import fused_recurrent_trellis_fwd_kernel
+
+    fns = {"fused_recurrent": fused_recurrent_trellis_fwd_kernel, "chunk": chunk_trellis_fwd_kernel,
+           "chunk_state": chunk_state_kernel, "chunk_readout": chunk_readout_kernel}
+    if any(type(f).__name__ != "InterpretedFunction" for f in fns.values()):
+        pytest.skip("the kernels were imported without TRITON_INTERPRET=1 (run this module alone)")
+    return fns
+
+
+class HostDriver:
+    """``CudaDriver``'s interface on host memory: ``load_record`` keeps the record, ``launch_record``
+    runs the record's kernel under triton's interpreter on the host buffers the pointers point into
+    (see the module docstring). ``launches``: (kernel, variant, stream, grid, pointers) in order."""
+
+    def __init__(self, cc: int, buffers: list[torch.Tensor]) -> None:
+        self.cc = cc
+        self.buffers = buffers
+        self.fns = _kernel_functions()
+        self.loaded: list[tuple[str, str]] = []
+        self.launches: list[tuple[str, str, int, tuple[int, int, int], dict[str, int]]] = []
+
+    def compute_capability(self) -> int:
+        return self.cc
+
+    def load_record(self, record: dict[str, Any], prefer: str = "auto") -> Any:
+        from trellis_export.kernels.cuda_launch import LoadedKernel
+
+        self.loaded.append((record["kernel"], record["variant"]))
+        return LoadedKernel(record, ctypes.c_void_p(), ctypes.c_void_p(), "host (triton interpreter)")
+
+    def _at(self, address: int, ptr_type: str) -> torch.Tensor:
+        dtype = _PTR_DTYPES[ptr_type]
+        size = torch.empty(0, dtype=dtype).element_size()
+        for buf in self.buffers:
+            raw = buf.view(-1).view(torch.uint8)
+            off = address - raw.data_ptr()
+            if 0 <= off < raw.numel():
+                return raw[off:off + (raw.numel() - off) // size * size].view(dtype)
+        raise AssertionError(f"pointer {address:#x} is in no host buffer")
+
+    def launch_record(self, kernel: Any, pointers: dict[str, int], scalars: dict[str, int], B: int,
+                      stream: int = 0) -> None:
+        from trellis_export.kernels.cuda_launch import grid_for, launch_args
+
+        rec = kernel.record
+        args = launch_args(rec, pointers, scalars)
+        values = [self._at(a.value, ty) if ty.startswith("*") else a.value
+                  for a, (_, ty) in zip(args, rec["signature"])]
+        grid = grid_for(rec, B, scalars.get("T"))
+        self.fns[rec["kernel"]][grid](*values, **rec["constexprs"], num_warps=rec["num_warps"],
+                                      num_stages=rec["num_stages"])
+        self.launches.append((rec["kernel"], rec["variant"], stream, grid, dict(pointers)))
+
+
+@pytest.fixture(scope="module")
+def records() -> list[dict[str, Any]]:
+    """The records an engine of the odd op carries (real PTX for sm_86, compiled in a child process)."""
+    from trellis_export.plugins_trt.plugin_v3 import compile_records
+
+    return compile_records(ATTRS, **SHAPE, dtype="float32", targets=[CC])
+
+
+def test_plugin_arg_names_are_the_kernels() -> None:
+    from trellis_export.kernels.trellis_memory import utils
+    from trellis_export.plugins_trt import plugin_v3
+
+    assert plugin_v3.INPUT_ARGS == utils.INPUT_ARGS and plugin_v3.OUTPUT_ARGS == utils.OUTPUT_ARGS
+    assert plugin_v3.SPLIT_PREFILL == utils.SPLIT_KERNELS
+    assert set(plugin_v3.KERNEL_FOR_T.values()) == set(utils.KERNELS)
+
+
+def test_plan_and_workspace_layout(records: list[dict[str, Any]]) -> None:
+    """Host-side choice without TensorRT: the split prefill's workspaces at 256-byte offsets, each as
+    large as ``cuda_launch.workspace_bytes`` says; stage 0 then stage 1; the fallbacks."""
+    from trellis_export.kernels.cuda_launch import workspace_bytes
+    from trellis_export.plugins_trt.plugin_v3 import (
+        WORKSPACE_ALIGN,
+        plan_launches,
+        prefill_kernels,
+        workspace_layout,
+        workspace_size,
+    )
+
+    assert {r["kernel"] for r in records} == {"fused_recurrent", "chunk", "chunk_state", "chunk_readout"}
+    assert not any("tf32" in r["variant"] for r in records)
+    B, T = 3, 8
+    layout = workspace_layout(records, B, T)
+    want = workspace_bytes(next(r for r in records if r["kernel"] == "chunk_state"), B, T)
+    assert {n: size for n, (_, size) in layout.items()} == want and set(want) == {"ws_memory", "ws_u"}
+    spans = sorted(layout.values())
+    assert spans[0][0] == 0 and all(o % WORKSPACE_ALIGN == 0 for o, _ in spans)
+    assert all(o1 + n1 <= o2 for (o1, n1), (o2, _) in zip(spans, spans[1:]))
+    assert workspace_size(records, B, T) >= spans[-1][0] + spans[-1][1]
+    assert workspace_size(records, B, 1) == 0
+    assert workspace_size(records, B, T) < workspace_size(records, B, T + 3)
+    ins, outs, ws = [4096 * (i + 1) for i in range(11)], [65536 * (i + 1) for i in range(5)], 1 << 24
+    plan = plan_launches(records, CC, B, T, ins, outs, ws)
+    assert [(r["kernel"], r["stage"], r["variant"]) for r, _, _ in plan] == \
+        [("chunk_state", 0, "aligned"), ("chunk_readout", 1, "aligned")]
+    assert plan[0][1] is plan[1][1] and plan[0][1]["ws_memory"] == ws + layout["ws_memory"][0]
+    assert [r["kernel"] for r, _, _ in plan_launches(records, CC, B, T, ins, outs, 0)] == ["chunk"]
+    old = [r for r in records if r["kernel"] != "chunk_readout"]
+    assert prefill_kernels(old) == ["chunk"] and workspace_size(old, B, T) == 0
+    assert [r["kernel"] for r, _, _ in plan_launches(old, CC, B, T, ins, outs, ws)] == ["chunk"]
+    (dec,) = plan_launches(records, CC, B, 1, ins, outs, ws)
+    assert (dec[0]["kernel"], dec[0]["variant"]) == ("fused_recurrent", "decode")
+    (dec,) = plan_launches(records, CC, B, 1, ins, [outs[0], *ins[6:10]], ws)
+    assert dec[0]["variant"] == "decode_in_place"
+
+
+def _rtx() -> Any:
+    if not HAVE_RTX:
+        pytest.skip('TensorRT-RTX is not installed (pip install -e ".[tensorrt-rtx]")')
+    from trellis_export.plugins_trt.runtimes import load_tensorrt
+
+    return load_tensorrt("tensorrt-rtx").trt
+
+
+def _runtime_plugin(trt: Any, records: list[dict[str, Any]]) -> Any:
+    """The plugin as an engine deserialises it: the creator, from the serialised fields."""
+    from trellis_export.plugins_trt import plugin_v3
+
+    _, creator_cls = plugin_v3.make_classes(trt)
+    fields = plugin_v3.plugin_fields(trt, {**ATTRS, plugin_v3.KERNELS_FIELD: json.dumps(records)})
+    return creator_cls().create_plugin(OP_TYPE, trt.PluginFieldCollection(fields), trt.TensorRTPhase.RUNTIME)
+
+
+def _dynamic_desc(trt: Any, dims: list[int], max_dims: list[int]) -> Any:
+    desc = trt.DynamicPluginTensorDesc()
+    desc.desc.dims = trt.Dims(dims)
+    desc.min, desc.opt, desc.max = trt.Dims(dims), trt.Dims(dims), trt.Dims(max_dims)
+    return desc
+
+
+#: case -> (T, outputs alias the memory inputs, workspace offset from a 256-byte boundary, records kept,
+#: the (kernel, variant) launches the plugin must make)
+CASES: dict[str, tuple[int, bool, int, str, list[tuple[str, str]]]] = {
+    "prefill": (8, False, 0, "all", [("chunk_state", "aligned"), ("chunk_readout", "aligned")]),
+    "prefill_aliased": (8, True, 0, "all", [("chunk_state", "aligned"), ("chunk_readout", "aligned")]),
+    "prefill_unaligned_workspace": (7, False, 4, "all", [("chunk_state", "unaligned"),
+                                                         ("chunk_readout", "unaligned")]),
+    "prefill_old_engine": (8, False, 0, "no_split", [("chunk", "aligned")]),
+    "decode": (1, False, 0, "all", [("fused_recurrent", "decode")]),
+    "decode_aliased": (1, True, 0, "all", [("fused_recurrent", "decode_in_place")]),
+}
+
+
+@pytest.mark.tensorrt_rtx
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_enqueue_computes_the_op(records: list[dict[str, Any]], case: str) -> None:
+    """``enqueue`` of the deserialised plugin on host buffers (rows at chunk phases 0, 1, 2; T not a
+    multiple of C) == the float64 reference within the spec's 1e-5; the records it launched, in
+    order, on the stream it was given; the workspace it carved lies inside what
+    ``get_workspace_size`` asked for at a larger profile maximum (guard bytes after it untouched)."""
+    from trellis_export.plugins_trt.plugin_v3 import WORKSPACE_ALIGN, workspace_layout
+
+    trt = _rtx()
+    T, aliased, misalign, keep, want = CASES[case]
+    recs = records if keep == "all" else [r for r in records if r["kernel"] not in ("chunk_state",
+                                                                                      "chunk_readout")]
+    plugin = _runtime_plugin(trt, recs)
+    H, m, d = SHAPE["heads"], SHAPE["slots"], SHAPE["head_dim"]
+    B = 3
+    inp = make_op_inputs(B, T, H, m, d, dtype=torch.float32, seed=7 + T, positions=[0, 4, 5])
+    ref_o, ref_state = run_op(inp.to(torch.float64), chunk_size=ATTRS["chunk_size"], phi=ATTRS["phi"],
+                              f=ATTRS["f"], rho=ATTRS["rho"], eps=ATTRS["eps"])
+    ins = [t.contiguous().clone() for t in (*inp.activations(), *inp.state, inp.position)]
+    outs = [torch.full_like(ins[0], float("nan"))] + \
+        (ins[6:10] if aliased else [torch.full_like(s, float("nan")) for s in ins[6:10]])
+    # the profile the engine was built for is larger than this call: B 4, T 11
+    q_desc = _dynamic_desc(trt, [B, T, H, d], [4, max(T, 11), H, d])
+    size = plugin.get_workspace_size([q_desc], [])
+    assert size == (0 if keep != "all" else sum(-(-n // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
+                                                for _, n in workspace_layout(recs, 4, max(T, 11)).values()))
+    guard = 4096
+    arena = torch.full((size + 2 * WORKSPACE_ALIGN + guard,), 0x5A, dtype=torch.uint8)
+    start = (-arena.data_ptr()) % WORKSPACE_ALIGN + misalign
+    workspace = arena.data_ptr() + start
+    driver = HostDriver(CC, [*ins, *outs, arena])
+    plugin.driver = driver
+    desc = trt.PluginTensorDesc()
+    desc.dims = trt.Dims([B, T, H, d])
+    plugin.enqueue([desc], [], [t.data_ptr() for t in ins], [t.data_ptr() for t in outs], workspace, 17)
+
+    assert [(k, v) for k, v, _, _, _ in driver.launches] == want
+    assert all(stream == 17 for _, _, stream, _, _ in driver.launches)
+    assert driver.loaded == want                     # loaded once each, at first use
+    for _, _, _, _, ptrs in driver.launches:
+        assert [ptrs[n] for n in INPUTS] == [t.data_ptr() for t in ins]
+        assert [ptrs[f"out_{n}"] for n in OUTPUTS] == [t.data_ptr() for t in outs]
+        for name in ("ws_memory", "ws_u"):
+            if name in ptrs:
+                assert workspace <= ptrs[name] < workspace + size
+    assert torch.all(arena[start + size:] == 0x5A), "a kernel wrote past the workspace it was given"
+    assert_rel_close(outs[0], ref_o, TOL_SHORT, f"{case}: o")
+    for name, got, ref in zip(("key", "value", "key_snapshot", "value_snapshot"), outs[1:], ref_state):
+        assert_rel_close(got, ref, TOL_SHORT, f"{case}: {name}")
