@@ -1,7 +1,8 @@
-"""The lean ONNX Runtime decode path (issue 10): the lean T = 1 graph of ``export/ort_rewrite.py`` (with
-and without contrib ops) and the host path of ``Session.step`` (no re-validation of the session's own
-states), checked against the float64 reference at odd shapes, rows at different positions, batched
-decode and a long stream. No timing here: bench/bench_ort.py measures."""
+"""The lean ONNX Runtime paths (issue 10): the lean T = 1 graph of ``export/ort_rewrite.py`` and the lean
+graph for every T of ``export/ort_prefill.py`` (each with and without contrib ops), and the host path of
+``Session.step`` (no re-validation of the session's own states), checked against the float64 reference
+at odd shapes, rows at different positions, T not a multiple of C, batched decode and long streams.
+No timing here: bench/bench_ort.py measures."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 from conftest import TOL_LONG, TOL_SHORT, assert_rel_close, tiny_config, tiny_model
 
+from trellis_export.export.ort_prefill import lean_prefill_model
 from trellis_export.export.ort_rewrite import RewriteError, lean_decode_model
 from trellis_export.runtime import Session, StateError, open_session
 
@@ -211,10 +213,14 @@ def test_lean_refuses_float16_and_session_says_why(models: _Models, tmp_path: Pa
     d = s.describe()
     assert d["ort_graph"] == "lean" and d["decode_graph"] == "exported"
     assert "float32 only" in d["decode_graph_reason"]
+    assert d["prefill_graph"] == "exported" and "float32 only" in d["prefill_graph_reason"]
     logits, _ = s.step(np.zeros((2, 1), np.int64), None)       # decode still runs (exported graph)
     assert logits.shape == (2, 1, VOCAB)
+    assert s.step(np.zeros((2, 5), np.int64), None)[0].shape == (2, 5, VOCAB)    # prefill too
     with pytest.raises(RewriteError, match="float32 only"):
         lean_decode_model(onnx.load(str(path)), s.config, activation_dtype="float16")
+    with pytest.raises(RewriteError, match="float32 only"):
+        lean_prefill_model(onnx.load(str(path)), s.config, activation_dtype="float16")
 
 
 @pytest.mark.parametrize("backend", ["ort", "torch"])
@@ -281,3 +287,109 @@ def test_lean_builder_variants(models: _Models, name: str, variant: dict) -> Non
         for k, v in zip(exported._state_names, got[1:]):
             assert_rel_close(v, want[k], 2e-6, f"{name} {variant} {k}")
         state = want
+
+
+# ---------------------------------------------------------------------------------------- lean prefill
+@pytest.mark.parametrize("ort_graph", ["lean", "lean-std"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_lean_prefill_rows_at_different_positions(models: _Models, name: str, ort_graph: str) -> None:
+    """B = 6 rows that consumed 0, 1, 2, 5, 8, 13 tokens (every phase of C = 3 and 4, a fresh row),
+    then calls of T = 2 (shorter than a chunk), 10 and 7 on the lean prefill graph, against the float64
+    reference of each row: every logit and, after each call, every state tensor."""
+    _, m64 = models.models(name)
+    s = open_session("ort", model_path=models.onnx(name), ort_graph=ort_graph)
+    d = s.describe()
+    assert d["prefill_graph"] == ort_graph and d["prefill_graph_reason"] is None
+    exported = open_session("ort", model_path=models.onnx(name), ort_graph="exported")
+    prefix, calls = (0, 1, 2, 5, 8, 13), (2, 10, 7)
+    ids = _ids(len(prefix), max(prefix) + sum(calls), seed=4)
+    states = []
+    for b, n in enumerate(prefix):
+        st = exported.init_state(1)
+        if n:
+            _, st = exported.step(ids[b:b + 1, :n], st)
+        states.append(st)
+    state = s.concat_states(states)
+    done = 0
+    for T in calls:
+        chunk = np.stack([ids[b, n + done:n + done + T] for b, n in enumerate(prefix)])
+        logits, state = s.step(chunk, state)
+        for b, n in enumerate(prefix):
+            ref_logits, ref_state = _ref_stream(m64, ids[b:b + 1, :n + done + T])
+            assert_rel_close(logits[b], ref_logits[0, n + done:], TOL_SHORT, f"{name} T={T} row {b} logits")
+            assert state["position"][b] == n + done + T
+            for t in s.state_spec:
+                if t.name != "position":
+                    assert_rel_close(state[t.name][b], ref_state[t.name][0], TOL_SHORT,
+                                     f"{name} T={T} row {b} {t.name}")
+        done += T
+
+
+@pytest.mark.parametrize("contrib", [True, False])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_lean_prefill_matches_exported_graph(models: _Models, name: str, contrib: bool) -> None:
+    """The lean prefill graph against the exported graph (both float32) for T = 1, 3, 16 and 33 from a
+    mid-stream state with a fresh row, B = 4: every output tensor within the spec's 1e-5 (two float32
+    orders of summation: this random model's deeper key memory differs by up to ~5e-6 at T = 33)."""
+    import onnxruntime as ort
+
+    path = models.onnx(name)
+    exported = open_session("ort", model_path=path, ort_graph="exported")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    lean = ort.InferenceSession(lean_prefill_model(onnx.load(str(path)), exported.config,
+                                                   contrib=contrib).SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+    _, state = exported.step(_ids(4, 11, seed=7), None)
+    state["position"] = np.array([11, 12, 13, 0], dtype=np.int64)
+    for T in (1, 3, 16, 33):
+        ids = _ids(4, T, seed=60 + T)
+        want_logits, want = exported.step(ids, state)
+        feeds = {"input_ids": ids, **{"past." + k: v for k, v in state.items()}}
+        got = lean.run(exported._output_names, feeds)
+        assert_rel_close(got[0], want_logits, TOL_SHORT, f"{name} T={T} logits")
+        for k, v in zip(exported._state_names, got[1:]):
+            assert v.dtype == want[k].dtype and v.shape == want[k].shape
+            assert_rel_close(v, want[k], TOL_SHORT, f"{name} T={T} {k}")
+        state = want
+
+
+def test_lean_prefill_graph_structure(models: _Models) -> None:
+    """One Scan per layer (the state pass) and no other control flow; the file's inputs and outputs in
+    the file's order; contrib ops only when asked; the file untouched."""
+    path = models.onnx("ln-ln-id-C3")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    s = open_session("ort", model_path=path)
+    assert s.describe()["prefill_graph"] == "lean"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    proto = onnx.load(str(path))
+    for contrib in (True, False):
+        lean = lean_prefill_model(proto, s.config, contrib=contrib)
+        ops = [n.op_type for n in lean.graph.node]
+        assert ops.count("Scan") == s.config.n_layers and not {"If", "Loop"} & set(ops)
+        body_ops = {bn.op_type for n in lean.graph.node if n.op_type == "Scan"
+                    for bn in n.attribute[0].g.node}
+        assert not {"If", "Loop", "Scan", "Gather"} & body_ops          # the Scan slices its inputs itself
+        assert any(n.domain == "com.microsoft" for n in lean.graph.node) == contrib
+        assert [i.name for i in lean.graph.input] == [i.name for i in proto.graph.input]
+        assert [o.name for o in lean.graph.output] == [o.name for o in proto.graph.output]
+
+
+def test_lean_prefill_long_stream_large_pieces(models: _Models) -> None:
+    """A 700-token stream of the odd C = 4 model in prefill pieces of 97, 256, 1 and 346 tokens (T not a
+    multiple of C, phases changing between calls), B = 2, against one float64 call; tolerance as in
+    test_lean_long_stream_odd_model."""
+    from conftest import rel_rms
+
+    name = "l2-id-l2-C4"
+    m32, m64 = models.models(name)
+    s = open_session("ort", model_path=models.onnx(name))
+    ids = _ids(2, 700, seed=12)
+    ref_logits, ref_state = _ref_stream(m64, ids)
+    with torch.no_grad():
+        _, f32_state = m32(torch.from_numpy(ids), mode="step")
+    logits, state = _stream(s, ids, (97, 256, 1, 346))
+    assert_rel_close(logits, ref_logits, TOL_LONG, "long prefill logits")
+    for t in s.state_spec:
+        tol = max(TOL_LONG, 2 * rel_rms(f32_state[t.name].numpy(), ref_state[t.name]))
+        assert_rel_close(state[t.name], ref_state[t.name], tol, f"long prefill {t.name}")

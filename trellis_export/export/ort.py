@@ -37,7 +37,8 @@ def _has_external_data(model: Any) -> bool:
 
 @dataclass
 class OrtSources:
-    """What an ORT session loads (:func:`ort_model_sources`): ``model`` (every T), ``decode`` (the
+    """What an ORT session loads (:func:`ort_model_sources`): ``model`` (every T; T > 1 when there is a
+    lean decode graph), ``decode`` (the
     lean T = 1 graph, or None), ``decode_graph`` (``"lean"``, ``"lean-std"`` or ``"exported"``: what
     decode calls run on) and ``reason`` (why ``decode`` is None when a lean graph was asked for)."""
 
@@ -48,6 +49,11 @@ class OrtSources:
     #: With a lean graph that leaves the reset of fresh rows to the host: per state tensor the value a
     #: row at position 0 must hold before the call (see ``ort_rewrite.host_reset_values``).
     reset: dict[str, Any] | None = None
+    #: What ``model`` is: ``"lean"`` / ``"lean-std"`` (the lean graph for every T of
+    #: :func:`trellis_export.export.ort_prefill.lean_prefill_model`) or ``"exported"`` (the file's
+    #: graph, its TrellisMemory body in the asked flavour); ``prefill_reason``: why not lean when asked.
+    prefill_graph: str = "exported"
+    prefill_reason: str | None = None
 
 
 def ort_model_source(path: str | os.PathLike[str] | bytes, options: ort.SessionOptions,
@@ -63,11 +69,14 @@ def ort_model_source(path: str | os.PathLike[str] | bytes, options: ort.SessionO
 
 def ort_model_sources(path: str | os.PathLike[str] | bytes, options: ort.SessionOptions,
                       function_body: str = "ort", ort_graph: str = "lean") -> OrtSources:
-    """:func:`ort_model_source` plus, for ``ort_graph="lean"`` / ``"lean-std"``, the lean decode graph
-    of :func:`trellis_export.export.ort_rewrite.lean_decode_model` (with / without ORT contrib ops),
-    built in memory from the same file. A model the rewrite cannot read (float16 activations, external
-    data, another exporter's graph) gets ``decode=None`` and the reason; ``ort_graph="exported"``
-    builds none. This is the one place ORT sessions of this project load models through."""
+    """:func:`ort_model_source` plus, for ``ort_graph="lean"`` / ``"lean-std"`` (with / without ORT
+    contrib ops), the lean decode graph of :func:`trellis_export.export.ort_rewrite.lean_decode_model`
+    and, as ``model``, the lean graph for every T of
+    :func:`trellis_export.export.ort_prefill.lean_prefill_model`, both built in memory from the same
+    file. A model the rewrites cannot read (float16 activations, external data, another exporter's
+    graph) gets ``decode=None`` / the exported graph as ``model`` and the reasons;
+    ``ort_graph="exported"`` builds neither. This is the one place ORT sessions of this project load
+    models through."""
     from .ort_rewrite import ORT_GRAPHS
 
     if ort_graph not in ORT_GRAPHS:
@@ -91,40 +100,67 @@ def ort_model_sources(path: str | os.PathLike[str] | bytes, options: ort.Session
         if _has_external_data(model):
             external = True
             options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(Path(path).resolve().parent))
-    decode, reason, reset = None, None, None
+    lean = _LeanGraphs()
     if ort_graph != "exported":
-        decode, reason, reset = _lean_decode(model, ort_graph, external)
-    if function_body == "as-is":
-        src: str | bytes = path if isinstance(path, bytes) else str(path)
+        lean = _lean_graphs(model, ort_graph, external)
+    if lean.prefill is not None:
+        src: str | bytes = lean.prefill
+    elif function_body == "as-is":
+        src = path if isinstance(path, bytes) else str(path)
     else:
         src = with_flavour(model, function_body).SerializeToString()
-    return OrtSources(src, decode, ort_graph if decode is not None else "exported", reason, reset)
+    return OrtSources(src, lean.decode, ort_graph if lean.decode is not None else "exported", lean.reason,
+                      lean.reset, ort_graph if lean.prefill is not None else "exported", lean.prefill_reason)
 
 
-def _lean_decode(model: Any, ort_graph: str, external: bool
-                 ) -> tuple[bytes | None, str | None, dict[str, Any] | None]:
+@dataclass
+class _LeanGraphs:
+    decode: bytes | None = None
+    prefill: bytes | None = None
+    reason: str | None = None
+    prefill_reason: str | None = None
+    reset: dict[str, Any] | None = None
+
+
+def _lean_graphs(model: Any, ort_graph: str, external: bool) -> _LeanGraphs:
+    """The lean decode and prefill graphs of ``model`` (from one read of its weights), or why not."""
     from ..config import ConfigError, TrellisConfig
     from .meta import META_ACTIVATION_DTYPE, META_CONFIG
+    from .ort_prefill import lean_prefill_model
     from .ort_rewrite import RewriteError, host_reset_values, lean_decode_model, read_weights
 
+    def refused(why: str) -> _LeanGraphs:
+        return _LeanGraphs(reason=why, prefill_reason=why)
+
     if external:
-        return None, "the model keeps its weights in external data (the lean graph would copy them)", None
+        return refused("the model keeps its weights in external data (the lean graph would copy them)")
     meta = {p.key: p.value for p in model.metadata_props}
     if META_CONFIG not in meta:
-        return None, f"no Trellis config in the model's metadata ({META_CONFIG})", None
+        return refused(f"no Trellis config in the model's metadata ({META_CONFIG})")
     contrib = ort_graph == "lean"
     try:
         config = TrellisConfig.from_json(meta[META_CONFIG])
         act = meta.get(META_ACTIVATION_DTYPE, "float32")
         weights = read_weights(model, config) if act == "float32" else None
-        lean = lean_decode_model(model, config, contrib=contrib, host_reset=contrib, host_snapshot=contrib,
-                                 activation_dtype=act, weights=weights)
-        return (lean.SerializeToString(), None,
-                host_reset_values(model, config, weights) if contrib else None)
+        dec = lean_decode_model(model, config, contrib=contrib, host_reset=contrib, host_snapshot=contrib,
+                                activation_dtype=act, weights=weights)
+        out = _LeanGraphs(decode=dec.SerializeToString(),
+                          reset=host_reset_values(model, config, weights) if contrib else None)
     except (RewriteError, ConfigError) as exc:
-        return None, str(exc), None
+        return refused(str(exc))
     except ValueError as exc:     # protobuf's 2 GiB limit
-        return None, f"cannot serialise the lean graph ({exc})", None
+        return refused(f"cannot serialise the lean graph ({exc})")
+    try:
+        pre = lean_prefill_model(model, config, contrib=contrib, activation_dtype=act, weights=weights)
+        names = [[v.name for v in g] for g in (model.graph.input, model.graph.output)]
+        if names != [[v.name for v in g] for g in (pre.graph.input, pre.graph.output)]:
+            raise RewriteError("the file's graph inputs / outputs are not the state spec's, in its order")
+        out.prefill = pre.SerializeToString()
+    except RewriteError as exc:
+        out.prefill_reason = str(exc)
+    except ValueError as exc:
+        out.prefill_reason = f"cannot serialise the lean prefill graph ({exc})"
+    return out
 
 
 def ort_session(path: str | os.PathLike[str] | bytes, providers: Sequence[str] | None = None,

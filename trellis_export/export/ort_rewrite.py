@@ -275,7 +275,8 @@ class _B:
 
     def init(self, value: np.ndarray, hint: str) -> str:
         name = self.name(hint)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        # np.array, not np.ascontiguousarray: the latter turns a 0-d scalar into shape [1]
+        self.inits.append(numpy_helper.from_array(np.array(value, order="C"), name))
         return name
 
     def const(self, values: Any, dtype: Any = np.int64) -> str:

@@ -64,12 +64,13 @@ class OrtSession(Session):
     runs (``"ort"``, default: the portable body of the file swapped in memory for one with a
     loop-free T = 1 decode step; ``"portable"`` / ``"as-is"``: the file's own body, as e.g. Triton's
     onnxruntime backend would run it); see :func:`trellis_export.export.ort.ort_model_source`.
-    ``ort_graph``: what decode calls (T = 1) run on: ``"lean"`` (default: a straight-line T = 1 graph
-    built in memory from the file's weights with ORT contrib ops, see
-    :mod:`trellis_export.export.ort_rewrite`; a second InferenceSession, so the weights are held
-    twice), ``"lean-std"`` (the same without contrib ops) or ``"exported"`` (the file's graph for
-    every T). Calls with T > 1 always run the exported graph. ``describe()`` records what runs
-    (``decode_graph``) and, when a lean graph could not be built, why (``decode_graph_reason``).
+    ``ort_graph``: ``"lean"`` (default): decode calls (T = 1) run a straight-line T = 1 graph and
+    calls with T > 1 a lean graph whose Loop does only the sequential state pass, both built in memory
+    from the file's weights with ORT contrib ops (:mod:`trellis_export.export.ort_rewrite`,
+    :mod:`trellis_export.export.ort_prefill`; two InferenceSessions, so the weights are held twice);
+    ``"lean-std"``: the same without contrib ops; ``"exported"``: the file's graph for every T.
+    ``describe()`` records what runs (``decode_graph``, ``prefill_graph``) and, when a lean graph
+    could not be built, why (``decode_graph_reason``, ``prefill_graph_reason``).
     """
 
     backend = "ort"
@@ -112,13 +113,23 @@ class OrtSession(Session):
         self.function_body = function_body
         self.ort_graph = ort_graph
         use = [p for p in requested if p not in unknown] or ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(sources.model, sess_options=so, providers=use)
-        except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf / InvalidGraph ...
-            msg = first_line(exc)
-            raise SessionError(f"{path}: onnxruntime cannot load this model ({msg})") from None
+        if sources.prefill_graph != "exported":
+            try:
+                self.session = ort.InferenceSession(sources.model, sess_options=so, providers=use)
+            except Exception as exc:  # a provider without the contrib ops, say: run the export for T > 1
+                sources.prefill_graph = "exported"
+                sources.prefill_reason = f"onnxruntime refused it ({first_line(exc)})"
+                sources.model = ort_model_sources(path, so, function_body, "exported").model
+        if sources.prefill_graph == "exported":
+            try:
+                self.session = ort.InferenceSession(sources.model, sess_options=so, providers=use)
+            except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf / InvalidGraph ...
+                msg = first_line(exc)
+                raise SessionError(f"{path}: onnxruntime cannot load this model ({msg})") from None
         self.decode_graph = sources.decode_graph
         self.decode_graph_reason = sources.reason
+        self.prefill_graph = sources.prefill_graph
+        self.prefill_graph_reason = sources.prefill_reason
         self.decode_session: Any = None
         self._decode_reset = sources.reset
         self._decode_outputs: list[str] = []
@@ -216,6 +227,7 @@ class OrtSession(Session):
         out = super().describe()
         out.update(model=self.model_path, function_body=self.function_body, ort_graph=self.ort_graph,
                    decode_graph=self.decode_graph, decode_graph_reason=self.decode_graph_reason,
+                   prefill_graph=self.prefill_graph, prefill_graph_reason=self.prefill_graph_reason,
                    decode_host_reset=self.decode_session is not None and self._decode_reset is not None,
                    providers_requested=self.providers_requested,
                    providers_missing=self.providers_missing)
