@@ -323,6 +323,7 @@ def _build(source: EngineSource, settings: EngineSettings, rt: TensorRT) -> tupl
 
         creator = plugin_v3.register(trt, targets=[_cc_int(t) for t in targets])
         creator.compiled.clear()
+        creator.build_state.clear()
         cfg = source.config
         from trellis_export.config import TrellisConfig
         from trellis_export.opdef import ATTRIBUTES, op_attributes
@@ -377,6 +378,12 @@ def _build(source: EngineSource, settings: EngineSettings, rt: TensorRT) -> tupl
         config.num_compute_capabilities = len(ccs)
         for i, cc in enumerate(ccs):
             config.set_compute_capability(cc, i)
+    if creator is not None:
+        # in-place state (the memory outputs aliased to their inputs): needs TensorRT's preview feature
+        feature = getattr(getattr(trt, "PreviewFeature", None), plugin_v3.ALIAS_PREVIEW_FEATURE, None)
+        if feature is not None and hasattr(trt, "IPluginV3OneBuildV2"):
+            config.set_preview_feature(feature, True)
+            creator.build_state["alias_io"] = True
     if settings.builder_optimization_level is not None:
         config.builder_optimization_level = int(settings.builder_optimization_level)
     profiles: list[dict[str, Any]] = []
@@ -403,15 +410,21 @@ def _build(source: EngineSource, settings: EngineSettings, rt: TensorRT) -> tupl
             raise EngineError(f"{source.description}: plugin layer(s) of shape {missing} had no compiled "
                               "kernels (the config's heads / slots / head_dim differ from the graph's)")
         # what get_workspace_size answered TensorRT, per (max B, max T) it was asked about
-        asked = creator.compiled.pop("workspace", None) or []
+        asked = creator.build_state.get("workspace") or []
         workspace = [dict(t) for t in sorted({tuple(sorted(w.items())) for w in asked})]
+        from trellis_export.opdef import INPUTS, OUTPUTS
+
+        aliased = {OUTPUTS[o]: INPUTS[i] for o, i in sorted(set(creator.build_state.get("aliased") or []))
+                   if i >= 0}
         for key, recs in creator.compiled.items():
             kernels.append({"shape": dict(key), "records": len(recs),
                             "targets": sorted({r["target"] for r in recs}),
                             "variants": sorted({f"{r['kernel']}:{r['variant']}" for r in recs}),
                             "decode_kernel": plugin_v3.KERNEL_FOR_T[True],
                             "prefill_kernels": plugin_v3.prefill_kernels(recs),
-                            "workspace_requests": workspace})
+                            "workspace_requests": workspace,
+                            "aliased_outputs": aliased,
+                            "decode_record": "decode_in_place" if len(aliased) == 4 else "decode"})
     report = EngineReport(
         runtime=rt.name, runtime_module=rt.module_name, runtime_version=rt.version, source=source.description,
         plugin=settings.plugin, activation_dtype=source.activation_dtype, fingerprint=source.fingerprint,

@@ -24,6 +24,15 @@ CHAR, ``eps`` FLOAT32, as TensorRT's ONNX parser hands a node's attributes over)
   one-launch ``chunk`` kernel is the fallback for engines whose records lack a split kernel (engines
   built before the split, bundles) or a call without a workspace. Within a kernel the most
   specialised record whose preconditions hold (16-byte alignment, T == 1, outputs aliasing inputs).
+* In-place state: the plugin implements ``IPluginV3OneBuildV2`` when the module has it (TensorRT-RTX
+  1.7.1 does; enterprise TensorRT >= 10.3) and, when the engine builder turned on the preview feature
+  ``ALIASED_PLUGIN_IO_10_03`` (``engine.build_engine`` does; a builder that does not gets no aliasing),
+  ``get_aliased_input`` aliases the four memory outputs to their inputs (:func:`aliased_outputs`;
+  none at C = 1). TensorRT then hands ``enqueue`` the same address for each pair and T = 1 takes the
+  ``decode_in_place`` record. Aliasing holds in every profile: at T > 1 the split prefill (and the
+  one-launch fallback) run on aliased buffers too, which is safe because each program reads its
+  (row, head) tiles of the memories before it writes them and no other program reads them (the
+  read-out reads only the workspaces); tested under the interpreter.
   **Never run**: no GPU was available to this project's CI; the build path is tested on the CPU with
   TensorRT-RTX, and ``enqueue`` with a host stand-in of the driver that runs the chosen records'
   kernels under triton's interpreter (tests/test_plugins_trt.py).
@@ -63,6 +72,12 @@ KERNEL_FOR_T = {True: "fused_recurrent", False: "chunk"}
 SPLIT_PREFILL: tuple[str, ...] = ("chunk_state", "chunk_readout")
 #: Every kernel an engine built by this module carries.
 PLUGIN_KERNELS: tuple[str, ...] = (*KERNEL_FOR_T.values(), *SPLIT_PREFILL)
+#: Output index -> input index of the four memories (``IPluginV3OneBuildV2.get_aliased_input``):
+#: declared only when the builder enabled TensorRT's aliased-plugin-I/O preview feature; see
+#: :func:`aliased_outputs`.
+ALIASED_OUTPUTS: dict[int, int] = {OUTPUTS.index(n): INPUTS.index(n) for n in OUTPUTS if n in INPUTS}
+#: TensorRT's preview feature that aliased plugin I/O needs (TensorRT >= 10.3, TensorRT-RTX 1.7).
+ALIAS_PREVIEW_FEATURE = "ALIASED_PLUGIN_IO_10_03"
 #: Alignment of each workspace carved out of TensorRT's plugin workspace (bytes).
 WORKSPACE_ALIGN = 256
 #: Launch-argument names of the op's inputs and outputs (kernels.trellis_memory.utils INPUT_ARGS /
@@ -194,6 +209,16 @@ def prefill_kernels(records: Sequence[dict[str, Any]]) -> list[str]:
     return [KERNEL_FOR_T[False]] if KERNEL_FOR_T[False] in have else []
 
 
+def aliased_outputs(chunk_size: int) -> dict[int, int]:
+    """The outputs a layer declares aliased to inputs: the four memories when ``chunk_size`` > 1, none
+    at ``chunk_size`` 1. A C = 1 graph stores no snapshots and feeds the memory tensors in as the
+    snapshot inputs too (spec section 6): a memory written in place would be an input the same layer
+    still reads, and TensorRT-RTX 1.7.1 fails such a build ("Cannot reformat", whether the snapshots
+    are aliased too or not; tried). Nothing is lost: at C = 1 a chunk starts at every token, so the
+    in-place record would move the same bytes as the general ``decode`` record."""
+    return dict(ALIASED_OUTPUTS) if int(chunk_size) > 1 else {}
+
+
 def _align(n: int, to: int = WORKSPACE_ALIGN) -> int:
     return -(-int(n) // to) * to
 
@@ -271,17 +296,18 @@ def make_classes(trt: Any) -> tuple[type, type]:
     ``tensorrt_rtx_bindings``): their base classes come from that module."""
 
     dtypes = {trt.DataType.FLOAT: "float32", trt.DataType.HALF: "float16", trt.DataType.INT64: "int64"}
+    # the build capability with I/O aliasing when the module has it (TensorRT >= 10.3, TensorRT-RTX)
+    build_cap: Any = getattr(trt, "IPluginV3OneBuildV2", trt.IPluginV3OneBuild)
 
-    class TrellisMemoryPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild,
-                              trt.IPluginV3OneRuntime):
+    class TrellisMemoryPlugin(trt.IPluginV3, trt.IPluginV3OneCore, build_cap, trt.IPluginV3OneRuntime):
         """One TrellisMemory layer (see the module docstring)."""
 
         def __init__(self, fields: dict[str, Any], targets: Sequence[int] = (),
-                     phase: Any = None, compiled: dict[tuple[Any, ...], list[dict[str, Any]]] | None = None
-                     ) -> None:
+                     phase: Any = None, compiled: dict[tuple[Any, ...], list[dict[str, Any]]] | None = None,
+                     build_state: dict[str, Any] | None = None) -> None:
             trt.IPluginV3.__init__(self)
             trt.IPluginV3OneCore.__init__(self)
-            trt.IPluginV3OneBuild.__init__(self)
+            build_cap.__init__(self)
             trt.IPluginV3OneRuntime.__init__(self)
             self.plugin_name = OP_TYPE
             self.plugin_namespace = PLUGIN_NAMESPACE
@@ -294,6 +320,9 @@ def make_classes(trt: Any) -> tuple[type, type]:
             kernels = fields.get(KERNELS_FIELD) or ""
             self.records: list[dict[str, Any]] = json.loads(kernels) if kernels else []
             self.compiled = compiled if compiled is not None else {}    # the creator's build log
+            #: the creator's build settings and callback log: ``alias_io`` (declare the memory outputs
+            #: aliased to their inputs), ``workspace`` / ``aliased`` (what TensorRT was answered)
+            self.build_state = build_state if build_state is not None else {}
             #: the CudaDriver (made at the first enqueue), or anything with its interface
             self.driver: Any = None
             self._loaded: dict[tuple[str, str, int], Any] = {}
@@ -304,7 +333,7 @@ def make_classes(trt: Any) -> tuple[type, type]:
 
         def clone(self) -> TrellisMemoryPlugin:
             twin = TrellisMemoryPlugin({**self.attrs, KERNELS_FIELD: json.dumps(self.records)},
-                                       self.targets, self.phase, self.compiled)
+                                       self.targets, self.phase, self.compiled, self.build_state)
             twin.driver = self.driver
             return twin
 
@@ -343,7 +372,7 @@ def make_classes(trt: Any) -> tuple[type, type]:
             # the split prefill's two workspaces at the profile's max shapes (0 for a decode-only
             # profile); TensorRT aborts on an exception here, so a failure asks for none (enqueue then
             # falls back to the one-launch kernel) and is noted for the build report
-            log = self.compiled.setdefault("workspace", [])   # type: ignore[arg-type]
+            log = self.build_state.setdefault("workspace", [])
             try:
                 B, T = int(inp[0].max[0]), int(inp[0].max[1])
                 size = workspace_size(self.records, B, T)
@@ -352,6 +381,16 @@ def make_classes(trt: Any) -> tuple[type, type]:
                 log.append({"error": f"{type(exc).__name__}: {exc}"})
                 size = 0
             return size
+
+        def get_aliased_input(self, output_index: int) -> int:
+            # in-place state: each memory output shares its input's buffer, so that decode launches the
+            # in-place record. Safe for every kernel at every T: a program reads the tiles of its (row,
+            # head) before it writes them, and no other program reads them (the split prefill's read-out
+            # reads only the workspaces); TensorRT copies an input another layer still needs
+            pairs = aliased_outputs(self.attrs["chunk_size"]) if self.build_state.get("alias_io") else {}
+            out = pairs.get(int(output_index), -1)
+            self.build_state.setdefault("aliased", []).append((int(output_index), out))
+            return out
 
         def get_valid_tactics(self) -> list[int]:
             return []
@@ -401,12 +440,14 @@ def make_classes(trt: Any) -> tuple[type, type]:
             self.targets = tuple(targets)
             #: kernels for the build, per :func:`shape_key` (filled by the builder before parsing)
             self.compiled: dict[Any, list[dict[str, Any]]] = {}
+            #: build settings and callback log shared with the plugins (``TrellisMemoryPlugin.build_state``)
+            self.build_state: dict[str, Any] = {}
             self._fields = plugin_fields(trt, None)          # kept alive: TensorRT holds their buffers
             self.field_names = trt.PluginFieldCollection(self._fields)
 
         def create_plugin(self, name: str, fc: Any, phase: Any) -> TrellisMemoryPlugin:
             fields = decode_fields({f.name: f.data for f in fc})
-            return TrellisMemoryPlugin(fields, self.targets, phase, self.compiled)
+            return TrellisMemoryPlugin(fields, self.targets, phase, self.compiled, self.build_state)
 
     return TrellisMemoryPlugin, TrellisMemoryCreator
 

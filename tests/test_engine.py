@@ -209,6 +209,12 @@ def test_engine_report_matches_the_network(built: dict[str, Built], key: str) ->
         for kernel in PLUGIN_KERNELS:
             assert f'"kernel": "{kernel}"'.encode() in data, kernel
         assert "prefill chunk_state + chunk_readout" in b.out
+        # TensorRT asked the plugin which outputs alias inputs and was told the four memories (the
+        # aliased-plugin-I/O preview feature is on): decode then launches the in-place record
+        # (at C = 1 the snapshot inputs are the memory tensors: nothing is aliased)
+        mem = [n for n in OUTPUTS if n in INPUTS and cfg.chunk_size > 1]
+        assert k["aliased_outputs"] == {n: n for n in mem}
+        assert k["decode_record"] == ("decode_in_place" if cfg.chunk_size > 1 else "decode")
     else:
         assert "PLUGIN_V3" not in _layers(rep)
         assert all(n["became"].startswith("function body") for n in rep["memory_nodes"])

@@ -245,6 +245,24 @@ def _dynamic_desc(trt: Any, dims: list[int], max_dims: list[int]) -> Any:
     return desc
 
 
+@pytest.mark.tensorrt_rtx
+def test_aliasing_is_declared_only_when_the_builder_enables_it(records: list[dict[str, Any]]) -> None:
+    """``get_aliased_input``: the memory outputs name their inputs once the engine builder turned on
+    TensorRT's aliased-plugin-I/O preview feature (``build_state["alias_io"]``), none before."""
+    from trellis_export.plugins_trt import plugin_v3
+
+    trt = _rtx()
+    assert plugin_v3.ALIAS_PREVIEW_FEATURE in trt.PreviewFeature.__members__
+    plugin = _runtime_plugin(trt, records)
+    assert isinstance(plugin, trt.IPluginV3OneBuildV2)
+    n_out = len(OUTPUTS)
+    assert [plugin.get_aliased_input(i) for i in range(n_out)] == [-1] * n_out
+    plugin.build_state["alias_io"] = True
+    got = [plugin.get_aliased_input(i) for i in range(n_out)]
+    assert got[0] == -1 and [INPUTS[i] for i in got[1:]] == list(OUTPUTS[1:])
+    assert plugin_v3.aliased_outputs(1) == {}
+
+
 #: case -> (T, outputs alias the memory inputs, workspace offset from a 256-byte boundary, records kept,
 #: the (kernel, variant) launches the plugin must make)
 CASES: dict[str, tuple[int, bool, int, str, list[tuple[str, str]]]] = {
