@@ -4,6 +4,13 @@ the reference ``trellis_memory`` (so ``model.memory_fn = trellis_memory_triton``
 ``trellis_export::memory_triton`` has a fake (meta) implementation, so ``torch.export`` and
 ``torch.compile`` trace through it without running a kernel. Forward only: no autograd formula is
 registered (training uses the reference op's autograd).
+
+``mode="chunked"`` runs the split prefill (``chunk_split_trellis_fwd``: a sequential state pass, then a
+parallel read-out; float32 workspaces of ``2 * m / C`` times q's size per memory pass, allocated per
+call), not the one-launch ``chunk_trellis_fwd``: by the ``ptxas -v`` figures of docs/kernels.md it has
+no spills where the one-launch kernel spills (d = 128), fewer registers, more CTAs per SM and
+``NC * B * H`` read-out programs instead of ``B * H``. No GPU timing backs the choice yet
+(bench/gpu_suite.py measures both).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from torch import Tensor
 
 from trellis_export.model.memory import MODES, MemoryState
 
-from .chunk import chunk_trellis_fwd
+from .chunk_split import chunk_split_trellis_fwd
 from .fused_recurrent import fused_recurrent_trellis_fwd
 
 OP_NAME = "trellis_export::memory_triton"
@@ -24,10 +31,10 @@ def memory_triton(q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor, gamm
                   key_memory: Tensor, value_memory: Tensor, key_snapshot: Tensor, value_snapshot: Tensor,
                   position: Tensor, chunk_size: int, phi: str, f: str, rho: str, eps: float,
                   mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """mode "step": the streaming kernel; mode "chunked": the chunked kernel. Same results."""
+    """mode "step": the streaming kernel; mode "chunked": the split prefill. Same results."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-    fn = fused_recurrent_trellis_fwd if mode == "step" else chunk_trellis_fwd
+    fn = fused_recurrent_trellis_fwd if mode == "step" else chunk_split_trellis_fwd
     o, km, vm, ks, vs = fn(q, k, v, a, beta, gamma, key_memory, value_memory, key_snapshot, value_snapshot,
                            position, chunk_size=chunk_size, phi=phi, f=f, rho=rho, eps=eps)
     return o, km, vm, ks, vs
