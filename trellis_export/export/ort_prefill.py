@@ -111,26 +111,26 @@ class _Index:
         # the Loop's [nC * B, ...] scan output
         last = b.op("Div", [b.op("Add", [self.p, b.op("Sub", [self.T, b.const([1])])]), b.const([C])])
         self.snap = b.op("Add", [b.op("Mul", [last, self.B0]), rows], "snap_idx")
+        self.snap_first = b.op("Reshape", [b.op("Equal", [last, b.const(0)]), b.const([-1, 1, 1, 1])], "in_first")
         self.start4 = b.op("Reshape", [b.op("Equal", [self.p, b.const(0)]), b.const([-1, 1, 1, 1])], "start4")
 
 
 def _memory(b: _B, c: TrellisConfig, L: int, ix: _Index, y3: str, a: str, gates: str,
-            M_in: str, S_in: str | None) -> tuple[str, str, str | None]:
+            M_in: str, S_in: str | None) -> tuple[str, str, list[str] | None]:
     """One layer's TrellisMemory over T tokens (see the module doc). ``y3``: normalised q k v
     ``[B, T, 3H, d]``; ``a`` ``[B, T, H m]``; ``gates`` (beta, gamma logits) ``[B, T, 2H]``; ``M_in``
     the stacked running memories ``[B, 2H, m, d]`` (already reset), ``S_in`` the stacked stored
-    snapshots (C > 1). Returns (o ``[B, T, H d]``, final memories, present snapshots or None).
+    snapshots (C > 1). Returns (o ``[B, T, H d]``, final memories, the present key and value snapshots
+    or None).
 
     Chunk tensors are laid out ``[nC, B, heads, C, ...]``: the Scan slices them on axis 0 without a
     kernel, and the batched MatMuls of the read-out broadcast over the two leading axes."""
     H, m, d, C = c.n_heads, c.n_slots, c.head_dim, c.chunk_size
     f32 = np.float32
     qkv = b.op("Reshape", [y3, b.const([0, 0, 3 * H * d])], "qkv")
-    if C > 1:   # one Gather of every per-token input onto the aligned grid
-        X = 3 * H * d + H * m + 2 * H
-        packed = b.op("Reshape", [b.op("Concat", [qkv, a, gates], axis=2), b.const([-1, X])], "tok")
-        on_grid = b.op("Gather", [packed, ix.fwd], "grid_tok", axis=0)                # [B, Tp, X]
-        qkv, a, gates = b.op("Split", [on_grid, b.const([3 * H * d, H * m, 2 * H])], n_out=3, axis=2)
+    if C > 1:   # the per-token inputs onto the aligned grid: [B, T, X] -> [B, Tp, X], one copy each
+        qkv, a, gates = (b.op("Gather", [b.op("Reshape", [x, b.const([-1, X])]), ix.fwd], "on_grid", axis=0)
+                         for x, X in ((qkv, 3 * H * d), (a, H * m), (gates, 2 * H)))
     bl, gl = b.op("Split", [gates, b.const([H, H])], n_out=2, axis=2)
     log_beta = b.op("Neg", [b.op("Softplus", [b.op("Neg", [bl])])], "log_beta")     # log sigmoid, no -inf
     gamma = b.op("Sigmoid", [gl], "gamma")
@@ -183,25 +183,22 @@ def _memory(b: _B, c: TrellisConfig, L: int, ix: _Index, y3: str, a: str, gates:
     U = _ln_silu_grad_centred(b, Z, A, m, c.eps) if c.phi == "ln_silu" else \
         _inner_grad(b, c.phi, Z, A, -1, m, c.eps)
     upd = _mm(b, U, GWc, "upd", 4, trans_a=True)                                       # [B, 2H, m, d]
-    decayed = b.op("Mul", [bc, M], "decayed")
-    M_next = b.op("Sub", [decayed, upd], "M_next")
-    # the scan output needs a tensor of its own holding M_next (a body output may not be listed twice);
-    # a second Sub measured cheaper than Identity (ORT copies an Identity of a scanned value slowly)
-    M_after = b.op("Sub", [decayed, upd], "M_after")
+    M_next = b.op("Sub", [b.op("Mul", [bc, M]), upd], "M_next")
+    # the chunk-start memories K, V as scan outputs (a Split: one kernel, and the read-out needs them
+    # apart; Identity of a carried value measured slower)
+    K_start, V_start = b.op("Split", [M, b.const([H, H])], n_out=2, axis=1)
     body_nodes, b.nodes = b.nodes, saved
     f32t = TensorProto.FLOAT
     scan_in = [W, A, GWc, bc] + ([Zcc] if Zcc is not None else [])
     body = helper.make_graph(
         body_nodes, f"state_pass_{L}",
         [helper.make_tensor_value_info(n, f32t, None) for n in [M, *scan_in]],
-        [helper.make_tensor_value_info(n, f32t, None) for n in (M_next, M_after, U)])
+        [helper.make_tensor_value_info(n, f32t, None) for n in (M_next, K_start, V_start, U)])
     outer_in = [kv, A2, GW, b_end] + ([Zc] if Zc is not None else [])
-    M_end, M_scan, U_scan = b.op("Scan", [M_in, *outer_in], n_out=3, body=body, num_scan_inputs=len(outer_in))
+    M_end, Mk, Mv, U_scan = b.op("Scan", [M_in, *outer_in], n_out=4, body=body,
+                                 num_scan_inputs=len(outer_in))
 
-    # ---- the read-out, all chunks at once
-    later = b.op("Slice", [M_scan, b.const([0]), b.const([-1]), b.const([0])], "later_starts")   # chunk ends
-    Mc = b.op("Concat", [b.op("Unsqueeze", [M_in, b.const([0])]), later], axis=0)     # [nC, B, 2H, m, d]
-    Mk, Mv = b.op("Split", [Mc, b.const([H, H])], n_out=2, axis=2)
+    # ---- the read-out, all chunks at once (Mk, Mv: the chunk-start memories [nC, B, H, m, d])
     Uk, Uv = b.op("Split", [U_scan, b.const([H, H])], n_out=2, axis=2)
     b_t = b.op("Unsqueeze", [b.op("Exp", [cum]), b.const([4])], "b_t")                # [nC, B, H, C, 1]
     diff = b.op("Sub", [b.op("Unsqueeze", [cum, b.const([4])]), b.op("Unsqueeze", [cum, b.const([3])])])
@@ -219,11 +216,13 @@ def _memory(b: _B, c: TrellisConfig, L: int, ix: _Index, y3: str, a: str, gates:
         o = b.op("Gather", [b.op("Reshape", [o, b.const([-1, H * d])]), ix.back], "o", axis=0)
     else:
         o = b.op("Reshape", [o, b.const([0, -1, H * d])], "o")
-    snaps = None
+    snaps: list[str] | None = None
     if C > 1:   # each row's snapshot: the start of the chunk holding its last token (chunk 0: S0)
-        starts = b.op("Concat", [b.op("Unsqueeze", [S0, b.const([0])]), later], axis=0)
-        snaps = b.op("Gather", [b.op("Reshape", [starts, b.const([-1, 2 * H, m, d])]), ix.snap], "snapshots",
-                     axis=0)
+        S0k, S0v = b.op("Split", [S0, b.const([H, H])], n_out=2, axis=1)
+        snaps = [b.op("Where", [ix.snap_first, first_,
+                                b.op("Gather", [b.op("Reshape", [M_, b.const([-1, H, m, d])]), ix.snap],
+                                     "last_start", axis=0)], "snapshot")
+                 for first_, M_ in ((S0k, Mk), (S0v, Mv))]
     return o, M_end, snaps
 
 
@@ -293,8 +292,8 @@ def lean_prefill_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib
         b.op("Split", [M_end, b.const([H, H])], outputs=[outs[f"{L}.key_memory"], outs[f"{L}.value_memory"]],
              axis=1)
         if snaps is not None:
-            b.op("Split", [snaps, b.const([H, H])],
-                 outputs=[outs[f"{L}.key_snapshot"], outs[f"{L}.value_snapshot"]], axis=1)
+            for kind, snap in zip(("key", "value"), snaps):
+                b.op("Identity", [snap], outputs=[outs[f"{L}.{kind}_snapshot"]])
         # ---- out: x + W_o (RMSNorm(o) * GELU(W_g h)); FFN
         on = b.rms(o2, b.init(lw.out_norm, f"out_norm_{L}"), c.norm_eps)
         mixed = b.op("MatMul", [b.op("Mul", [on, b.gelu(g)]), b.init(lw.w_out, f"w_out_{L}")], "mixer_out")
