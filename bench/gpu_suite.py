@@ -19,6 +19,11 @@
     in-place decode), and prefill at B=1, H=8, T=8192 for the pre-issue-14 chunk kernel, the aligned
     chunk kernel and the split prefill (ieee and tf32x3), against fla's chunk_gated_delta_rule at
     phi = f = rho = identity when ``fla`` imports (aims: split >= 3x the old kernel, <= 2x fla);
+(e) the TensorRT plugin's launch path without TensorRT: ``plugin_v3.launch_memory`` (what the
+    plugin's ``enqueue`` calls) with the records an engine carries (``plugin_v3.compile_records`` for
+    this card), on device buffers, a plugin workspace sized by ``plugin_v3.workspace_size``, outputs
+    separate (NaN-poisoned) or aliased to the memory inputs as an aliased-I/O engine hands them: T = 1
+    (decode / in-place decode) and T > 1 (the split prefill) against the float64 reference;
 
 Writes JSON (card, driver, versions, every check) and prints a short table last. Exit code 1 when
 a correctness check fails or a section crashes; missed speed aims are reported, not failures.
@@ -202,7 +207,7 @@ def _fmt(x: Any) -> str:
 def format_table(results: dict[str, Any]) -> str:
     """A short plain-text summary: one line per section / timing."""
     rows: list[tuple[str, str, str]] = []
-    for sec in ("jit", "aot"):
+    for sec in ("jit", "aot", "plugin"):
         checks = results.get(sec, {}).get("checks", [])
         if results.get(sec, {}).get("skipped"):
             rows.append((sec, "skipped", str(results[sec]["skipped"])))
@@ -706,6 +711,72 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+# =========================================================================== (e) the plugin's launch path
+def plugin_cases(quick: bool = False) -> list[dict[str, Any]]:
+    """Cases of the plugin's launch path: odd shapes and the bench shape, decode and prefill, outputs
+    separate or aliased to the memory inputs, float32 and float16 activations."""
+    cases: list[dict[str, Any]] = []
+
+    def add(B: int, T: int, H: int, m: int, d: int, C: int, aliased: bool, dtype: str = "float32",
+            phi: str = "ln_silu", f: str = "l2_silu", rho: str = "identity") -> None:
+        cases.append(dict(kernel="plugin", B=B, T=T, H=H, m=m, d=d, C=C, phi=phi, f=f, rho=rho, dtype=dtype,
+                          aliased=aliased, tol=TOL_LONG if T > SHORT_STREAM else TOL_SHORT))
+
+    for T in (1, 13):
+        for aliased in (False, True):
+            add(3, T, 3, 7, 5, 3, aliased)                   # odd shapes, T not a multiple of C
+    add(2, 1, 8, 64, 64, 16, True)                           # in-place decode, bench shape
+    add(2, 64, 8, 64, 64, 16, True)
+    add(2, 21, 4, 32, 32, 4, False, dtype="float16")
+    if not quick:
+        add(2, 300, 4, 32, 32, 16, False, phi="identity", f="ln_silu", rho="ln_silu")
+    return cases
+
+
+def run_plugin(cases: list[dict[str, Any]], seed: int, device: str = "cuda", cc: int | None = None,
+               make_driver: Callable[[list[Any]], Any] | None = None) -> dict[str, Any]:
+    """Section (e) on this card (``cc`` default: torch's device capability). ``make_driver(buffers)``
+    gives the driver of one case (default: one ``CudaDriver`` for all; the tests pass a host stand-in,
+    which is told the case's buffers)."""
+    import torch
+    from trellis_export.plugins_trt import plugin_v3
+
+    if cc is None:
+        cc = int("".join(map(str, torch.cuda.get_device_capability())))
+    shared: list[Any] = []
+    checks = []
+    for i, case in enumerate(cases):
+        B, T = case["B"], case["T"]
+        attrs = dict(chunk_size=case["C"], phi=case["phi"], f=case["f"], rho=case["rho"], eps=1e-5)
+        recs = plugin_v3.compile_records(attrs, heads=case["H"], slots=case["m"], head_dim=case["d"],
+                                         dtype=case["dtype"], targets=[cc])
+        acts, state, pos = make_inputs(case, device, seed + 3000 + i)
+        ref = reference(case, acts, state, pos)
+        ins = [x.contiguous() for x in acts] + [s.clone().contiguous() for s in state] + [pos.contiguous()]
+        out = poisoned_outputs(case, acts)
+        if case["aliased"]:                  # what an engine with aliased plugin I/O hands enqueue
+            out = (out[0], *ins[6:10])
+        size = plugin_v3.workspace_size(recs, B, T)
+        align = plugin_v3.WORKSPACE_ALIGN
+        arena = torch.empty(size + align, dtype=torch.uint8, device=device)
+        ws = arena.data_ptr() + (-arena.data_ptr()) % align             # TensorRT's are 256-aligned
+        if make_driver is not None:
+            drv = make_driver([*ins, *out, arena])
+        else:
+            if not shared:
+                shared.append(cuda_launch().CudaDriver())
+            drv = shared[0]
+        stream = torch.cuda.current_stream().cuda_stream if device != "cpu" else 0
+        launched = plugin_v3.launch_memory(drv, {}, recs, B, T, [t.data_ptr() for t in ins],
+                                           [t.data_ptr() for t in out], ws if size else 0, stream)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        res = compare(case, out, ref)
+        res.update(cc=cc, launched=[f"{k}:{v}" for k, v in launched], workspace_bytes=size)
+        checks.append(res)
+    return {"checks": checks, "ok": all(c["ok"] for c in checks)}
+
+
 # =========================================================================== TensorRT engines
 def run_trt(args: argparse.Namespace) -> dict[str, Any]:
     """TensorRT engines of the bundled model on this card (issue "TensorRT engines"): for each of the
@@ -757,7 +828,8 @@ def run_trt(args: argparse.Namespace) -> dict[str, Any]:
             data, report = build_engine(src, settings, rt)
             engine = write_engine(work / f"{name}.engine", data, report, src)
             rec["build"] = {k: report.to_dict()[k] for k in ("layers", "layers_by_type", "build_seconds",
-                                                              "engine_bytes", "targets", "memory_nodes")}
+                                                              "engine_bytes", "targets", "memory_nodes",
+                                                              "plugin_kernels")}
         except (TrellisExportError, RuntimeError, OSError) as exc:
             rec["build_error"] = str(exc)
             continue
@@ -840,6 +912,7 @@ def main(argv: list[str] | None = None) -> int:
         ("jit", lambda: run_jit(correctness_cases(args.quick), args.seed))]
     if not args.no_aot:
         sections.append(("aot", lambda: run_aot(aot_cases(), args.seed, args.aot_json)))
+        sections.append(("plugin", lambda: run_plugin(plugin_cases(args.quick), args.seed)))
         if not args.no_timing:
             sections.append(("aot_timing", lambda: run_aot_timing(args)))
     if not args.no_timing:
@@ -856,7 +929,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results[name]["seconds"] = round(time.time() - t0, 2)
         write_json(args.out, results)                        # partial results survive a later crash
-    ok = not results["errors"] and all(results[s].get("ok", True) for s in ("jit", "aot") if s in results)
+    ok = not results["errors"] and all(results[s].get("ok", True) for s in ("jit", "aot", "plugin")
+                                       if s in results)
     results["ok"] = ok
     write_json(args.out, results)
     print(f"results: {args.out}")

@@ -291,6 +291,24 @@ def plan_launches(records: Sequence[dict[str, Any]], cc: int, B: int, T: int, in
     return plan
 
 
+def launch_memory(driver: Any, loaded: dict[tuple[str, str, int], Any], records: Sequence[dict[str, Any]],
+                  B: int, T: int, inputs: Sequence[int], outputs: Sequence[int], workspace: int,
+                  stream: int) -> list[tuple[str, str]]:
+    """What ``enqueue`` does: :func:`plan_launches` for ``driver.compute_capability()``, then each
+    record loaded once (``driver.load_record``, cached in ``loaded`` by kernel, variant and target) and
+    launched with ``driver.launch_record`` on ``stream``, in order (one stream: stage 1 runs after
+    stage 0). ``driver``: a :class:`~trellis_export.kernels.cuda_launch.CudaDriver` or anything with
+    its interface. Returns the (kernel, variant) launched."""
+    plan = plan_launches(records, driver.compute_capability(), B, T, inputs, outputs, workspace)
+    for rec, pointers, scalars in plan:
+        key = (rec["kernel"], rec["variant"], int(rec["cc"]))
+        kernel = loaded.get(key)
+        if kernel is None:
+            kernel = loaded[key] = driver.load_record(rec)
+        driver.launch_record(kernel, pointers, scalars, B, stream=int(stream))
+    return [(rec["kernel"], rec["variant"]) for rec, _, _ in plan]
+
+
 def make_classes(trt: Any) -> tuple[type, type]:
     """The plugin and creator classes for one TensorRT module (``tensorrt`` or
     ``tensorrt_rtx_bindings``): their base classes come from that module."""
@@ -419,14 +437,8 @@ def make_classes(trt: Any) -> tuple[type, type]:
 
                 self.driver = CudaDriver()
             B, T = int(input_desc[0].dims[0]), int(input_desc[0].dims[1])
-            plan = plan_launches(self.records, self.driver.compute_capability(), B, T, inputs, outputs,
-                                 int(workspace or 0))
-            for rec, pointers, scalars in plan:          # one stream: stage 1 runs after stage 0
-                key = (rec["kernel"], rec["variant"], int(rec["cc"]))
-                kernel = self._loaded.get(key)
-                if kernel is None:
-                    kernel = self._loaded[key] = self.driver.load_record(rec)
-                self.driver.launch_record(kernel, pointers, scalars, B, stream=int(stream))
+            launch_memory(self.driver, self._loaded, self.records, B, T, inputs, outputs,
+                          int(workspace or 0), int(stream))
 
     class TrellisMemoryCreator(trt.IPluginCreatorV3One):
         """Creates :class:`TrellisMemoryPlugin` from the node's attributes (build) or the engine's

@@ -326,3 +326,25 @@ def test_enqueue_computes_the_op(records: list[dict[str, Any]], case: str) -> No
     assert_rel_close(outs[0], ref_o, TOL_SHORT, f"{case}: o")
     for name, got, ref in zip(("key", "value", "key_snapshot", "value_snapshot"), outs[1:], ref_state):
         assert_rel_close(got, ref, TOL_SHORT, f"{case}: {name}")
+
+
+def test_gpu_suite_plugin_section_on_the_host_driver() -> None:
+    """bench/gpu_suite.py's plugin section (``plugin_v3.launch_memory`` on buffers it allocates, as it
+    will on a GPU) run on the CPU with the host stand-in of the driver: its odd-shape cases pass
+    against the float64 reference, and each launched the records the plugin must pick."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_suite.py"
+    spec = importlib.util.spec_from_file_location("gpu_suite_for_plugin_test", path)
+    assert spec is not None and spec.loader is not None
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    cases = [c for c in suite.plugin_cases(quick=True) if c["m"] == 7]
+    assert {(c["T"], c["aliased"]) for c in cases} == {(1, False), (1, True), (13, False), (13, True)}
+    res = suite.run_plugin(cases, seed=0, device="cpu", cc=CC, make_driver=lambda bufs: HostDriver(CC, bufs))
+    assert res["ok"], [(c["T"], c["aliased"], c["rel_rms"]) for c in res["checks"]]
+    for c in res["checks"]:
+        want = ["fused_recurrent:" + ("decode_in_place" if c["aliased"] else "decode")] if c["T"] == 1 \
+            else ["chunk_state:aligned", "chunk_readout:aligned"]
+        assert c["launched"] == want and (c["workspace_bytes"] > 0) == (c["T"] > 1)
