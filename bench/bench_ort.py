@@ -252,7 +252,8 @@ def _profile(model_path: Path, ort_graph: str, threads: int | None, tokens: int,
     control = {k: per_op.pop(k) for k in CONTROL_FLOW if k in per_op}
     node_us = sum(per_op.values())
     top = sorted(per_op.items(), key=lambda kv: -kv[1])[:12]
-    return {"ort_graph": ort_graph, "decode_graph": s.decode_graph, "tokens_per_call": tokens, "batch": batch,
+    return {"ort_graph": ort_graph, "decode_graph": s.decode_graph, "prefill_graph": s.prefill_graph,
+            "tokens_per_call": tokens, "batch": batch,
             "calls": calls, "model_run_us_per_call": run_us / calls, "kernel_us_per_call": node_us / calls,
             "kernels_per_call": sum(count[k] for k in per_op) / calls,
             "control_flow_calls_per_call": {k: count[k] / calls for k in control},
@@ -358,8 +359,11 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         # ---- prefill, B = 1, per T (torch eager in its chunked memory mode)
         for T in prefill:
             ids = rng.integers(0, cfg.vocab_size, size=(1, T), dtype=np.int64)
-            fns = {"ort_session": _session_step(lean, ids), "torch_eager": _session_step(eager, ids)}
-            init = {k: (lean if k.startswith("ort") else eager).init_state(1) for k in fns}
+            fns = {"ort_session": _session_step(lean, ids),
+                   "ort_exported_graph": _session_step(exported, ids),
+                   "torch_eager": _session_step(eager, ids)}
+            init = {"ort_session": lean.init_state(1), "ort_exported_graph": exported.init_state(1),
+                    "torch_eager": eager.init_state(1)}
             warm, cold = _interleaved(fns, init, args.seconds, 1, min_rounds=3 if T <= 256 else 2, burst=3)
             results["prefill"][str(T)] = {k: {**_stats(v, T, 1), "cold_p50_ms": _median_ms(cold[k])}
                                           for k, v in warm.items()}
@@ -371,7 +375,8 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         profiles = {"decode_lean": _profile(onnx_path, "lean", args.threads, 1, 200, work),
                     "decode_exported": _profile(onnx_path, "exported", args.threads, 1, 200, work),
                     "decode_lean_B256": _profile(onnx_path, "lean", args.threads, 1, 20, work, batch=256),
-                    "prefill_T1024": _profile(onnx_path, "lean", args.threads, 1024, 3, work)}
+                    "prefill_T1024": _profile(onnx_path, "lean", args.threads, 1024, 3, work),
+                    "prefill_T1024_exported": _profile(onnx_path, "exported", args.threads, 1024, 3, work)}
 
     # ---- the floor and the ratios
     # copy bandwidth measured at each step's own working set (L2 at B = 1, L3 / DRAM at B = 256)
@@ -394,8 +399,12 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     dec1 = results["decode"].get("1", {}).get("ort_session")
     for T in prefill:
         r = results["prefill"][str(T)]
+        # the matmul floor of T tokens: T decode steps' FLOPs at this machine's single-thread matmul rate
+        flop_floor_ms = 1e3 * T * step_cost(cfg, 1)["flops"] / rates[str(batches[0])]["matmul_flops_per_s"]
         ratios["prefill"][str(T)] = {
             "torch_eager_over_ort_session": r["torch_eager"]["p50_ms"] / r["ort_session"]["p50_ms"],
+            "exported_graph_over_ort_session": r["ort_exported_graph"]["p50_ms"] / r["ort_session"]["p50_ms"],
+            "ort_session_x_matmul_floor": r["ort_session"]["p50_ms"] / flop_floor_ms,
             **({"ort_prefill_over_decode_B1_tokens_per_s": r["ort_session"]["tokens_per_s_p50"]
                 / dec1["tokens_per_s_p50"]} if dec1 else {})}
     aims = _aims(ratios, profiles, batches, prefill)
@@ -408,7 +417,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
                      "ort_session": lean.describe(),
                      "variants": {
                          "ort_session": "OrtSession.step, default ort_graph='lean' (decode on the lean "
-                                        "graph)",
+                                        "T = 1 graph, T > 1 on the lean prefill graph)",
                          "ort_raw_run": "InferenceSession.run of the same lean graph on prepared feeds",
                          "ort_exported_graph": "OrtSession.step with ort_graph='exported' (the graph before "
                                                "issue 10, TrellisMemory body in the 'ort' flavour)",

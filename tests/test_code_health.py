@@ -217,6 +217,11 @@ def test_bench_ort_runs_and_judges_its_aims(tmp_path: Path) -> None:
         else:
             assert a["met"] == (a["value"] >= a["target"]), a
     assert "torch.compile" in " ".join(aims) and "not measured" in res.stdout
+    pre = rep["ratios"]["prefill"]["5"]                     # prefill: the lean graph against the export
+    assert pre["exported_graph_over_ort_session"] > 0 and pre["ort_session_x_matmul_floor"] > 1
+    assert rep["profiles"]["prefill_T1024"]["prefill_graph"] == "lean"
+    assert rep["profiles"]["prefill_T1024_exported"]["prefill_graph"] == "exported"
+    assert rep["profiles"]["prefill_T1024"]["control_flow_calls_per_call"] == {"Scan": 2.0}
 
 
 def test_bench_work_dir_recognises_its_own_files_only() -> None:

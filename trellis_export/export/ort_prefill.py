@@ -111,7 +111,8 @@ class _Index:
         # the Loop's [nC * B, ...] scan output
         last = b.op("Div", [b.op("Add", [self.p, b.op("Sub", [self.T, b.const([1])])]), b.const([C])])
         self.snap = b.op("Add", [b.op("Mul", [last, self.B0]), rows], "snap_idx")
-        self.snap_first = b.op("Reshape", [b.op("Equal", [last, b.const(0)]), b.const([-1, 1, 1, 1])], "in_first")
+        self.snap_first = b.op("Reshape", [b.op("Equal", [last, b.const(0)]), b.const([-1, 1, 1, 1])],
+                               "in_first")
         self.start4 = b.op("Reshape", [b.op("Equal", [self.p, b.const(0)]), b.const([-1, 1, 1, 1])], "start4")
 
 
