@@ -19,11 +19,12 @@ from trellis_export.export.ort_prefill import lean_prefill_model
 from trellis_export.export.ort_rewrite import RewriteError, lean_decode_model
 from trellis_export.runtime import Session, StateError, open_session
 
-#: Odd configs (H = 3, d = 5, m = 7): every phi / f / rho, C in {1, 3, 4}, both q/k norms, conv_size 3,
-#: an untied LM head.
+#: Odd configs (H = 3, d = 5, m = 7): every phi / f / rho, C in {1, 3, 4}, both q/k norms, conv_size 2, 3
+#: and 4, an untied LM head.
 CONFIGS = {
     "ln-ln-id-C3": dict(phi="ln_silu", f="ln_silu", rho="identity", chunk_size=3),
-    "id-l2-ln-C1": dict(phi="identity", f="l2_silu", rho="ln_silu", chunk_size=1, qk_norm="none"),
+    "id-l2-ln-C1": dict(phi="identity", f="l2_silu", rho="ln_silu", chunk_size=1, qk_norm="none",
+                        conv_size=2),
     "l2-id-l2-C4": dict(phi="l2_silu", f="identity", rho="l2_silu", chunk_size=4, conv_size=3,
                         tie_embeddings=False),
 }
