@@ -38,6 +38,7 @@ from click.testing import CliRunner
 from conftest import tiny_config, tiny_model
 from trellis_export.cli.main import main
 from trellis_export.plugins_trt.engine import EngineSettings, Range, profile_shapes
+from trellis_export.plugins_trt.runtimes import load_tensorrt
 
 from trellis_export.bundle import TARGETS, BundleError, check_bundle, gpu_check
 from trellis_export.bundle.build import (
@@ -270,8 +271,65 @@ def test_plugin_build_uses_the_bundled_kernels(copy: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = json.loads((copy / "model.engine.json").read_text())
     assert info["plugin"] is True and info["plugin_layers"] == CONFIG.n_layers
-    assert info["kernel_records"] == len(json.loads((copy / KERNELS_FILE).read_text()))
+    records = json.loads((copy / KERNELS_FILE).read_text())
+    assert info["kernel_records"] == len(records)
     assert b".target sm_87" in (copy / "model.engine").read_bytes()
+    # the split prefill travels in the engine, and TensorRT was asked for its two workspaces at each
+    # profile's max shapes (none for decode), the sizes the plugin's own sizing gives for these records
+    from trellis_export.plugins_trt import plugin_v3
+
+    assert info["prefill_kernels"] == list(plugin_v3.SPLIT_PREFILL)
+    engine = (copy / "model.engine").read_bytes()
+    for r in records:
+        assert r["name"].encode() in engine, r["name"]
+    manifest = json.loads((copy / "manifest.json").read_text())
+    want = sorted((p["batch"]["max"], p["tokens"]["max"]) for p in manifest["engine"]["profiles"])
+    assert sorted((w["B"], w["T"]) for w in info["workspace_requests"]) == want
+    for w in info["workspace_requests"]:
+        assert w["bytes"] == plugin_v3.workspace_size(records, w["B"], w["T"]), w
+        assert (w["bytes"] > 0) == (w["T"] > 1), w
+    # TensorRT-RTX 1.7.1 has the aliased plugin I/O preview feature: build_engine.py turns it on, as
+    # trellis-export engine does, and the plugin declared the four memories in place (C = 4)
+    trt = load_tensorrt("tensorrt-rtx").trt
+    assert hasattr(trt.PreviewFeature, plugin_v3.ALIAS_PREVIEW_FEATURE)
+    assert info["aliasing_preview_feature"] == plugin_v3.ALIAS_PREVIEW_FEATURE
+    from trellis_export.opdef import INPUTS, OUTPUTS
+
+    pairs = plugin_v3.aliased_outputs(CONFIG.chunk_size)
+    assert len(pairs) == 4
+    assert info["aliased_outputs"] == {OUTPUTS[o]: INPUTS[i] for o, i in sorted(pairs.items())}
+    assert info["decode_record"] == "decode_in_place"
+
+
+@pytest.mark.tensorrt_rtx
+@pytest.mark.skipif(not HAVE_RTX, reason='TensorRT-RTX is not installed (pip install -e ".[tensorrt-rtx]")')
+def test_build_script_enables_aliasing_only_where_tensorrt_has_it(copy: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """build_engine.enable_aliasing on a real TensorRT-RTX builder config turns the preview feature on
+    and tells the plugin (``build_state["alias_io"]``); a TensorRT module without ``PreviewFeature``
+    (TensorRT < 10.3) leaves both alone and the engine keeps the general decode record."""
+    import types
+
+    from trellis_export.plugins_trt import plugin_v3
+
+    from trellis_export.bundle import device_module
+
+    monkeypatch.setattr(sys, "path", list(sys.path))                 # the script prepends its folder
+    monkeypatch.setitem(sys.modules, "trellis_bundle", device_module())    # and imports this beside it
+    spec = importlib.util.spec_from_file_location("bundle_build_engine", copy / "build_engine.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    trt = load_tensorrt("tensorrt-rtx").trt
+    feature = getattr(trt.PreviewFeature, plugin_v3.ALIAS_PREVIEW_FEATURE)
+    config = trt.Builder(trt.Logger(trt.Logger.ERROR)).create_builder_config()
+    assert not config.get_preview_feature(feature)
+    holder = types.SimpleNamespace(build_state={})
+    assert script.enable_aliasing(trt, config, holder) == plugin_v3.ALIAS_PREVIEW_FEATURE
+    assert config.get_preview_feature(feature) and holder.build_state == {"alias_io": True}
+    older = types.SimpleNamespace(IPluginV3OneBuildV2=trt.IPluginV3OneBuildV2)      # no PreviewFeature
+    untouched = types.SimpleNamespace(build_state={})
+    assert script.enable_aliasing(older, None, untouched) is None and untouched.build_state == {}
 
 
 # ------------------------------------------------------------------------------------- verify_engine.py
@@ -492,24 +550,36 @@ def test_run_stream_refuses_bad_prompts(copy: Path) -> None:
 # ------------------------------------------------------------------------------------- float16, kernels
 def test_aot_kernels_are_compiled_for_the_target(orin: tuple[Path, dict[str, Any]], tmp_path: Path,
                                                  model: Any) -> None:
+    """The bundle carries exactly the records the engine builder compiles (plugin_v3.compile_records,
+    the same function trellis-export engine --plugin calls): decode, the split prefill and the
+    one-launch fallback, every specialisation the plugin can pick; Thor's get PTX ISA 9.0 + cubin."""
     import base64
 
-    from trellis_export.kernels.aot import variant_name, variants_for
-    from trellis_export.plugins_trt.plugin_v3 import KERNEL_FOR_T
+    from trellis_export.plugins_trt import plugin_v3
+
+    from trellis_export.opdef import ATTRIBUTES, op_attributes
 
     def check(recs: list[dict[str, Any]], cc: int, ptx: str) -> None:
-        want = sorted((k, variant_name(**{"decode": False, "in_place": False, **v}))
-                      for k in KERNEL_FOR_T.values() for v in variants_for(k))
-        assert sorted((r["kernel"], r["variant"]) for r in recs) == want
         for r in recs:
             assert r["cc"] == cc and f".target sm_{cc}" in r["ptx"] and r["ptx_version"] == ptx
             assert r["constexprs"]["H"] == CONFIG.n_heads and r["constexprs"]["M"] == CONFIG.n_slots
             assert base64.b64decode(r["cubin_b64"])[:4] == b"\x7fELF"
+        assert plugin_v3.prefill_kernels(recs) == list(plugin_v3.SPLIT_PREFILL)
+        assert plugin_v3.workspace_layout(recs, 2, 37)                 # the split's two workspaces
+        assert {r["kernel"] for r in recs} == set(plugin_v3.PLUGIN_KERNELS)
 
-    check(json.loads((orin[0] / KERNELS_FILE).read_text()), 87, "8.5")
+    orin_recs = json.loads((orin[0] / KERNELS_FILE).read_text())
+    check(orin_recs, 87, "8.5")
+    attrs = {k: v for k, v in op_attributes(CONFIG).items() if k in ATTRIBUTES}
+    engine_recs = plugin_v3.compile_records(attrs, heads=CONFIG.n_heads, slots=CONFIG.n_slots,
+                                            head_dim=CONFIG.head_dim, dtype="float32", targets=[87])
+    assert orin_recs == engine_recs          # sm_87: the engine builder's defaults are the bundle's
     out = tmp_path / "thor"
     m = build_bundle(None, out, target="thor", model=model, check=False)
-    check(json.loads((out / KERNELS_FILE).read_text()), 110, "9.0")
+    thor_recs = json.loads((out / KERNELS_FILE).read_text())
+    check(thor_recs, 110, "9.0")
+    names = [(r["kernel"], r["variant"]) for r in engine_recs]
+    assert [(r["kernel"], r["variant"]) for r in thor_recs] == names
     assert m["kernels"]["compute_capabilities"] == [110] and "sm_110" in m["kernels"]["note"]
 
 

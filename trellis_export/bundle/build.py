@@ -268,7 +268,10 @@ The engine of the commands above expands each `trellis::TrellisMemory` node from
 function body model.onnx carries, so it needs nothing but TensorRT (on JetPack 6, TensorRT 10.3 has
 no other way: mapping a node to a plugin by its `plugin_namespace` attribute needs TensorRT >= 10.7).
 `python3 build_engine.py --plugin` builds plugin layers instead, running the Triton kernels compiled
-ahead of time into `kernels/aot_records.json` ({kernels.get('note') or 'none'}). That plugin is
+ahead of time into `kernels/aot_records.json` ({kernels.get('note') or 'none'}): decode, the split
+prefill (two workspaces, sized by the plugin and provided by TensorRT) and the one-launch prefill
+fallback. Where TensorRT has the aliased plugin I/O preview feature (`ALIASED_PLUGIN_IO_10_03`),
+build_engine.py turns it on so that the memories are updated in place. That plugin is
 Python code of the trellis-export package, which must then be installed on the device with its
 dependencies (its kernel launcher imports triton and torch); verify_engine.py and run_stream.py
 register it for such an engine. The plugin path has never run on a GPU.

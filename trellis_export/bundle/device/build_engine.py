@@ -5,6 +5,11 @@ build_engine.sh does with trtexec): the same profiles and shapes, from manifest.
     python3 build_engine.py                # function body: needs only the TensorRT Python module
     python3 build_engine.py --plugin       # trellis::TrellisMemory plugin layers (see README.md)
 
+With --plugin the layers carry the bundle's AOT records (kernels/aot_records.json: decode, the split
+prefill and the one-launch prefill fallback) and, where this TensorRT has the aliased plugin I/O
+preview feature (ALIASED_PLUGIN_IO_10_03), it is turned on as trellis-export engine does, so the
+memory outputs alias their inputs and decode runs in place (model.engine.json says what was built).
+
 The network is strongly typed: model.onnx's types decide the precision (a float16 bundle has float16
 activations and float32 memories and gates). Writes model.engine and model.engine.json (the model's
 fingerprint and the profiles, read by verify_engine.py and run_stream.py).
@@ -47,6 +52,7 @@ def plugin_creator(trt: Any, bundle: Path, manifest: dict, used: list[int]) -> A
 
     plugin_v3.compile_records = bundled_records          # the records come from the bundle
     creator = plugin_v3.register(trt, targets=[int(c) for c in kernels["compute_capabilities"]])
+    getattr(creator, "build_state", {}).clear()          # this build's settings and callback log
     if hasattr(plugin_v3, "shape_key"):                  # plugins that look records up before the build
         shapes = {(r["constexprs"]["H"], r["constexprs"]["M"], r["constexprs"]["D"], r["dtype"])
                   for r in records}
@@ -58,6 +64,47 @@ def plugin_creator(trt: Any, bundle: Path, manifest: dict, used: list[int]) -> A
 
         ensure_rtx_library_link(quiet=True)
     return creator
+
+
+def enable_aliasing(trt: Any, config: Any, creator: Any) -> str | None:
+    """In-place state, as ``trellis-export engine`` builds it (plugins_trt/engine.py): turn on
+    TensorRT's preview feature for aliased plugin I/O when this TensorRT has it (TensorRT-RTX 1.7,
+    enterprise TensorRT >= 10.3: ``trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03``) and the installed
+    plugin can alias (``IPluginV3OneBuildV2``), and tell the plugin so: it then declares each memory
+    output aliased to its input (none at chunk_size 1) and decode runs the in-place record. Returns
+    the feature's name, or None where it is not available (the engine gets the general decode
+    record)."""
+    from trellis_export.plugins_trt import plugin_v3
+
+    name = getattr(plugin_v3, "ALIAS_PREVIEW_FEATURE", None)      # None: a plugin without aliasing
+    feature = getattr(getattr(trt, "PreviewFeature", None), name, None) if name else None
+    state = getattr(creator, "build_state", None)
+    if feature is None or state is None or not hasattr(trt, "IPluginV3OneBuildV2"):
+        return None
+    config.set_preview_feature(feature, True)
+    state["alias_io"] = True
+    return str(name)
+
+
+def plugin_report(creator: Any, aliasing: str | None) -> dict:
+    """What the plugin layers were built with, from the plugin's own build log (the fields
+    ``trellis-export engine`` reports): the kernels a prefill call launches, the workspace TensorRT
+    was asked for per profile, the outputs declared aliased to inputs and so the decode record."""
+    from trellis_export.plugins_trt import plugin_v3
+
+    from trellis_export.opdef import INPUTS, OUTPUTS
+
+    state = getattr(creator, "build_state", None) or {}
+    recs = [r for key, rs in creator.compiled.items() if key != "missing" for r in rs]
+    asked = state.get("workspace") or []
+    aliased = {OUTPUTS[o]: INPUTS[i] for o, i in sorted(set(state.get("aliased") or [])) if i >= 0}
+    prefill = getattr(plugin_v3, "prefill_kernels", None)
+    return {"aliasing_preview_feature": aliasing,
+            "prefill_kernels": prefill(recs) if prefill is not None else ["chunk"],
+            "workspace_requests": [dict(t) for t in sorted({tuple(sorted(w.items())) for w in asked})],
+            "aliased_outputs": aliased,
+            "decode_record": "decode_in_place"
+            if aliased and len(aliased) == len(getattr(plugin_v3, "ALIASED_OUTPUTS", ())) else "decode"}
 
 
 def build(bundle: Path, manifest: dict, output: Path, plugin: bool, runtime: str | None,
@@ -95,6 +142,7 @@ def build(bundle: Path, manifest: dict, output: Path, plugin: bool, runtime: str
         config.num_compute_capabilities = len(ccs)
         for i, cc in enumerate(ccs):
             config.set_compute_capability(cc, i)
+    aliasing = enable_aliasing(trt, config, creator) if creator is not None else None
     for prof in manifest["engine"]["profiles"]:
         op = builder.create_optimization_profile()
         for name, (mn, opt, mx) in prof["shapes"].items():
@@ -108,6 +156,7 @@ def build(bundle: Path, manifest: dict, output: Path, plugin: bool, runtime: str
     missing = creator.compiled.get("missing") if creator is not None else None
     if missing:
         raise BundleError(f"the bundle's kernels do not cover the plugin layers' shapes {missing}")
+    plugin_info = plugin_report(creator, aliasing) if creator is not None and n_plugin else {}
     tmp = output.with_name(output.name + ".tmp")
     tmp.write_bytes(bytes(blob))
     tmp.replace(output)
@@ -115,7 +164,7 @@ def build(bundle: Path, manifest: dict, output: Path, plugin: bool, runtime: str
             "plugin": bool(n_plugin), "plugin_layers": n_plugin, "kernel_records": sum(used),
             "layers": len(layers),
             "profiles": manifest["engine"]["profiles"], "build_seconds": round(seconds, 3),
-            "bytes": output.stat().st_size}
+            "bytes": output.stat().st_size, **plugin_info}
     output.with_name(output.name + ".json").write_text(json.dumps(info, indent=1) + "\n")
     return info
 
