@@ -359,11 +359,12 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         # ---- prefill, B = 1, per T (torch eager in its chunked memory mode)
         for T in prefill:
             ids = rng.integers(0, cfg.vocab_size, size=(1, T), dtype=np.int64)
-            fns = {"ort_session": _session_step(lean, ids),
+            raw, raw_state = _raw_run(lean, ids)
+            fns = {"ort_session": _session_step(lean, ids), "ort_raw_run": raw,
                    "ort_exported_graph": _session_step(exported, ids),
                    "torch_eager": _session_step(eager, ids)}
-            init = {"ort_session": lean.init_state(1), "ort_exported_graph": exported.init_state(1),
-                    "torch_eager": eager.init_state(1)}
+            init = {"ort_session": lean.init_state(1), "ort_raw_run": raw_state,
+                    "ort_exported_graph": exported.init_state(1), "torch_eager": eager.init_state(1)}
             warm, cold = _interleaved(fns, init, args.seconds, 1, min_rounds=3 if T <= 256 else 2, burst=3)
             results["prefill"][str(T)] = {k: {**_stats(v, T, 1), "cold_p50_ms": _median_ms(cold[k])}
                                           for k, v in warm.items()}
@@ -418,13 +419,17 @@ def _run(args: argparse.Namespace, out: Path) -> int:
                      "variants": {
                          "ort_session": "OrtSession.step, default ort_graph='lean' (decode on the lean "
                                         "T = 1 graph, T > 1 on the lean prefill graph)",
-                         "ort_raw_run": "InferenceSession.run of the same lean graph on prepared feeds",
+                         "ort_raw_run": "InferenceSession.run of the same lean graph (decode or prefill) on "
+                                        "prepared feeds",
                          "ort_exported_graph": "OrtSession.step with ort_graph='exported' (the graph before "
                                                "issue 10, TrellisMemory body in the 'ort' flavour)",
                          "torch_eager": "TorchSession.step float32 (memory mode step for T = 1, chunked "
                                         "for T > 1)",
                          "torch_compile": "torch.compile(model.step, dynamic=False), inductor CPU, torch "
-                                          "tensors in and out (no numpy conversion)"},
+                                          "tensors in and out (no numpy conversion); decode only: "
+                                          "compiling the chunked prefill step did not finish in 600 s "
+                                          "at T = 64 on this machine (2026-12-01), so prefill is not "
+                                          "timed under torch.compile"},
                      "interleaved": "one loop per case; each round every variant makes a burst of calls "
                                     "(the order rotating); latencies are of the warm calls (2nd ... of a "
                                     "burst), cold_p50_ms of the first"},
