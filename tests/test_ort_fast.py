@@ -63,6 +63,18 @@ def _ref_stream(m64: torch.nn.Module, ids: np.ndarray) -> tuple[np.ndarray, dict
     return logits.numpy(), {k: v.numpy() for k, v in state.items()}
 
 
+def _rows_at(s: Session, prefill: Session, ids: np.ndarray, prefix: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """One state of ``s`` whose row b consumed ``ids[b, :prefix[b]]`` (each row prefilled alone on
+    ``prefill``): rows at different positions."""
+    states = []
+    for b, n in enumerate(prefix):
+        st = prefill.init_state(1)
+        if n:
+            _, st = prefill.step(ids[b:b + 1, :n], st)
+        states.append(st)
+    return s.concat_states(states)
+
+
 @pytest.mark.parametrize("ort_graph", ["lean", "lean-std"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_lean_decode_rows_at_different_positions(models: _Models, name: str, ort_graph: str) -> None:
@@ -73,13 +85,7 @@ def test_lean_decode_rows_at_different_positions(models: _Models, name: str, ort
     assert s.describe()["decode_graph"] == ort_graph and s.decode_session is not None
     prefix, steps = (0, 1, 2, 5, 8), 9
     ids = _ids(len(prefix), max(prefix) + steps, seed=2)
-    states = []
-    for b, n in enumerate(prefix):
-        st = s.init_state(1)
-        if n:
-            _, st = s.step(ids[b:b + 1, :n], st)
-        states.append(st)
-    state = s.concat_states(states)
+    state = _rows_at(s, s, ids, prefix)
     got = []
     for t in range(steps):
         step_ids = np.array([[ids[b, n + t]] for b, n in enumerate(prefix)], dtype=np.int64)
@@ -133,25 +139,29 @@ def _stream(s: Session, ids: np.ndarray, pieces: tuple[int, ...]) -> tuple[np.nd
 LONG_PIECES = (1, 1, 1, 7, 1, 1, 16, 1, 1, 1, 1, 5)
 
 
-def test_lean_long_stream_odd_model(models: _Models) -> None:
-    """A 320-token stream in pieces, B = 3, against one float64 call over the whole stream. This random
-    model is ill-conditioned (the float32 PyTorch model itself drifts to ~4e-4 on the deeper layer's
-    key memory), so each state tensor must be within max(1e-4, 2 x the float32 PyTorch model's own
-    error), as in tests/test_export.py::test_long_stream_in_pieces; the logits within 1e-4."""
+@pytest.mark.parametrize("name,B,T,pieces,seed", [
+    ("ln-ln-id-C3", 3, 320, LONG_PIECES, 11),          # mostly decode, some prefill pieces
+    ("l2-id-l2-C4", 2, 700, (97, 256, 1, 346), 12)])   # large prefill pieces, T not a multiple of C
+def test_lean_long_stream_odd_model(models: _Models, name: str, B: int, T: int, pieces: tuple[int, ...],
+                                    seed: int) -> None:
+    """A long stream in pieces (phases changing between calls) against one float64 call over the whole
+    stream. These random models are ill-conditioned (the float32 PyTorch model itself drifts to ~4e-4
+    on the deeper layer's key memory), so each state tensor must be within max(1e-4, 2 x the float32
+    PyTorch model's own error), as in tests/test_export.py::test_long_stream_in_pieces; the logits
+    within 1e-4."""
     from conftest import rel_rms
 
-    name = "ln-ln-id-C3"
     m32, m64 = models.models(name)
     s = open_session("ort", model_path=models.onnx(name))
-    ids = _ids(3, 320, seed=11)
+    ids = _ids(B, T, seed=seed)
     ref_logits, ref_state = _ref_stream(m64, ids)
     with torch.no_grad():
         _, f32_state = m32(torch.from_numpy(ids), mode="step")
-    logits, state = _stream(s, ids, LONG_PIECES)
-    assert_rel_close(logits, ref_logits, TOL_LONG, "long stream logits")
+    logits, state = _stream(s, ids, pieces)
+    assert_rel_close(logits, ref_logits, TOL_LONG, f"{name} long stream logits")
     for t in s.state_spec:
         tol = max(TOL_LONG, 2 * rel_rms(f32_state[t.name].numpy(), ref_state[t.name]))
-        assert_rel_close(state[t.name], ref_state[t.name], tol, f"long stream {t.name}")
+        assert_rel_close(state[t.name], ref_state[t.name], tol, f"{name} long stream {t.name}")
 
 
 def test_lean_long_stream_bundled_model(tmp_path: Path) -> None:
@@ -304,13 +314,7 @@ def test_lean_prefill_rows_at_different_positions(models: _Models, name: str, or
     exported = open_session("ort", model_path=models.onnx(name), ort_graph="exported")
     prefix, calls = (0, 1, 2, 5, 8, 13), (2, 10, 7)
     ids = _ids(len(prefix), max(prefix) + sum(calls), seed=4)
-    states = []
-    for b, n in enumerate(prefix):
-        st = exported.init_state(1)
-        if n:
-            _, st = exported.step(ids[b:b + 1, :n], st)
-        states.append(st)
-    state = s.concat_states(states)
+    state = _rows_at(s, exported, ids, prefix)
     done = 0
     for T in calls:
         chunk = np.stack([ids[b, n + done:n + done + T] for b, n in enumerate(prefix)])
@@ -374,23 +378,3 @@ def test_lean_prefill_graph_structure(models: _Models) -> None:
         assert any(n.domain == "com.microsoft" for n in lean.graph.node) == contrib
         assert [i.name for i in lean.graph.input] == [i.name for i in proto.graph.input]
         assert [o.name for o in lean.graph.output] == [o.name for o in proto.graph.output]
-
-
-def test_lean_prefill_long_stream_large_pieces(models: _Models) -> None:
-    """A 700-token stream of the odd C = 4 model in prefill pieces of 97, 256, 1 and 346 tokens (T not a
-    multiple of C, phases changing between calls), B = 2, against one float64 call; tolerance as in
-    test_lean_long_stream_odd_model."""
-    from conftest import rel_rms
-
-    name = "l2-id-l2-C4"
-    m32, m64 = models.models(name)
-    s = open_session("ort", model_path=models.onnx(name))
-    ids = _ids(2, 700, seed=12)
-    ref_logits, ref_state = _ref_stream(m64, ids)
-    with torch.no_grad():
-        _, f32_state = m32(torch.from_numpy(ids), mode="step")
-    logits, state = _stream(s, ids, (97, 256, 1, 346))
-    assert_rel_close(logits, ref_logits, TOL_LONG, "long prefill logits")
-    for t in s.state_spec:
-        tol = max(TOL_LONG, 2 * rel_rms(f32_state[t.name].numpy(), ref_state[t.name]))
-        assert_rel_close(state[t.name], ref_state[t.name], tol, f"long prefill {t.name}")

@@ -36,9 +36,17 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..config import TrellisConfig
-from ..opdef import DOMAIN, OP_TYPE
 from ..state import state_spec
-from .ort_rewrite import _B, QK_NORM_EPS, ModelWeights, RewriteError, _inner_grad, _nonlin, read_weights
+from .ort_rewrite import (
+    _B,
+    ModelWeights,
+    _inner_grad,
+    _lean_model,
+    _lean_weights,
+    _mixer_out_and_ffn,
+    _nonlin,
+    _qk_normalise,
+)
 
 __all__ = ["lean_prefill_model"]
 
@@ -235,12 +243,7 @@ def lean_prefill_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib
     contrib ops (SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, Gelu, QuickGelu,
     FusedMatMul) or standard opset-18 ops only. Raises :class:`RewriteError` for a graph it cannot read
     or a float16 export."""
-    if activation_dtype != "float32":
-        raise RewriteError(f"the lean prefill graph is float32 only (this model's activations are "
-                           f"{activation_dtype})")
-    if not any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in model.graph.node):
-        raise RewriteError("the graph has no trellis::TrellisMemory node")
-    wts = weights or read_weights(model, config)
+    wts = _lean_weights(model, config, weights, activation_dtype, "prefill")
     c = config
     H, m, d, HD, C, K = c.n_heads, c.n_slots, c.head_dim, c.memory_dim, c.chunk_size, c.conv_size
     f32 = np.float32
@@ -256,11 +259,6 @@ def lean_prefill_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib
     fresh4 = b.op("Unsqueeze", [fresh3, b.const([3])], "fresh4")
     x = b.op("Gather", [b.init(wts.embed, "embed"), "input_ids"], "x", axis=0)          # [B, T, D]
     h = b.rms(x, b.init(wts.layers[0].norm_mixer, "norm_mixer_0"), c.norm_eps)
-    qk_mask = np.ones((3 * H, 1), f32)
-    qk_mask[2 * H:] = 0.0
-    qk_floor = np.full((3 * H, 1), QK_NORM_EPS, f32)
-    qk_floor[2 * H:] = 1.0                 # v: max(0 * ||v||, 1) = 1, not normalised
-    ones_mask, floor = b.const(qk_mask, f32), b.const(qk_floor, f32)
     f_out = None
     for L, lw in enumerate(wts.layers):
         if L > 0:
@@ -281,9 +279,7 @@ def lean_prefill_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib
         y = b.op("Conv", [win, b.init(lw.conv.reshape(3 * HD, 1, K), f"conv_{L}")], "conv", group=3 * HD)
         y3 = b.op("Reshape", [b.op("Transpose", [b.silu(y)], perm=[0, 2, 1]), b.const([0, 0, 3 * H, d])],
                   "qkv3")                                                             # [B, T, 3H, d]
-        if c.qk_norm == "l2":
-            nrm = b.op("ReduceL2", [y3, b.const([-1])], keepdims=1)
-            y3 = b.op("Div", [y3, b.op("Max", [b.op("Mul", [nrm, ones_mask]), floor])], "qkv_n")
+        y3 = _qk_normalise(b, c, y3)
         m0 = np.concatenate([lw.m0_key, lw.m0_value], axis=0).astype(f32)
         M_stored = b.op("Concat", [ins[f"{L}.key_memory"], ins[f"{L}.value_memory"]], axis=1)
         M_in = b.op("Where", [fresh4, b.init(m0, f"m0_{L}"), M_stored], "M_in")
@@ -295,36 +291,9 @@ def lean_prefill_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib
         if snaps is not None:
             for kind, snap in zip(("key", "value"), snaps):
                 b.op("Identity", [snap], outputs=[outs[f"{L}.{kind}_snapshot"]])
-        # ---- out: x + W_o (RMSNorm(o) * GELU(W_g h)); FFN
-        on = b.rms(o2, b.init(lw.out_norm, f"out_norm_{L}"), c.norm_eps)
-        mixed = b.op("MatMul", [b.op("Mul", [on, b.gelu(g)]), b.init(lw.w_out, f"w_out_{L}")], "mixer_out")
-        h2, x = b.skip_rms(x, mixed, b.init(lw.norm_ffn, f"norm_ffn_{L}"), c.norm_eps)
-        gu = b.op("MatMul", [h2, b.init(np.concatenate([lw.w_ffn_gate, lw.w_ffn_up], axis=1), f"w_gu_{L}")])
-        gate, up = b.op("Split", [gu, b.const([c.ffn_dim, c.ffn_dim])], n_out=2, axis=2)
-        f_out = b.op("MatMul", [b.op("Mul", [b.silu(gate), up]), b.init(lw.w_ffn_down, f"w_down_{L}")],
-                     "ffn_out")
+        x, f_out = _mixer_out_and_ffn(b, c, lw, L, x, o2, g)
     assert f_out is not None and wts.norm is not None and wts.lm_head is not None
     hn, _ = b.skip_rms(x, f_out, b.init(wts.norm, "norm"), c.norm_eps)
     b.op("MatMul", [hn, b.init(wts.lm_head, "lm_head")], outputs=["logits"])
 
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "tokens"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "tokens", c.vocab_size])]
-    for t in spec:
-        dt = TensorProto.INT64 if t.dtype == "int64" else TensorProto.FLOAT
-        shape = ["batch", *t.shape[1:]]
-        inputs.append(helper.make_tensor_value_info(t.past_name, dt, shape))
-        outputs.append(helper.make_tensor_value_info(t.present_name, dt, shape))
-    used = {i for n in b.nodes for i in n.input}
-    for n in b.nodes:                       # initializers read from inside the Loop bodies
-        for attr in n.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                used |= {i for bn in attr.g.node for i in bn.input}
-    graph = helper.make_graph(b.nodes, "trellis_lean_prefill", inputs, outputs,
-                              initializer=[t for t in b.inits if t.name in used])
-    lean = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                   helper.make_opsetid("com.microsoft", 1)],
-                             producer_name="trellis-export ort_prefill lean-prefill")
-    lean.ir_version = model.ir_version or 9
-    for p in model.metadata_props:
-        lean.metadata_props.add(key=p.key, value=p.value)
-    return lean
+    return _lean_model(b, model, c, "lean-prefill", "tokens")

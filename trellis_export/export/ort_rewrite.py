@@ -3,8 +3,8 @@
 ``lean-decode`` (:func:`lean_decode_model`): a second, hand-built graph of the streaming step for
 T = 1 only, made from the exported model's own weights. The exported graph stays what every runtime
 and TensorRT parse; an ORT session (:class:`trellis_export.runtime.OrtSession`, ``ort_graph="lean"``)
-runs this graph for decode calls (T = 1) and the exported graph (its TrellisMemory body in the ``ort``
-flavour) for every other T. What it changes, all measured (docs/ort_performance.md):
+runs this graph for decode calls (T = 1) and the lean prefill graph of :mod:`.ort_prefill` (built
+with this module's pieces) for every other T. What it changes, all measured (docs/ort_performance.md):
 
 * no control flow and no shape arithmetic: T = 1 is fixed, the rows stay ``[B, D]`` (2-D) throughout;
 * the depthwise causal conv as ``sum_j cache[:, :, j] * W[:, j] + x * W[:, K-1]`` (one Sum of K
@@ -50,8 +50,9 @@ from ..state import state_spec
 __all__ = ["lean_decode_model", "host_reset_values", "RewriteError", "ORT_GRAPHS", "LayerWeights",
            "ModelWeights", "read_weights"]
 
-#: ``OrtSession(ort_graph=...)``: ``"lean"`` (decode calls on :func:`lean_decode_model`, others on the
-#: exported graph), ``"lean-std"`` (the same without contrib ops: for measurements), ``"exported"``.
+#: ``OrtSession(ort_graph=...)``: ``"lean"`` (decode calls on :func:`lean_decode_model`, others on
+#: :func:`.ort_prefill.lean_prefill_model`), ``"lean-std"`` (the same without contrib ops),
+#: ``"exported"`` (the file's graph for every T).
 ORT_GRAPHS: tuple[str, ...] = ("lean", "lean-std", "exported")
 #: F.normalize's eps in the layer (``model/lm.py``): q, k / max(||x||, eps).
 QK_NORM_EPS = 1e-6
@@ -420,6 +421,77 @@ def _memory_linear_attention(b: _B, c: TrellisConfig, lw: LayerWeights, L: int, 
     return b.op("Reshape", [o, b.const([-1, H * d])], "o")
 
 
+def _lean_weights(model: onnx.ModelProto, config: TrellisConfig, weights: ModelWeights | None,
+                  activation_dtype: str, what: str) -> ModelWeights:
+    """The weights a lean graph is built from (``weights`` when the caller read them already), after
+    the checks both lean graphs share: float32 activations, a TrellisMemory node in the graph."""
+    if activation_dtype != "float32":
+        raise RewriteError(f"the lean {what} graph is float32 only (this model's activations are "
+                           f"{activation_dtype})")
+    if not any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in model.graph.node):
+        raise RewriteError("the graph has no trellis::TrellisMemory node")
+    return weights or read_weights(model, config)
+
+
+def _qk_normalise(b: _B, c: TrellisConfig, y3: str) -> str:
+    """q and k L2-normalised per head (config qk_norm "l2"; v untouched) over the last axis of
+    ``y3`` ``[..., 3H, d]``: ``y / max(||y||, eps)`` with v's divisor forced to 1 by a mask."""
+    if c.qk_norm != "l2":
+        return y3
+    H = c.n_heads
+    mask = np.ones((3 * H, 1), np.float32)
+    mask[2 * H:] = 0.0
+    lo = np.full((3 * H, 1), QK_NORM_EPS, np.float32)
+    lo[2 * H:] = 1.0                 # v: max(0 * ||v||, 1) = 1, not normalised
+    nrm = b.op("ReduceL2", [y3, b.const([-1])], keepdims=1)
+    return b.op("Div", [y3, b.op("Max", [b.op("Mul", [nrm, b.const(mask, np.float32)]),
+                                          b.const(lo, np.float32)])], "qkv_n")
+
+
+def _mixer_out_and_ffn(b: _B, c: TrellisConfig, lw: LayerWeights, L: int, x: str, o: str, g: str
+                       ) -> tuple[str, str]:
+    """The rest of a layer after its memory (spec section 5), over rows of any rank:
+    ``x + W_o (RMSNorm(o) * GELU(g))``, then the SwiGLU FFN's RMSNorm and output. Returns (the
+    residual stream before the FFN's add, the FFN output)."""
+    on = b.rms(o, b.init(lw.out_norm, f"out_norm_{L}"), c.norm_eps)
+    mixed = b.op("MatMul", [b.op("Mul", [on, b.gelu(g)]), b.init(lw.w_out, f"w_out_{L}")], "mixer_out")
+    h2, x = b.skip_rms(x, mixed, b.init(lw.norm_ffn, f"norm_ffn_{L}"), c.norm_eps)
+    gu = b.op("MatMul", [h2, b.init(np.concatenate([lw.w_ffn_gate, lw.w_ffn_up], axis=1), f"w_gu_{L}")])
+    gate, up = b.op("Split", [gu, b.const([c.ffn_dim, c.ffn_dim])], n_out=2, axis=-1)
+    return x, b.op("MatMul", [b.op("Mul", [b.silu(gate), up]), b.init(lw.w_ffn_down, f"w_down_{L}")],
+                   "ffn_out")
+
+
+def _lean_model(b: _B, model: onnx.ModelProto, config: TrellisConfig, name: str, tokens: Any,
+                skip_outputs: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """The lean graph of ``b``'s nodes as a model with the state spec's inputs and outputs (``tokens``:
+    the T axis, 1 or a name; ``skip_outputs``: present names left out), the initializers its nodes and
+    their subgraphs read, and ``model``'s metadata."""
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", tokens])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                             ["batch", tokens, config.vocab_size])]
+    for t in state_spec(config):
+        dt = TensorProto.INT64 if t.dtype == "int64" else TensorProto.FLOAT
+        shape = ["batch", *t.shape[1:]]
+        inputs.append(helper.make_tensor_value_info(t.past_name, dt, shape))
+        if t.present_name not in skip_outputs:
+            outputs.append(helper.make_tensor_value_info(t.present_name, dt, shape))
+    used = {i for n in b.nodes for i in n.input}
+    for n in b.nodes:                       # outer-scope values read inside Scan / Loop bodies
+        for attr in n.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                used |= {i for bn in attr.g.node for i in bn.input}
+    graph = helper.make_graph(b.nodes, name, inputs, outputs,
+                              initializer=[t for t in b.inits if t.name in used])
+    lean = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                   helper.make_opsetid("com.microsoft", 1)],
+                             producer_name=f"trellis-export {name}")
+    lean.ir_version = model.ir_version or 9
+    for p in model.metadata_props:
+        lean.metadata_props.add(key=p.key, value=p.value)
+    return lean
+
+
 def host_reset_values(model: onnx.ModelProto, config: TrellisConfig, weights: ModelWeights | None = None
                       ) -> dict[str, np.ndarray]:
     """What a row at position 0 holds before the step (TRELLIS_SPEC.md section 5), per state tensor
@@ -454,16 +526,11 @@ def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib:
     outputs: the present snapshot is S itself, which the caller returns as it is (no Where pass, no
     copy; when the rows step in lockstep S is one of the two input arrays, chosen per call).
     Raises :class:`RewriteError` for a graph it cannot read or a float16 export."""
-    if activation_dtype != "float32":
-        raise RewriteError(f"the lean decode graph is float32 only (this model's activations are "
-                           f"{activation_dtype})")
-    if not any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in model.graph.node):
-        raise RewriteError("the graph has no trellis::TrellisMemory node")
+    wts = _lean_weights(model, config, weights, activation_dtype, "decode")
     if linear_attention is None:
         linear_attention = contrib
     if linear_attention and not contrib:
         raise RewriteError("linear_attention needs contrib ops (com.microsoft::LinearAttention)")
-    wts = weights or read_weights(model, config)
     c = config
     H, m, d, HD, C = c.n_heads, c.n_slots, c.head_dim, c.memory_dim, c.chunk_size
     K = c.conv_size
@@ -491,11 +558,6 @@ def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib:
     ids = b.op("Reshape", ["input_ids", b.const([-1])], "ids")
     x = b.op("Gather", [b.init(wts.embed, "embed"), ids], "x", axis=0)              # [B, D]
     h = b.rms(x, b.init(wts.layers[0].norm_mixer, "norm_mixer_0"), c.norm_eps)
-    qk_mask = np.ones((3 * H, 1), f32)
-    qk_mask[2 * H:] = 0.0
-    qk_floor = np.full((3 * H, 1), QK_NORM_EPS, f32)
-    qk_floor[2 * H:] = 1.0                 # v: max(0 * ||v||, 1) = 1, not normalised
-    ones_mask, floor = b.const(qk_mask, f32), b.const(qk_floor, f32)
     f_out = None
     for L, lw in enumerate(wts.layers):
         if L > 0:
@@ -530,9 +592,7 @@ def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib:
             y = b.op("Reshape", [b.op("Sum", terms), b.const([-1, 3 * HD])], "conv")
             b.op("Concat", [*cols[1:], x3], outputs=[outs[f"{L}.conv"]], axis=2)
         y3 = b.op("Reshape", [b.silu(y), b.const([-1, 3 * H, d])], "qkv3")              # [B, 3H, d]
-        if c.qk_norm == "l2":
-            nrm = b.op("ReduceL2", [y3, b.const([-1])], keepdims=1)
-            y3 = b.op("Div", [y3, b.op("Max", [b.op("Mul", [nrm, ones_mask]), floor])], "qkv_n")
+        y3 = _qk_normalise(b, c, y3)
         if linear_attention:
             o2 = _memory_linear_attention(b, c, lw, L, y3, a2, gates, ins, outs, fresh4, start4)
         else:
@@ -600,37 +660,11 @@ def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib:
             vr = b.op("MatMul", [r_row, V_new], "Vr")                                        # [B,H,1,d]
             o, _ = _nonlin(b, c.rho, vr, -1, d, c.eps, want_vjp=False)
             o2 = b.op("Reshape", [o, b.const([-1, HD])], "o")
-        # ---- out: x + W_o (RMSNorm(o) * GELU(W_g h)); FFN
-        on = b.rms(o2, b.init(lw.out_norm, f"out_norm_{L}"), c.norm_eps)
-        mixed = b.op("MatMul", [b.op("Mul", [on, b.gelu(g)]), b.init(lw.w_out, f"w_out_{L}")], "mixer_out")
-        h2, x = b.skip_rms(x, mixed, b.init(lw.norm_ffn, f"norm_ffn_{L}"), c.norm_eps)
-        gu = b.op("MatMul", [h2, b.init(np.concatenate([lw.w_ffn_gate, lw.w_ffn_up], axis=1), f"w_gu_{L}")])
-        gate, up = b.op("Split", [gu, b.const([c.ffn_dim, c.ffn_dim])], n_out=2, axis=1)
-        f_out = b.op("MatMul", [b.op("Mul", [b.silu(gate), up]), b.init(lw.w_ffn_down, f"w_down_{L}")],
-                     "ffn_out")
+        x, f_out = _mixer_out_and_ffn(b, c, lw, L, x, o2, g)
     assert f_out is not None and wts.norm is not None and wts.lm_head is not None
     hn, _ = b.skip_rms(x, f_out, b.init(wts.norm, "norm"), c.norm_eps)
     logits2 = b.op("MatMul", [hn, b.init(wts.lm_head, "lm_head")], "logits2")
     b.op("Reshape", [logits2, b.const([-1, 1, c.vocab_size])], outputs=["logits"])
 
-    def vi(name: str, dtype: int, shape: list[Any]) -> onnx.ValueInfoProto:
-        return helper.make_tensor_value_info(name, dtype, shape)
-
-    inputs = [vi("input_ids", TensorProto.INT64, ["batch", 1])]
-    outputs = [vi("logits", TensorProto.FLOAT, ["batch", 1, c.vocab_size])]
-    for t in spec:
-        dt = TensorProto.INT64 if t.dtype == "int64" else TensorProto.FLOAT
-        shape = ["batch", *t.shape[1:]]
-        inputs.append(vi(t.past_name, dt, shape))
-        if not (host_snapshot and t.name.endswith("_snapshot")):
-            outputs.append(vi(t.present_name, dt, shape))
-    used = {i for n in b.nodes for i in n.input}
-    graph = helper.make_graph(b.nodes, "trellis_lean_decode", inputs, outputs,
-                              initializer=[t for t in b.inits if t.name in used])
-    lean = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                   helper.make_opsetid("com.microsoft", 1)],
-                             producer_name="trellis-export ort_rewrite lean-decode")
-    lean.ir_version = model.ir_version or 9
-    for p in model.metadata_props:
-        lean.metadata_props.add(key=p.key, value=p.value)
-    return lean
+    skip = tuple(t.present_name for t in spec if host_snapshot and t.name.endswith("_snapshot"))
+    return _lean_model(b, model, c, "lean-decode", 1, skip)
