@@ -378,3 +378,48 @@ def test_lean_prefill_graph_structure(models: _Models) -> None:
         assert any(n.domain == "com.microsoft" for n in lean.graph.node) == contrib
         assert [i.name for i in lean.graph.input] == [i.name for i in proto.graph.input]
         assert [o.name for o in lean.graph.output] == [o.name for o in proto.graph.output]
+
+
+def test_long_prefill_runs_in_pieces_within_the_budget(models: _Models,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call longer than the lean prefill graph's budget runs in pieces of a multiple of C (rows at
+    different positions, B = 3): same logits and state as one whole call and as the float64
+    reference; the piece length follows the budget; the exported graph is never split."""
+    name = "ln-ln-id-C3"
+    _, m64 = models.models(name)
+    path = models.onnx(name)
+    whole = open_session("ort", model_path=path)
+    cfg = whole.config
+    per_chunk = 4 * 3 * 2 * cfg.n_heads * (cfg.n_slots * cfg.head_dim + cfg.chunk_size * cfg.n_slots)
+    small = open_session("ort", model_path=path, prefill_budget_bytes=2 * per_chunk + 1)
+    assert small.prefill_piece_tokens(3) == 2 * cfg.chunk_size
+    assert small.describe()["prefill_budget_bytes"] == 2 * per_chunk + 1
+    assert open_session("ort", model_path=path, ort_graph="exported").prefill_piece_tokens(3) > 10 ** 9
+    prefix = (0, 2, 5)
+    ids = _ids(3, 5 + 37, seed=21)
+    state = _rows_at(whole, whole, ids, prefix)
+    call = np.stack([ids[b, n:n + 37] for b, n in enumerate(prefix)])
+    from trellis_export.runtime.ort_backend import OrtSession
+
+    calls: list[int] = []
+    call_one = OrtSession._call
+
+    def counting(sess: object, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        calls.append(feeds["input_ids"].shape[1])
+        return call_one(sess, outputs, feeds)
+
+    monkeypatch.setattr(OrtSession, "_call", staticmethod(counting))   # the pieces, as run
+    got_logits, got = small.step(call, state)
+    piece = 2 * cfg.chunk_size
+    assert calls == [piece] * (37 // piece) + ([37 % piece] if 37 % piece else [])
+    monkeypatch.undo()
+    want_logits, want = whole.step(call, state)
+    assert_rel_close(got_logits, want_logits, 2e-6, "pieces vs one call: logits")
+    for k in want:
+        assert_rel_close(got[k], want[k], 2e-6, f"pieces vs one call: {k}")
+    for b, n in enumerate(prefix):
+        ref_logits, ref_state = _ref_stream(m64, ids[b:b + 1, :n + 37])
+        assert_rel_close(got_logits[b], ref_logits[0, n:], TOL_SHORT, f"row {b} logits")
+        for t in small.state_spec:
+            if t.name != "position":
+                assert_rel_close(got[t.name][b], ref_state[t.name][0], TOL_SHORT, f"row {b} {t.name}")

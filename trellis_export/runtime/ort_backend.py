@@ -52,6 +52,11 @@ def check_providers(requested: Sequence[str], allow_fallback: bool = False) -> l
     return missing
 
 
+#: Default ``OrtSession(prefill_budget_bytes=...)``: 256 MiB (the bundled model at B = 1 takes calls of
+#: up to ~116k tokens whole; H = 8, m = d = 64, C = 16 at B = 8 runs in pieces of 1,632 tokens).
+PREFILL_BUDGET_BYTES = 256 << 20
+
+
 class OrtSession(Session):
     """Streams an exported Trellis ONNX model with onnxruntime.
 
@@ -71,6 +76,9 @@ class OrtSession(Session):
     ``"lean-std"``: the same without contrib ops; ``"exported"``: the file's graph for every T.
     ``describe()`` records what runs (``decode_graph``, ``prefill_graph``) and, when a lean graph
     could not be built, why (``decode_graph_reason``, ``prefill_graph_reason``).
+    ``prefill_budget_bytes``: what the lean prefill graph may keep per layer for the read-out (the
+    chunk-start memories and inner gradients of every chunk of a call); longer calls run in pieces
+    (:meth:`prefill_piece_tokens`), with the same result.
     """
 
     backend = "ort"
@@ -78,7 +86,7 @@ class OrtSession(Session):
     def __init__(self, model_path: str | os.PathLike[str], *, providers: Sequence[str] | None = None,
                  threads: int | None = None, profile: str | None = None,
                  optimization: str = "all", allow_fallback: bool = False, function_body: str = "ort",
-                 ort_graph: str = "lean") -> None:
+                 ort_graph: str = "lean", prefill_budget_bytes: int = PREFILL_BUDGET_BYTES) -> None:
         import onnxruntime as ort
 
         path = Path(model_path)
@@ -130,6 +138,7 @@ class OrtSession(Session):
         self.decode_graph_reason = sources.reason
         self.prefill_graph = sources.prefill_graph
         self.prefill_graph_reason = sources.prefill_reason
+        self.prefill_budget_bytes = int(prefill_budget_bytes)
         self.decode_session: Any = None
         self._decode_reset = sources.reset
         self._decode_outputs: list[str] = []
@@ -228,6 +237,7 @@ class OrtSession(Session):
         out.update(model=self.model_path, function_body=self.function_body, ort_graph=self.ort_graph,
                    decode_graph=self.decode_graph, decode_graph_reason=self.decode_graph_reason,
                    prefill_graph=self.prefill_graph, prefill_graph_reason=self.prefill_graph_reason,
+                   prefill_budget_bytes=self.prefill_budget_bytes,
                    decode_host_reset=self.decode_session is not None and self._decode_reset is not None,
                    providers_requested=self.providers_requested,
                    providers_missing=self.providers_missing)
@@ -251,8 +261,32 @@ class OrtSession(Session):
             feeds["past." + name] = state[name]
         if input_ids.shape[1] == 1 and self.decode_session is not None:
             return self._run_decode(feeds, state["position"])
-        res = self._call(self.session, self._output_names, feeds)
-        return res[0], dict(zip(self._state_names, res[1:]))
+        piece = self.prefill_piece_tokens(input_ids.shape[0])
+        if input_ids.shape[1] <= piece:
+            res = self._call(self.session, self._output_names, feeds)
+            return res[0], dict(zip(self._state_names, res[1:]))
+        # a long call in pieces (spec section 6: any split of a stream gives the same result), so the
+        # lean prefill graph's per-chunk scan outputs stay within the budget
+        logits, out = [], dict(state)
+        for start in range(0, input_ids.shape[1], piece):
+            feeds = {"input_ids": np.ascontiguousarray(input_ids[:, start:start + piece]),
+                     **{"past." + name: out[name] for name in self._state_names}}
+            res = self._call(self.session, self._output_names, feeds)
+            logits.append(res[0])
+            out = dict(zip(self._state_names, res[1:]))
+        return np.concatenate(logits, axis=1), out
+
+    def prefill_piece_tokens(self, batch: int) -> int:
+        """The most tokens one call of the lean prefill graph takes at ``batch`` rows: its Scan keeps
+        per chunk the chunk-start memories and inner gradients of every row (``B * 2H * (m d + C m)``
+        float32 per layer, alive until the read-out), so a longer call runs in pieces of this many
+        tokens (a multiple of C) to keep that within ``prefill_budget_bytes``. Unbounded for the
+        exported graph (its Loop keeps only the running state)."""
+        if self.prefill_graph == "exported":
+            return 1 << 62
+        c = self.config
+        per_chunk = 4 * batch * 2 * c.n_heads * (c.n_slots * c.head_dim + c.chunk_size * c.n_slots)
+        return max(1, self.prefill_budget_bytes // per_chunk) * c.chunk_size
 
     @staticmethod
     def _call(sess: Any, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
