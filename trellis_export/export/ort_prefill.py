@@ -7,26 +7,30 @@ calls with T > 1 (T = 1 goes to the lean decode graph); the file is never change
 against the exported graph's TrellisMemory body (one ONNX Loop iteration per chunk doing the whole
 chunk, ~60 kernels, the read-out inside), all measured in ``bench/bench_ort.py``:
 
-* **Only the state pass is sequential.** The Loop over chunks carries the memories ``M = [K; V]``
-  ``[B, 2H, m, d]`` (both passes stacked on the head axis: one batched MatMul serves both) and does
-  per chunk just ``Z = W S^T``, the inner gradient ``U`` (TRELLIS_SPEC.md section 2) and the write
-  ``M <- b_C M - (G * U)^T W``; its scan outputs are the chunk-start snapshots and ``U``. Everything that
-  does not depend on the chunk-start state comes out of the Loop: the projections, the gates, the
-  in-chunk decays (cumulative sums of log beta, section 3), and the **read-out**, computed after the
-  Loop for all chunks at once from the chunk-start memories and ``U`` by the chunked parallel form
+* **Only the state pass is sequential.** A Scan over the chunks (one per layer) carries the memories
+  ``M = [K; V]`` ``[B, 2H, m, d]`` (both passes stacked on the head axis: one batched MatMul serves
+  both) and does per chunk just ``Z = W M^T``, the inner gradient ``U`` (TRELLIS_SPEC.md section 2)
+  and the write ``M <- b_C M - U^T (G * W)``; its scan outputs are the chunk-start memories and ``U``
+  (19 kernels a chunk for ln_silu; the Scan slices its inputs itself, no Gather). Everything that does
+  not depend on the chunk-start state comes out of it: the projections, the gates, the in-chunk
+  decays (cumulative sums of log beta, section 3), and the **read-out**, computed after the Scan for
+  all chunks at once from the chunk-start memories and ``U`` by the chunked parallel form
   (``K_t q = b_t M q - sum_{j<=t} gamma_j (b_t / b_j) (w_j . q) u_j``, the same for ``V^T r``).
 * Rows at different positions: each row's tokens are shifted by ``position % C`` into a padded
-  ``[B, nC * C]`` grid where chunk boundaries line up (one Gather of all per-token inputs); padded
-  tokens get beta = 1, gamma = 0, so they change nothing; the outputs are gathered back. With C = 1
-  there is nothing to shift.
-* For ``phi = ln_silu`` the target's mean is taken once outside the Loop (``e - mean(e) = y - (a - mean
+  ``[B, nC * C]`` grid where chunk boundaries line up (one Gather per per-token input); padded
+  tokens get beta = 1, gamma = 0, so they change nothing; the outputs are gathered back. A row that
+  starts the call mid-chunk takes its first inner gradients at its stored snapshot (a correction Scan
+  input, zero after the first chunk). With C = 1 there is nothing to shift.
+* For ``phi = ln_silu`` the target's mean is taken once outside the Scan (``e - mean(e) = y - (a - mean
   a)`` because a LayerNormalization output has zero mean), which saves two kernels per chunk.
 * The rest of the layer as in the lean decode graph (fused projections, contrib norms with
   ``contrib=True``), over ``[B, T, ...]``; the causal conv stays ORT's grouped Conv over
   ``[cache, tokens]``.
 
-Float32 activations only; :class:`~trellis_export.export.ort_rewrite.RewriteError` otherwise (the
-session then runs the exported graph for T > 1 and says why in ``describe()``).
+The scan outputs grow with T; :class:`~trellis_export.runtime.OrtSession` runs calls longer than its
+``prefill_budget_bytes`` in pieces. Float32 activations only;
+:class:`~trellis_export.export.ort_rewrite.RewriteError` otherwise (the session then runs the exported
+graph for T > 1 and says why in ``describe()``).
 """
 
 from __future__ import annotations
