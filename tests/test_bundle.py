@@ -651,6 +651,16 @@ def test_gpu_check_without_a_gpu_says_why_it_skipped(orin: tuple[Path, dict[str,
         res = gpu_check(orin[0], runtime="tensorrt-rtx", engine=eng, timeout=600)
         assert res["status"] == "SKIPPED" and "GPU" in res["reason"], res
     assert not eng.exists() and check_bundle(orin[0])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = gpu_check(orin[0], timeout=600)                     # default: a temporary directory of its own
+    assert res["status"] == "SKIPPED" and sorted(p.name for p in tmp_path.iterdir()) == before
+    assert not orin[0].with_name(orin[0].name + ".engine").exists()
+    for taken in (eng, eng.with_name(eng.name + ".verify.json")):   # a user's file is never overwritten
+        taken.write_bytes(b"users file")
+        res = gpu_check(orin[0], engine=eng, timeout=600)
+        assert res["status"] == "ERROR" and str(taken) in res["reason"] and "exists" in res["reason"], res
+        assert taken.read_bytes() == b"users file"
+        taken.unlink()
     (copy / "run_stream.py").write_text("tampered\n")
     res = gpu_check(copy, engine=eng)
     assert res["status"] == "ERROR" and "sha256" in res["reason"]

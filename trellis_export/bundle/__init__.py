@@ -14,8 +14,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -63,15 +65,15 @@ def gpu_check(bundle_dir: str | os.PathLike[str], *, runtime: str | None = None,
 
     ``runtime``: ``"tensorrt-rtx"`` | ``"tensorrt"`` (default: the bundle target's). TensorRT-RTX builds
     for this GPU's compute capability when it is a TensorRT-RTX target (sm_75/80/86/89/120/121), so
-    any bundle can be checked that way on such a card. The engine goes to ``engine`` (default: a file
-    beside the bundle, so the bundle stays as it was made).
+    any bundle can be checked that way on such a card. The engine and its verify report go to
+    ``engine`` and ``<engine>.verify.json``, which must not exist yet (ERROR otherwise: nothing is
+    overwritten); by default to a temporary directory of this call's own, removed afterwards (the
+    report is returned), so neither the bundle nor anything beside it changes.
 
     Returns ``{"status": "PASSED" | "FAILED" | "ERROR" | "SKIPPED", "reason": ..., "build": {...},
     "verify": {...}}`` with each step's command, exit code, seconds and output tail (and the verify
     report); SKIPPED says why the check cannot run here (no GPU, no such TensorRT, a GPU that is not
     a TensorRT-RTX target). Never raises for a failed step."""
-    from importlib.util import find_spec
-
     bundle = Path(bundle_dir).resolve()
     result: dict[str, Any] = {"bundle": str(bundle), "status": "ERROR"}
     try:
@@ -79,6 +81,25 @@ def gpu_check(bundle_dir: str | os.PathLike[str], *, runtime: str | None = None,
     except BundleError as exc:
         result["reason"] = str(exc)
         return result
+    if engine is not None:
+        eng = Path(engine)
+        taken = [p for p in (eng, eng.with_name(eng.name + ".verify.json")) if p.exists() or p.is_symlink()]
+        if taken:
+            result["reason"] = (f"{taken[0]}: exists; gpu_check writes the engine and its report to new "
+                                "paths only")
+            return result
+        return _gpu_check(bundle, manifest, result, runtime, timeout, eng)
+    work = Path(tempfile.mkdtemp(prefix="trellis-gpu-check-"))
+    try:
+        return _gpu_check(bundle, manifest, result, runtime, timeout, work / (bundle.name + ".engine"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _gpu_check(bundle: Path, manifest: dict[str, Any], result: dict[str, Any], runtime: str | None,
+               timeout: float, eng: Path) -> dict[str, Any]:
+    from importlib.util import find_spec
+
     rt = runtime or manifest["target"]["runtime"]
     result["runtime"] = rt
     modules = {"tensorrt": ("tensorrt",), "tensorrt-rtx": ("tensorrt_rtx_bindings", "tensorrt_rtx")}
@@ -95,7 +116,6 @@ def gpu_check(bundle_dir: str | os.PathLike[str], *, runtime: str | None = None,
         why = first_line(exc)
         return {**result, "status": "SKIPPED", "reason": f"no usable GPU ({why})"}
     result["compute_capability"] = f"{cc // 10}.{cc % 10}"
-    eng = Path(engine) if engine is not None else bundle.with_name(bundle.name + ".engine")
     build_cmd = [sys.executable, str(bundle / "build_engine.py"), "--runtime", rt, "-o", str(eng)]
     if rt == "tensorrt-rtx":
         from trellis_export.plugins_trt.runtimes import RTX_TARGETS
