@@ -121,14 +121,14 @@ def chunk_trellis_fwd(
     eps: float = 1e-5, dot_precision: str = "ieee", out: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the chunked kernel. Same contract as ``fused_recurrent_trellis_fwd``."""
-    from .common import _check_out, prepare
-    from .fused_recurrent import _alloc
+    from .common import outputs, prepare
     if dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision must be one of {', '.join(DOT_PRECISIONS)}, got {dot_precision!r}")
     args, (B, T, H, m, d) = prepare(q, k, v, a, beta, gamma, key_memory, value_memory, key_snapshot,
                                     value_snapshot, position)
     cfg = launch_config("chunk", m, d, chunk_size)
-    outs = _alloc(args[0], B, T, H, m, d) if out is None else _check_out(out, args[0], B, T, H, m, d)
+    outs = outputs(args, (key_memory, value_memory, key_snapshot, value_snapshot), out, False,
+                   (B, T, H, m, d))
     chunk_trellis_fwd_kernel[cfg.grid(B, H)](
         *args, T, *outs,
         H=H, M=m, D=d, C=chunk_size, BM=cfg.BM, BD=cfg.BD, BC=cfg.BC,

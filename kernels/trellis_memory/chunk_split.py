@@ -213,21 +213,14 @@ def chunk_split_trellis_fwd(
     """The two-launch prefill. Same contract and results as ``chunk_trellis_fwd``; ``in_place`` as in
     ``fused_recurrent_trellis_fwd`` (the state tensors are updated; snapshots written only by rows
     where a chunk starts)."""
-    from .common import _check_out, prepare
-    from .fused_recurrent import _alloc
+    from .common import outputs, prepare
     if dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision must be one of {', '.join(DOT_PRECISIONS)}, got {dot_precision!r}")
     args, (B, T, H, m, d) = prepare(q, k, v, a, beta, gamma, key_memory, value_memory, key_snapshot,
                                     value_snapshot, position)
     C = int(chunk_size)
-    if in_place:
-        state = (key_memory, value_memory, key_snapshot, value_snapshot)
-        if any(a is not s for a, s in zip(args[6:10], state)):
-            raise ValueError("in_place needs contiguous float32 state tensors (they are updated in place)")
-        o = out[0] if out is not None else torch.empty(B, T, H, d, dtype=args[0].dtype, device=q.device)
-        outs = _check_out((o, *state), args[0], B, T, H, m, d)
-    else:
-        outs = _alloc(args[0], B, T, H, m, d) if out is None else _check_out(out, args[0], B, T, H, m, d)
+    outs = outputs(args, (key_memory, value_memory, key_snapshot, value_snapshot), out, in_place,
+                   (B, T, H, m, d))
     ws = workspaces(B, T, H, m, d, C, q.device)
     kw = dict(H=H, M=m, D=d, C=C, PHI=nl_code(phi, "phi"), F=nl_code(f, "f"), RHO=nl_code(rho, "rho"),
               EPS=float(eps), DOT_PRECISION=dot_precision, DECODE=T == 1, IN_PLACE=bool(in_place))

@@ -61,3 +61,21 @@ def _check_out(out: tuple[torch.Tensor, ...], q: torch.Tensor, B: int, T: int, H
             raise ValueError(f"out[{i}] must be a contiguous {dt} tensor of shape {s} on {q.device}, "
                              f"got {t.dtype} {tuple(t.shape)} on {t.device}")
     return tuple(out)
+
+
+def outputs(args: list[torch.Tensor], state: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, ...] | None,
+            in_place: bool, dims: tuple[int, int, int, int, int]) -> tuple[torch.Tensor, ...]:
+    """The five output tensors (o, K, V, S_K, S_V) of a launch: with ``in_place`` the four caller's
+    state tensors themselves (they must be what :func:`prepare` passed through: contiguous float32)
+    and ``out[0]`` or a new o; else ``out`` validated, or new tensors."""
+    B, T, H, m, d = dims
+    q = args[0]
+    if in_place:
+        if any(a is not s for a, s in zip(args[6:10], state)):
+            raise ValueError("in_place needs contiguous float32 state tensors (they are updated in place)")
+        o = out[0] if out is not None else torch.empty(B, T, H, d, dtype=q.dtype, device=q.device)
+        return _check_out((o, *state), q, B, T, H, m, d)
+    if out is not None:
+        return _check_out(out, q, B, T, H, m, d)
+    o = torch.empty(B, T, H, d, dtype=q.dtype, device=q.device)
+    return (o, *(torch.empty(B, H, m, d, dtype=torch.float32, device=q.device) for _ in range(4)))

@@ -107,18 +107,12 @@ def fused_recurrent_trellis_fwd(
     returned K, V, S_K, S_V are those tensors); snapshots are written only when a chunk starts in
     this call, and the stored snapshot is not read when the first token starts a chunk.
     T == 1 launches the decode specialisation (``DECODE``: T a compile-time 1)."""
-    from .common import _check_out, prepare
+    from .common import outputs, prepare
     args, (B, T, H, m, d) = prepare(q, k, v, a, beta, gamma, key_memory, value_memory, key_snapshot,
                                     value_snapshot, position)
     cfg = launch_config("fused_recurrent", m, d, chunk_size)
-    if in_place:
-        state = (key_memory, value_memory, key_snapshot, value_snapshot)
-        if any(a is not s for a, s in zip(args[6:10], state)):
-            raise ValueError("in_place needs contiguous float32 state tensors (they are updated in place)")
-        o = out[0] if out is not None else torch.empty(B, T, H, d, dtype=args[0].dtype, device=q.device)
-        outs = _check_out((o, *state), args[0], B, T, H, m, d)
-    else:
-        outs = _alloc(args[0], B, T, H, m, d) if out is None else _check_out(out, args[0], B, T, H, m, d)
+    outs = outputs(args, (key_memory, value_memory, key_snapshot, value_snapshot), out, in_place,
+                   (B, T, H, m, d))
     fused_recurrent_trellis_fwd_kernel[cfg.grid(B, H)](
         *args, T, *outs,
         H=H, M=m, D=d, C=chunk_size, BM=cfg.BM, BD=cfg.BD, BC=cfg.BC,
@@ -127,8 +121,3 @@ def fused_recurrent_trellis_fwd(
         num_stages=cfg.num_stages)
     return cast(MemoryOutputs, outs)
 
-
-def _alloc(q: torch.Tensor, B: int, T: int, H: int, m: int, d: int) -> tuple[torch.Tensor, ...]:
-    o = torch.empty(B, T, H, d, dtype=q.dtype, device=q.device)
-    st = [torch.empty(B, H, m, d, dtype=torch.float32, device=q.device) for _ in range(4)]
-    return (o, *st)

@@ -135,6 +135,20 @@ def _add2(a0, a1, b0, b1):
 
 
 @triton.jit
+def _centred_sd(s, mask, N: tl.constexpr, EPS: tl.constexpr, AXIS: tl.constexpr, ONE_ROUND: tl.constexpr):
+    """(s - mean s, sqrt(var s + EPS)) over axis AXIS (population variance; 0 on padding), the
+    statistics of ln_silu: in one reduction (Welford) with ``ONE_ROUND``, else two passes."""
+    if ONE_ROUND:
+        mu, m2 = _mean_m2(s, mask, AXIS)
+        c = tl.where(mask, s - mu, 0.0)
+    else:
+        mu = tl.sum(s, axis=AXIS, keep_dims=True) / N
+        c = tl.where(mask, s - mu, 0.0)
+        m2 = tl.sum(c * c, axis=AXIS, keep_dims=True)
+    return c, tl.sqrt(m2 / N + EPS)
+
+
+@triton.jit
 def nl_fwd(z, mask, N: tl.constexpr, EPS: tl.constexpr, KIND: tl.constexpr, AXIS: tl.constexpr,
            ONE_ROUND: tl.constexpr = False):
     """y = g(z) over axis AXIS; entries outside ``mask`` are padding (the result there is 0).
@@ -143,14 +157,7 @@ def nl_fwd(z, mask, N: tl.constexpr, EPS: tl.constexpr, KIND: tl.constexpr, AXIS
         y = tl.where(mask, z, 0.0)
     elif KIND == 1:
         s = tl.where(mask, z * tl.sigmoid(z), 0.0)
-        if ONE_ROUND:
-            mu, m2 = _mean_m2(s, mask, AXIS)
-            c = tl.where(mask, s - mu, 0.0)
-        else:
-            mu = tl.sum(s, axis=AXIS, keep_dims=True) / N
-            c = tl.where(mask, s - mu, 0.0)
-            m2 = tl.sum(c * c, axis=AXIS, keep_dims=True)
-        sd = tl.sqrt(m2 / N + EPS)
+        c, sd = _centred_sd(s, mask, N, EPS, AXIS, ONE_ROUND)
         y = c / sd
     else:
         s = tl.where(mask, z * tl.sigmoid(z), 0.0)
@@ -169,14 +176,7 @@ def inner_grad(z, a, mask, N: tl.constexpr, EPS: tl.constexpr, KIND: tl.constexp
         sig = tl.sigmoid(z)
         s = tl.where(mask, z * sig, 0.0)
         ds = sig * (1.0 + z * (1.0 - sig))
-        if ONE_ROUND:
-            mu, m2 = _mean_m2(s, mask, AXIS)
-            c = tl.where(mask, s - mu, 0.0)
-        else:
-            mu = tl.sum(s, axis=AXIS, keep_dims=True) / N
-            c = tl.where(mask, s - mu, 0.0)
-            m2 = tl.sum(c * c, axis=AXIS, keep_dims=True)
-        sd = tl.sqrt(m2 / N + EPS)
+        c, sd = _centred_sd(s, mask, N, EPS, AXIS, ONE_ROUND)
         y = c / sd
         e = tl.where(mask, y - a, 0.0)
         if ONE_ROUND:
