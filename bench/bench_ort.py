@@ -69,24 +69,22 @@ def machine_rates(nbytes: float, seconds: float = 0.5) -> dict[str, float]:
     repeated runs."""
     import torch
 
+    def best_s(fn: Any, reps: int) -> float:
+        """The fastest of repeated timings of ``reps`` calls of ``fn``, per call, over ``seconds``."""
+        best = float("inf")
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            a = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            best = min(best, (time.perf_counter() - a) / reps)
+        return best
+
     n = max(1024, int(nbytes) // 8)
     src, dst = np.random.rand(n).astype(np.float32), np.empty(n, np.float32)
-    best = float("inf")
-    t_end = time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        a = time.perf_counter()
-        for _ in range(20):
-            np.copyto(dst, src)
-        best = min(best, (time.perf_counter() - a) / 20)
-    bw = 2 * 4 * n / best
+    bw = 2 * 4 * n / best_s(lambda: np.copyto(dst, src), 20)
     A, Bm = torch.rand(256, 256), torch.rand(256, 256)
-    best_mm = float("inf")
-    t_end = time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        a = time.perf_counter()
-        for _ in range(5):
-            torch.mm(A, Bm)
-        best_mm = min(best_mm, (time.perf_counter() - a) / 5)
+    best_mm = best_s(lambda: torch.mm(A, Bm), 5)
     return {"copy_bytes": 8.0 * n, "copy_bandwidth_bytes_per_s": bw,
             "matmul_flops_per_s": 2 * 256 ** 3 / best_mm, "matmul_threads": torch.get_num_threads()}
 
@@ -185,6 +183,11 @@ GRAPH_VARIANTS: dict[str, dict[str, Any]] = {
     "linear_attention_host_reset": dict(contrib=True, linear_attention=True, host_reset=True),
     "linear_attention_host_reset_snapshot": dict(contrib=True, linear_attention=True, host_reset=True,
                                                  host_snapshot=True),
+    # the default (the row above) with the conv written the two earlier ways
+    "default_conv_window": dict(contrib=True, linear_attention=True, host_reset=True, host_snapshot=True,
+                                conv="window"),
+    "default_conv_transposed": dict(contrib=True, linear_attention=True, host_reset=True,
+                                    host_snapshot=True, conv="transposed"),
 }
 
 

@@ -273,7 +273,8 @@ def test_own_state_is_not_revalidated(models: _Models, backend: str, monkeypatch
 @pytest.mark.parametrize("variant", [dict(contrib=True, linear_attention=False, stack=True),
                                      dict(contrib=True, linear_attention=False, stack=False),
                                      dict(contrib=False, stack=False),
-                                     dict(contrib=True, linear_attention=True, conv_transposed=True)])
+                                     dict(contrib=True, linear_attention=True, conv="transposed"),
+                                     dict(contrib=True, linear_attention=True, conv="window")])
 @pytest.mark.parametrize("name", ["ln-ln-id-C3", "id-l2-ln-C1"])
 def test_lean_builder_variants(models: _Models, name: str, variant: dict) -> None:
     """The builder's other variants (kept for the measurements) against the exported graph, B = 5,

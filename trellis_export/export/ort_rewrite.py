@@ -54,6 +54,10 @@ __all__ = ["lean_decode_model", "host_reset_values", "RewriteError", "ORT_GRAPHS
 #: :func:`.ort_prefill.lean_prefill_model`), ``"lean-std"`` (the same without contrib ops),
 #: ``"exported"`` (the file's graph for every T).
 ORT_GRAPHS: tuple[str, ...] = ("lean", "lean-std", "exported")
+#: ``lean_decode_model(conv=...)``: ``"columns"`` (one Sum of the cache's columns times their taps),
+#: ``"window"`` (Concat + Mul + ReduceSum over the window axis), ``"transposed"`` (the window as
+#: ``[B, K, 3 H d]``); bench/bench_ort.py's graph variants time them.
+CONV_FORMS: tuple[str, ...] = ("columns", "window", "transposed")
 #: F.normalize's eps in the layer (``model/lm.py``): q, k / max(||x||, eps).
 QK_NORM_EPS = 1e-6
 
@@ -510,7 +514,7 @@ def host_reset_values(model: onnx.ModelProto, config: TrellisConfig, weights: Mo
 
 def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib: bool = True,
                       stack: bool = True, linear_attention: bool | None = None, host_reset: bool = False,
-                      host_snapshot: bool = False, conv_transposed: bool = False,
+                      host_snapshot: bool = False, conv: str = "columns",
                       activation_dtype: str = "float32", weights: ModelWeights | None = None
                       ) -> onnx.ModelProto:
     """The T = 1 streaming step of ``model`` as one straight-line graph (see the module doc).
@@ -525,7 +529,11 @@ def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib:
     start, position % C == 0, else the stored snapshot), and the graph has no ``present.*_snapshot``
     outputs: the present snapshot is S itself, which the caller returns as it is (no Where pass, no
     copy; when the rows step in lockstep S is one of the two input arrays, chosen per call).
+    ``conv``: how the causal conv is written (:data:`CONV_FORMS`; the default ``"columns"``, and the
+    two earlier forms, kept for the measurements of ``bench/bench_ort.py``).
     Raises :class:`RewriteError` for a graph it cannot read or a float16 export."""
+    if conv not in CONV_FORMS:
+        raise ValueError(f"conv must be one of {', '.join(CONV_FORMS)}, got {conv!r}")
     wts = _lean_weights(model, config, weights, activation_dtype, "decode")
     if linear_attention is None:
         linear_attention = contrib
@@ -572,18 +580,22 @@ def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib:
         bias[o0 + 2 * H:o0 + 4 * H] = np.tile(lw.b_gamma, 2)
         mix = b.op("Gemm", [h, b.init(w_mix, f"w_mix_{L}"), b.init(bias, f"b_mix_{L}")], "mix")
         qkv, a2, gates, g = b.op("Split", [mix, b.const([3 * HD, 2 * H * m, 4 * H, HD])], n_out=4, axis=1)
-        # ---- causal depthwise conv: window = [cache, x], y = sum(window * W); cache <- window[1:]
+        # ---- causal depthwise conv over the window [cache, x]; the new cache is the window's last K - 1
         cache = ins[f"{L}.conv"] if fresh3 is None else \
             b.op("Where", [fresh3, b.const(0.0, f32), ins[f"{L}.conv"]], "cache")
-        if conv_transposed:   # the window as [B, K, 3 H d]: every op runs along a contiguous 3 H d axis
+        if conv == "window":      # y = ReduceSum(window * W) over the size-K window axis
+            win = b.op("Concat", [cache, b.op("Unsqueeze", [qkv, b.const([2])])], "win", axis=2)
+            b.op("Slice", [win, b.const([1]), b.const([K]), b.const([2])], outputs=[outs[f"{L}.conv"]])
+            y = b.op("ReduceSum", [b.op("Mul", [win, b.init(lw.conv, f"conv_{L}")]), b.const([2])],
+                     keepdims=0)
+        elif conv == "transposed":   # the window as [B, K, 3 H d]: ops along a contiguous 3 H d axis
             cache_t = b.op("Transpose", [cache], "cache_t", perm=[0, 2, 1])
             win = b.op("Concat", [cache_t, b.op("Unsqueeze", [qkv, b.const([1])])], "win", axis=1)
             b.op("Transpose", [b.op("Slice", [win, b.const([1]), b.const([K]), b.const([1])])],
                  outputs=[outs[f"{L}.conv"]], perm=[0, 2, 1])
             y = b.op("ReduceSum", [b.op("Mul", [win, b.init(np.ascontiguousarray(lw.conv.T), f"conv_{L}")]),
                                    b.const([1])], keepdims=0)
-        else:   # per cache column: y = sum_j col_j * W[:, j] (one Sum), cache <- [cols 1.., x]; measured
-            # 2.4x faster at B = 256 than Concat + Mul + ReduceSum over the size-K window axis, same at B = 1
+        else:   # "columns": y = sum_j col_j * W[:, j] (one Sum over the columns), cache <- [cols 1.., x]
             x3 = b.op("Unsqueeze", [qkv, b.const([2])], "x3")                           # [B, 3 H d, 1]
             cols = [cache] if K == 2 else list(b.op("Split", [cache, b.const([1] * (K - 1))], n_out=K - 1,
                                                     axis=2))
