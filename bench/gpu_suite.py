@@ -165,16 +165,25 @@ def aot_cases() -> list[dict[str, Any]]:
         add("fused_recurrent", variant, 3, 1, 3, 7, 5, 3, phi="l2_silu")
         add("fused_recurrent", variant, 4, 1, 8, 64, 64, 16)
     add("chunk_split", "aligned", 2, 37, 8, 64, 64, 16)
+    # the state pass's m-axis split (phi = identity): odd m (a part-filled second block), bench shape
+    add("chunk_split", "m_split", 3, 7, 3, 19, 5, 3, phi="identity", f="l2_silu")
+    add("chunk_split", "m_split", 2, 37, 8, 64, 64, 16, phi="identity")
     add("chunk_split", "aligned+tf32x3", 2, 37, 8, 64, 64, 16, opt_in=True)
     add("chunk_split", "aligned+tf32x3", 2, 40, 4, 32, 32, 16, opt_in=True)
     return out
 
 
-def variant_kwargs(variant: str) -> dict[str, Any]:
-    """``compile_kernel`` keyword arguments of a record variant name."""
+def variant_kwargs(variant: str, kernel: str = "chunk_state") -> dict[str, Any]:
+    """``compile_kernel`` keyword arguments of a record variant name for ``kernel``: the m-axis split
+    (``m_split``) is the state pass's; the split prefill's read-out then takes the aligned record."""
+    from trellis_export.kernels.trellis_memory.utils import M_SPLIT_BLOCK
+    split = variant.startswith("m_split")
+    if split and kernel != "chunk_state":
+        variant = variant.replace("m_split", "aligned", 1)
     return dict(aligned=not variant.startswith("unaligned") and "_unaligned" not in variant,
                 decode=variant.startswith("decode"), in_place="in_place" in variant,
-                dot_precision="tf32x3" if "tf32x3" in variant else "ieee")
+                dot_precision="tf32x3" if "tf32x3" in variant else "ieee",
+                **({"m_block": M_SPLIT_BLOCK} if split and kernel == "chunk_state" else {}))
 
 
 def case_kernels(case: dict[str, Any]) -> tuple[str, ...]:
@@ -267,6 +276,12 @@ def format_table(results: dict[str, Any]) -> str:
                          f"{_fmt(apre['ratio_vs_fla'])}x fla's time (aim <= {AIM_PREFILL_VS_FLA}x)"))
         elif apre.get("fla_skipped"):
             rows.append(("AOT prefill vs fla", "skipped", apre["fla_skipped"][:100]))
+        for r in apre.get("m_split_rule", []):
+            if "m_split_over_aligned" in r:
+                rows.append((f"AOT m-axis split B={r['B']}", "ok" if r["rule_picks_faster"] else "rule wrong",
+                             f"{_fmt(r['m_split_over_aligned'])}x the whole-m state pass's time; the rule "
+                             f"takes {r['rule_takes']} ({r['programs_unsplit']} programs unsplit, "
+                             f"{apre.get('sms')} SMs)"))
     for name, err in results.get("errors", {}).items():
         rows.append((name, "ERROR", err.splitlines()[-1][:100] if err else ""))
     w0 = max([len(r[0]) for r in rows] + [7])
@@ -392,7 +407,7 @@ def aot_records(case: dict[str, Any], cc: int, records: list[dict[str, Any]] | N
             out.append(compile_kernel(kernel, cc, heads=case["H"], slots=case["m"], head_dim=case["d"],
                                       chunk_size=case["C"], phi=case["phi"], f=case["f"], rho=case["rho"],
                                       eps=1e-5, dtype=case["dtype"], include_cubin=True,
-                                      **variant_kwargs(case["variant"])).to_dict())
+                                      **variant_kwargs(case["variant"], kernel)).to_dict())
     return sorted(out, key=lambda r: r.get("stage", 0))
 
 
@@ -462,6 +477,36 @@ def run_aot(cases: list[dict[str, Any]], seed: int, aot_json: str | None) -> dic
             "source": aot_json or "compiled in this run"}
 
 
+def run_m_split_rule(drv: Any, cc: int, sms: int, H: int, m: int, d: int, C: int, w: int, n: int,
+                     seed: int) -> list[dict[str, Any]]:
+    """The split prefill with and without the state pass's m-axis split at batch sizes around the
+    rule ``cuda_launch.split_fills`` (split while B * H * 2 < SMs), T = 1024, phi = identity: whether
+    the occupancy rule picks the faster record (``rule_picks_faster``)."""
+    import torch
+    out = []
+    rows = sorted({1, max(1, sms // (2 * H)), max(1, sms // (2 * H)) + 1, 4 * max(1, sms // (2 * H))})
+    for B in rows:
+        base = dict(kernel="chunk_split", B=B, T=1024, H=H, m=m, d=d, C=C, phi="identity", f="identity",
+                    rho="identity", dtype="bfloat16", tol=TOL_LONG)
+        row: dict[str, Any] = {"B": B, "programs_unsplit": B * H * 2,
+                               "rule_takes": "m_split" if cuda_launch().split_fills(B, H, sms) else "aligned"}
+        for variant in ("aligned", "m_split"):
+            case = dict(base, variant=variant)
+            acts, state, pos = make_inputs(case, "cuda", seed)
+            try:
+                launch = AotLaunch(drv, aot_records(case, cc, None), case, acts, state, torch.zeros_like(pos),
+                                   poisoned_outputs(case, acts))
+                row[f"{variant}_ms"] = time_cuda(launch, max(1, w // 2), n)["median_ms"]
+            except Exception as exc:  # noqa: BLE001 - report, keep the other timings
+                row[f"{variant}_error"] = f"{type(exc).__name__}: {exc}"
+        if "aligned_ms" in row and "m_split_ms" in row:
+            row["m_split_over_aligned"] = row["m_split_ms"] / row["aligned_ms"]
+            faster = "m_split" if row["m_split_ms"] < row["aligned_ms"] else "aligned"
+            row["rule_picks_faster"] = faster == row["rule_takes"]
+        out.append(row)
+    return out
+
+
 def in_place_decode_bytes(B: int, H: int, m: int, d: int, C: int, positions: list[int]) -> int:
     """State bytes an in-place decode step moves: K and V read and written, the snapshots read by
     rows mid-chunk and written by rows at a chunk start (position % C == 0), float32."""
@@ -507,7 +552,7 @@ def run_aot_timing(args: argparse.Namespace) -> dict[str, Any]:
     base = dict(B=Bp, T=Tp, H=H, m=m, d=d, C=C, phi="identity", f="identity", rho="identity",
                 dtype="bfloat16", tol=TOL_LONG)
     for kernel, variant in (("chunk", "unaligned"), ("chunk", "aligned"), ("chunk_split", "aligned"),
-                            ("chunk_split", "aligned+tf32x3")):
+                            ("chunk_split", "m_split"), ("chunk_split", "aligned+tf32x3")):
         case = dict(base, kernel=kernel, variant=variant)
         acts, state, pos = make_inputs(case, "cuda", args.seed)
         pos = torch.zeros_like(pos)
@@ -520,9 +565,14 @@ def run_aot_timing(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - one variant failing must not hide the others
             pre.append({"kernel": kernel, "variant": variant, "error": f"{type(exc).__name__}: {exc}"})
     before = next((r["ms"] for r in pre if r["variant"] == "unaligned" and "ms" in r), None)
-    split = next((r["ms"] for r in pre if r["kernel"] == "chunk_split" and r["variant"] == "aligned"
+    # what the plugin launches at this B on this card: the m-axis split while B * H * 2 < SMs
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    chosen = "m_split" if cuda_launch().split_fills(Bp, H, sms) else "aligned"
+    split = next((r["ms"] for r in pre if r["kernel"] == "chunk_split" and r["variant"] == chosen
                   and "ms" in r), None)
-    res: dict[str, Any] = {"B": Bp, "T": Tp, "H": H, "m": m, "d": d, "C": C, "runs": pre}
+    res: dict[str, Any] = {"B": Bp, "T": Tp, "H": H, "m": m, "d": d, "C": C, "runs": pre, "sms": sms,
+                           "split_variant_timed_for_aims": chosen,
+                           "m_split_rule": run_m_split_rule(drv, cc, sms, H, m, d, C, w, n, args.seed)}
     if before and split:
         res["speedup_vs_pre_issue14_chunk"] = before / split
         res["meets_speedup_aim"] = before / split >= AIM_PREFILL_SPEEDUP
@@ -728,6 +778,9 @@ def plugin_cases(quick: bool = False) -> list[dict[str, Any]]:
     add(2, 1, 8, 64, 64, 16, True)                           # in-place decode, bench shape
     add(2, 64, 8, 64, 64, 16, True)
     add(2, 21, 4, 32, 32, 4, False, dtype="float16")
+    # phi = identity: the state pass's m-axis split (odd m: a part-filled second block; bench shape)
+    add(3, 13, 3, 19, 5, 3, False, phi="identity")
+    add(2, 64, 8, 64, 64, 16, True, phi="identity", f="identity")
     if not quick:
         add(2, 300, 4, 32, 32, 16, False, phi="identity", f="ln_silu", rho="ln_silu")
     return cases

@@ -29,6 +29,11 @@ Record fields added by issue 14 (all optional when reading: records without them
 * ``cubin_b64`` (existing field, now filled by default for the targets in ``CUBIN_TARGETS``): the
   cubin of the same compilation, for a driver older than the PTX ISA or to skip the JIT at load.
 * ``cubin_ptxas`` (str): the ptxas that made the cubin (triton's bundled one).
+* ``m_block`` (int, 0 = none): the ``chunk_state`` record of the m-axis split (variant ``m_split``,
+  compiled only for phi = identity): its programs take ``m_block`` slots each, so the grid
+  (``grid_dims``) has ``cdiv(m, m_block)`` programs per (row, head, pass). Correct for any batch;
+  :func:`trellis_export.kernels.cuda_launch.select_record` prefers it only while the unsplit pass
+  would leave streaming multiprocessors idle (``split_fills``).
 * ``plan``, ``stage``, ``grid_dims``, ``workspaces``: the split prefill (kernels ``chunk_state`` and
   ``chunk_readout``, ``trellis_memory/chunk_split.py``) is two launches on one stream, ``stage`` 0 then
   1. Their signature is the op's inputs, ``T``, the op's outputs, then the workspace pointers
@@ -64,6 +69,7 @@ from .trellis_memory.utils import (
     DOT_PRECISIONS,
     INPUT_ARGS,
     KERNELS,
+    M_SPLIT_BLOCK,
     OUTPUT_ARGS,
     RUNTIME_ARGS,
     SCALAR_ARGS,
@@ -138,6 +144,7 @@ class AOTKernel:
     stage: int = 0                    # launch order inside the plan (0 = state pass, 1 = read-out)
     grid_dims: list[str] = field(default_factory=list)   # grid as expressions of B, H, T, constexprs
     workspaces: dict[str, str] = field(default_factory=dict)  # pointer arg -> bytes (expression)
+    m_block: int = 0                  # slot block of chunk_state's m-axis split (0: the whole m axis)
 
     def grid_fn(self, B: int, H: int, T: int = 1) -> tuple[int, int, int]:
         """The grid for B rows of H heads (the data in ``grid``: one program per (row, head); the
@@ -216,22 +223,31 @@ def constexprs_for(cfg: LaunchConfig, *, heads: int, slots: int, head_dim: int, 
     return cx
 
 
-def variant_name(*, aligned: bool, decode: bool, in_place: bool, dot_precision: str = "ieee") -> str:
+def variant_name(*, aligned: bool, decode: bool, in_place: bool, dot_precision: str = "ieee",
+                 m_block: int = 0) -> str:
     """The ``variant`` field of a record."""
     name = ("decode_in_place" if in_place else "decode") if decode else \
         ("in_place" if in_place else "aligned" if aligned else "unaligned")
-    if decode and not aligned:
+    if m_block:
+        name = "m_split" if name == "aligned" else f"m_split_{name}"
+    if (decode or m_block) and not aligned:
         name += "_unaligned"
     return name + (f"+{dot_precision}" if dot_precision != "ieee" else "")
 
 
-def variants_for(kernel: str, which: str = "all") -> list[dict[str, Any]]:
+def variants_for(kernel: str, which: str = "all", *, phi: str = "ln_silu", slots: int = 0
+                 ) -> list[dict[str, Any]]:
     """The specialisations ``compile_config`` builds per kernel and target, most specialised first
-    (the order ``cuda_launch.select_record`` expects). ``which="default"``: the aligned record only."""
+    (the order ``cuda_launch.select_record`` expects). ``which="default"``: the aligned record only.
+    ``phi`` and ``slots`` (the model's): ``chunk_state`` gets the m-axis split record first where
+    the model allows it (``chunk_split.splits_m``: phi = identity, m above one block)."""
     if which == "default":
         return [dict(aligned=True)]
     if which != "all":
         raise AOTError(f"variants must be 'default' or 'all', got {which!r}")
+    from .trellis_memory.chunk_split import splits_m
+    if kernel == "chunk_state" and slots and splits_m(phi, slots):
+        return [dict(aligned=True, m_block=M_SPLIT_BLOCK)] + variants_for(kernel, which)
     if kernel == "fused_recurrent":
         return [dict(aligned=True, decode=True, in_place=True), dict(aligned=True, decode=True),
                 dict(aligned=True), dict(aligned=False)]
@@ -247,7 +263,7 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
                    dtype: str = "float32", gate_dtype: str | None = None,
                    include_cubin: bool | None = None, aligned: bool = True, decode: bool = False,
                    in_place: bool = False, dot_precision: str = "ieee",
-                   ptx_version: int | None = None) -> AOTKernel:
+                   ptx_version: int | None = None, m_block: int = 0) -> AOTKernel:
     """Compile one kernel for ``sm_<cc>`` and return its launch record (no GPU needed).
 
     ``include_cubin`` adds the cubin of the same compilation (base64) for drivers older than the PTX
@@ -255,7 +271,8 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
     (vector loads; the launcher checks). ``decode``: T a compile-time 1. ``in_place``: outputs alias
     the input memories (snapshots stored only when a chunk starts). ``dot_precision``: the chunk
     kernel's ``tl.dot`` precision (ieee, tf32, tf32x3). ``ptx_version``: the PTX ISA as an int (85 =
-    8.5; default ``DEFAULT_PTX_VERSION[cc]``)."""
+    8.5; default ``DEFAULT_PTX_VERSION[cc]``). ``m_block``: the m-axis split of ``chunk_state``
+    (slots per program; phi must be identity)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -266,8 +283,10 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
     for name, val in (("heads", heads), ("slots", slots), ("head_dim", head_dim), ("chunk_size", chunk_size)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise AOTError(f"{name} must be an integer >= 1, got {val!r}")
+    if m_block and phi != "identity":
+        raise AOTError(f"the m-axis split (m_block = {m_block}) needs phi = identity, got phi = {phi!r}")
     try:
-        cfg = launch_config(kernel, slots, head_dim, chunk_size, dot_precision)
+        cfg = launch_config(kernel, slots, head_dim, chunk_size, dot_precision, m_block)
         cx = constexprs_for(cfg, heads=heads, slots=slots, head_dim=head_dim, chunk_size=chunk_size,
                             phi=phi, f=f, rho=rho, eps=eps, dot_precision=dot_precision, decode=decode,
                             in_place=in_place)
@@ -311,14 +330,15 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
                 "hidden_params_note": "triton appends these pointer params after the outputs; a "
                                       "launcher passes null (global_scratch_size must be 0)"},
         cubin_b64=base64.b64encode(compiled.asm["cubin"]).decode() if include_cubin else "",
-        variant=variant_name(aligned=aligned, decode=decode, in_place=in_place, dot_precision=dot_precision),
+        variant=variant_name(aligned=aligned, decode=decode, in_place=in_place, dot_precision=dot_precision,
+                             m_block=m_block),
         aligned=bool(aligned), alignment=ALIGNMENT, decode=bool(decode), in_place=bool(in_place),
         min_cuda_driver=PTX_MIN_DRIVER.get(mver.group(1) if mver else "", ""),
         cubin_ptxas=_bundled_ptxas_version() if include_cubin else "",
         plan="chunk_split" if kernel in SPLIT_KERNELS else "",
         stage=SPLIT_KERNELS.index(kernel) if kernel in SPLIT_KERNELS else 0,
         grid_dims=list(GRID_DIMS.get(kernel, [])),
-        workspaces=dict(WORKSPACE_BYTES) if kernel in SPLIT_KERNELS else {})
+        workspaces=dict(WORKSPACE_BYTES) if kernel in SPLIT_KERNELS else {}, m_block=int(m_block))
 
 
 def _bundled_ptxas_version() -> str:
@@ -345,7 +365,8 @@ def compile_config(config: TrellisConfig, targets: tuple[int, ...] = DEFAULT_TAR
     return [compile_kernel(k, cc, heads=config.n_heads, slots=config.n_slots, head_dim=config.head_dim,
                            chunk_size=config.chunk_size, phi=config.phi, f=config.f, rho=config.rho,
                            eps=config.eps, dtype=dtype, gate_dtype=gate_dtype, **var)
-            for k in kernels for cc in targets for var in variants_for(k, variants)]
+            for k in kernels for cc in targets
+            for var in variants_for(k, variants, phi=config.phi, slots=config.n_slots)]
 
 
 def _parse_targets(text: str) -> tuple[int, ...]:

@@ -33,8 +33,13 @@ Pure functions (no GPU; tested on the CPU):
     pointers equal to the input memory pointers (``out_key_memory == key_memory`` ...), because
     they write only what changed. The caller picks another record (the unaligned / general one)
     when this fails; :func:`select_record` does that choice.
-``select_record(records, pointers, scalars) -> dict``
+``select_record(records, pointers, scalars, rows=None, sms=None) -> dict``
     The first record of ``records`` whose preconditions hold (order them most specialised first).
+    A record of the m-axis split (``m_block`` > 0) is correct for any call but skipped when the
+    call's ``rows`` already fill the GPU's ``sms`` streaming multiprocessors (:func:`split_fills`).
+``split_fills(B, H, sms) -> bool``
+    The occupancy rule of the m-axis split: take it while the unsplit state pass, ``B * H * 2``
+    programs, is fewer than the SMs (``sms`` None, unknown: take it).
 ``module_image(record, prefer="auto") -> (kind, bytes)``
     What to hand ``cuModuleLoadData``: the record's PTX (NUL-terminated) or its cubin
     (``cubin_b64``). ``prefer="auto"`` takes the cubin when present (no JIT at load, no dependence
@@ -55,8 +60,8 @@ Driver calls (need ``libcuda.so.1`` and a GPU):
     Asynchronous, as ``cuLaunchKernel``.
 ``CudaDriver.load(ptx, name, shared_mem)``, ``load_cubin(cubin, name, shared_mem)``,
 ``get_function(module, name, shared_mem)``, ``launch(fn, grid, block, shared_mem, stream, params)``,
-``driver_version()``, ``compute_capability()`` (e.g. 87, 90), ``unload(module)``: the lower-level
-calls the above use.
+``driver_version()``, ``compute_capability()`` (e.g. 87, 90), ``multiprocessor_count()``,
+``unload(module)``: the lower-level calls the above use.
 
 Errors: :class:`CudaError` (a driver call failed; carries the ``CUresult`` and its string) and
 :class:`LaunchError` (arguments that do not fit the record; a ``ValueError``). ``CudaError`` is a
@@ -76,13 +81,14 @@ from typing import Any
 
 __all__ = ["CudaDriver", "CudaError", "LaunchArg", "LaunchError", "LoadedKernel", "check_launch",
            "grid_for", "launch_args", "module_image", "pack_params", "select_record", "STATE_ALIASES",
-           "ALIGNMENT", "workspace_bytes"]
+           "ALIGNMENT", "split_fills", "workspace_bytes"]
 
 #: CUfunction_attribute value of the dynamic shared memory limit (cuda.h).
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 #: CUdevice_attribute values of the compute capability (cuda.h).
 CU_DEVICE_ATTRIBUTE_CC_MAJOR = 75
 CU_DEVICE_ATTRIBUTE_CC_MINOR = 76
+CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16
 #: Dynamic shared memory a kernel gets without the opt-in.
 DEFAULT_SHARED_LIMIT = 48 * 1024
 #: Pointer alignment an ``aligned`` record was compiled for (bytes).
@@ -220,11 +226,26 @@ def _eval_dim(expr: str, env: Mapping[str, int]) -> int:
     return ev(ast.parse(expr, mode="eval"))
 
 
+def split_fills(B: int, H: int, sms: int | None) -> bool:
+    """Whether the m-axis split of the state pass is wanted for B rows of H heads on a GPU of ``sms``
+    streaming multiprocessors: while the unsplit pass (``B * H * 2`` programs, one per row, head and
+    pass, each walking every chunk in order) leaves SMs idle. Beyond that the split only loads each
+    chunk's keys once per slot block more. An occupancy rule, not a timing (``bench/gpu_suite.py``
+    times both); ``sms`` None (unknown): take the split."""
+    return sms is None or int(B) * int(H) * 2 < int(sms)
+
+
 def select_record(records: Sequence[Mapping[str, Any]], pointers: Mapping[str, int],
-                  scalars: Mapping[str, int]) -> Mapping[str, Any]:
-    """The first record whose run-time preconditions hold (most specialised first)."""
+                  scalars: Mapping[str, int], *, rows: int | None = None, sms: int | None = None
+                  ) -> Mapping[str, Any]:
+    """The first record whose run-time preconditions hold (most specialised first); records of the
+    m-axis split only while :func:`split_fills` (``rows``: the call's B; None: not known, take it)."""
     errors = []
     for r in records:
+        if r.get("m_block") and rows is not None \
+                and not split_fills(rows, int(r["constexprs"]["H"]), sms):
+            errors.append(f"{r.get('name', '?')}: {rows} rows fill the {sms} SMs without the m-axis split")
+            continue
         try:
             check_launch(r, pointers, scalars)
             return r
@@ -295,6 +316,15 @@ class CudaDriver:
         self._check(self.lib.cuDeviceGetAttribute(ctypes.byref(minor), CU_DEVICE_ATTRIBUTE_CC_MINOR, dev),
                     "cuDeviceGetAttribute")
         return 10 * major.value + minor.value
+
+    def multiprocessor_count(self) -> int:
+        """Streaming multiprocessors of the current context's device (132 on an H100 / H200 SXM)."""
+        dev = ctypes.c_int()
+        self._check(self.lib.cuCtxGetDevice(ctypes.byref(dev)), "cuCtxGetDevice")
+        n = ctypes.c_int()
+        self._check(self.lib.cuDeviceGetAttribute(ctypes.byref(n), CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                                                  dev), "cuDeviceGetAttribute")
+        return n.value
 
     def load_module(self, image: bytes) -> ctypes.c_void_p:
         """``cuModuleLoadData`` on a PTX (NUL-terminated) or cubin image."""

@@ -175,10 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the rows as JSON")
     p.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     args = p.parse_args(argv)
+    targets = list(map(int, args.targets.split(",")))
     jobs = [(kernel, H, d, m, C, variant, cc)
             for shape_kernel, H, d, m, C in ISSUE_SHAPES
             for kernel in (shape_kernel,) + (SPLIT_KERNELS if shape_kernel == "chunk" else ())
-            for variant in variants_for(kernel) for cc in map(int, args.targets.split(","))]
+            for variant in variants_for(kernel) for cc in targets]
+    # the state pass's m-axis split exists at phi = identity only: its rows compile a phi = identity op
+    jobs += [("chunk_state", H, d, m, C, {**variant, "phi": "identity"}, cc)
+             for shape_kernel, H, d, m, C in ISSUE_SHAPES if shape_kernel == "chunk"
+             for variant in variants_for("chunk_state", phi="identity", slots=m) if variant.get("m_block")
+             for cc in targets]
     if args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(args.jobs) as ex:

@@ -23,7 +23,9 @@ CHAR, ``eps`` FLOAT32, as TensorRT's ONNX parser hands a node's attributes over)
   workspace (:func:`workspace_layout`; ``get_workspace_size`` asks for the profile's max shapes). The
   one-launch ``chunk`` kernel is the fallback for engines whose records lack a split kernel (engines
   built before the split, bundles) or a call without a workspace. Within a kernel the most
-  specialised record whose preconditions hold (16-byte alignment, T == 1, outputs aliasing inputs).
+  specialised record whose preconditions hold (16-byte alignment, T == 1, outputs aliasing inputs);
+  at phi = identity the state pass's m-axis split record (``m_split``) while the call's rows leave
+  SMs idle (``cuda_launch.split_fills``, with the device's SM count).
 * In-place state: the plugin implements ``IPluginV3OneBuildV2`` when the module has it (TensorRT-RTX
   1.7.1 does; enterprise TensorRT >= 10.3) and, when the engine builder turned on the preview feature
   ``ALIASED_PLUGIN_IO_10_03`` (``engine.build_engine`` does; a builder that does not gets no aliasing),
@@ -134,10 +136,22 @@ json.dump(compile_records(args.pop("attrs"), **args), open(sys.argv[2], "w"))
 """
 
 
+def plugin_variants(phi: str, slots: int) -> list[tuple[str, dict[str, Any]]]:
+    """(kernel, ``compile_kernel`` keywords) of every record an engine of a model with this ``phi`` and
+    ``slots`` carries per target, in the order the plugin picks from: :data:`PLUGIN_KERNELS` x
+    ``kernels.aot.variants_for``, without the opt-in dot precisions (tf32x3). One list for
+    :func:`compile_records` and the deployment bundle's records (``bundle/aot_records.py``)."""
+    from trellis_export.kernels.aot import variants_for
+
+    return [(kernel, variant) for kernel in PLUGIN_KERNELS
+            for variant in variants_for(kernel, phi=phi, slots=slots)
+            if variant.get("dot_precision", "ieee") == "ieee"]
+
+
 def compile_records(attrs: dict[str, Any], *, heads: int, slots: int, head_dim: int, dtype: str,
                     targets: Sequence[int]) -> list[dict[str, Any]]:
-    """AOT launch records of every kernel of :data:`PLUGIN_KERNELS`, every specialisation the plugin
-    can pick (the opt-in tf32x3 records of the split prefill are left out), for each target (cached).
+    """AOT launch records of :func:`plugin_variants` (every kernel of :data:`PLUGIN_KERNELS`, every
+    specialisation the plugin can pick) for each target (cached).
 
     Compiled in a child process when this one runs triton's interpreter (``TRITON_INTERPRET``: its
     kernels cannot be compiled), so that a caller never has to care."""
@@ -151,18 +165,12 @@ def compile_records(attrs: dict[str, Any], *, heads: int, slots: int, head_dim: 
         records = _compile_in_child(attrs, heads=heads, slots=slots, head_dim=head_dim, dtype=dtype,
                                     targets=list(targets))
     else:
-        from trellis_export.kernels.aot import compile_kernel, variants_for
+        from trellis_export.kernels.aot import compile_kernel
 
-        records = []
-        for cc in targets:
-            for kernel in PLUGIN_KERNELS:
-                for variant in variants_for(kernel):
-                    if variant.get("dot_precision", "ieee") != "ieee":
-                        continue
-                    records.append(compile_kernel(
-                        kernel, int(cc), heads=heads, slots=slots, head_dim=head_dim,
-                        chunk_size=int(attrs["chunk_size"]), phi=attrs["phi"], f=attrs["f"], rho=attrs["rho"],
-                        eps=float(attrs["eps"]), dtype=dtype, **variant).to_dict())
+        records = [compile_kernel(kernel, int(cc), heads=heads, slots=slots, head_dim=head_dim,
+                                  chunk_size=int(attrs["chunk_size"]), phi=attrs["phi"], f=attrs["f"],
+                                  rho=attrs["rho"], eps=float(attrs["eps"]), dtype=dtype, **variant).to_dict()
+                   for cc in targets for kernel, variant in plugin_variants(attrs["phi"], slots)]
     with _LOCK:
         _COMPILED[key] = records
     return records
@@ -253,7 +261,7 @@ def workspace_size(records: Sequence[dict[str, Any]], B: int, T: int) -> int:
 
 
 def plan_launches(records: Sequence[dict[str, Any]], cc: int, B: int, T: int, inputs: Sequence[int],
-                  outputs: Sequence[int], workspace: int = 0
+                  outputs: Sequence[int], workspace: int = 0, sms: int | None = None
                   ) -> list[tuple[dict[str, Any], dict[str, int], dict[str, int]]]:
     """The launches of one ``enqueue``, in stream order: (record, pointers, scalars) each.
 
@@ -263,7 +271,8 @@ def plan_launches(records: Sequence[dict[str, Any]], cc: int, B: int, T: int, in
     :func:`workspace_layout` offsets) when the records carry it and a workspace was given, else the
     one-launch ``chunk`` kernel. Each launch takes the first record of its kernel for ``cc``
     (:func:`records_for_device`) whose preconditions hold for these pointers
-    (:func:`trellis_export.kernels.cuda_launch.select_record`). Raises ValueError (``LaunchError``)
+    (:func:`trellis_export.kernels.cuda_launch.select_record`; ``sms``, the device's streaming
+    multiprocessors, decides whether the m-axis split record is wanted). Raises ValueError (``LaunchError``)
     when none fits or the engine has no kernel for this GPU."""
     from trellis_export.kernels.cuda_launch import LaunchError, select_record
 
@@ -286,7 +295,7 @@ def plan_launches(records: Sequence[dict[str, Any]], cc: int, B: int, T: int, in
             raise LaunchError(f"{DOMAIN}::{OP_TYPE} plugin: the engine carries no prefill kernel")
     plan = []
     for kernel in kernels:
-        rec = dict(select_record(records_for_device(records, cc, kernel), pointers, scalars))
+        rec = dict(select_record(records_for_device(records, cc, kernel), pointers, scalars, rows=B, sms=sms))
         plan.append((rec, pointers, scalars))
     return plan
 
@@ -294,12 +303,14 @@ def plan_launches(records: Sequence[dict[str, Any]], cc: int, B: int, T: int, in
 def launch_memory(driver: Any, loaded: dict[tuple[str, str, int], Any], records: Sequence[dict[str, Any]],
                   B: int, T: int, inputs: Sequence[int], outputs: Sequence[int], workspace: int,
                   stream: int) -> list[tuple[str, str]]:
-    """What ``enqueue`` does: :func:`plan_launches` for ``driver.compute_capability()``, then each
+    """What ``enqueue`` does: :func:`plan_launches` for ``driver.compute_capability()`` and
+    ``driver.multiprocessor_count()``, then each
     record loaded once (``driver.load_record``, cached in ``loaded`` by kernel, variant and target) and
     launched with ``driver.launch_record`` on ``stream``, in order (one stream: stage 1 runs after
     stage 0). ``driver``: a :class:`~trellis_export.kernels.cuda_launch.CudaDriver` or anything with
     its interface. Returns the (kernel, variant) launched."""
-    plan = plan_launches(records, driver.compute_capability(), B, T, inputs, outputs, workspace)
+    plan = plan_launches(records, driver.compute_capability(), B, T, inputs, outputs, workspace,
+                         driver.multiprocessor_count())
     for rec, pointers, scalars in plan:
         key = (rec["kernel"], rec["variant"], int(rec["cc"]))
         kernel = loaded.get(key)

@@ -157,6 +157,10 @@ def test_aot_cases_cover_every_variant(suite: Any) -> None:
     assert tf and all(c["opt_in"] and c["kernel"] == "chunk_split" for c in tf)
     for c in cases:                                   # the variant names round-trip through aot
         assert variant_name(**suite.variant_kwargs(c["variant"])) == c["variant"]
+    split = [c for c in cases if c["variant"] == "m_split"]
+    assert split and all(c["phi"] == "identity" and c["kernel"] == "chunk_split" for c in split)
+    assert any(c["m"] % 16 for c in split)                          # a part-filled last slot block
+    assert suite.variant_kwargs("m_split", "chunk_readout") == suite.variant_kwargs("aligned")
     assert suite.case_kernels({"kernel": "chunk_split"}) == ("chunk_state", "chunk_readout")
 
 
@@ -198,7 +202,11 @@ def test_table_reports_aot_timing_and_opt_in_checks(suite: Any) -> None:
                                      "Mtok_per_s": 4.1},
                                     {"kernel": "chunk", "variant": "unaligned", "error": "RuntimeError: x"}],
                            "speedup_vs_pre_issue14_chunk": 3.5, "meets_speedup_aim": True,
-                           "fla_skipped": "ModuleNotFoundError: No module named 'fla'"}},
+                           "fla_skipped": "ModuleNotFoundError: No module named 'fla'", "sms": 132,
+                           "m_split_rule": [{"B": 1, "programs_unsplit": 16, "rule_takes": "m_split",
+                                             "m_split_over_aligned": 0.4, "rule_picks_faster": True},
+                                            {"B": 9, "programs_unsplit": 144, "rule_takes": "aligned",
+                                             "m_split_over_aligned": 0.9, "rule_picks_faster": False}]}},
            "errors": {}}
     lines = suite.format_table(res).splitlines()
     assert any(ln.startswith("aot ") and "PASS" in ln and "1/1" in ln for ln in lines)
@@ -207,6 +215,8 @@ def test_table_reports_aot_timing_and_opt_in_checks(suite: Any) -> None:
     assert any("AOT prefill chunk unaligned" in ln and "ERROR" in ln for ln in lines)
     assert any("AOT prefill split vs old" in ln and "3.5x" in ln for ln in lines)
     assert any("AOT prefill vs fla" in ln and "skipped" in ln for ln in lines)
+    assert any("AOT m-axis split B=1" in ln and " ok " in ln and "0.4x" in ln for ln in lines)
+    assert any("AOT m-axis split B=9" in ln and "rule wrong" in ln and "144 programs" in ln for ln in lines)
 
 
 def test_aot_launch_wires_pointers_like_the_plugin(suite: Any) -> None:

@@ -210,3 +210,44 @@ def test_split_prefill_records(split_records: list[dict[str, Any]]) -> None:
     for r in split_records:
         st = ptxas_stats(r["ptx"], r["cc"], ptxas)
         assert st.spill_stores == 0, (r["kernel"], r["variant"], r["cc"], st)
+
+
+def test_m_axis_split_records(tmp_path: Path) -> None:
+    """A phi = identity model's state pass gets the m-axis split record first (m = 19: two 16-slot
+    programs per (row, head, pass), the second part-filled), for every target; its grid and the
+    workspaces follow; it assembles without spills. Other models get none, and a split is refused
+    where phi is not identity."""
+    from trellis_export.kernels import cuda_launch
+    from trellis_export.kernels.aot import AOTError, compile_kernel
+
+    ident = CONFIG.replace(phi="identity", n_slots=19)
+    (tmp_path / "config.json").write_text(ident.to_json())
+    proc = _run_aot(tmp_path, "--config", "config.json", "--kernels", "chunk_state", "--variants", "all",
+                    "--out", "aot.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = json.loads((tmp_path / "aot.json").read_text())
+    for cc in DEFAULT_TARGETS:
+        mine = [r for r in recs if r["cc"] == cc]
+        assert [r["variant"] for r in mine] == ["m_split", "aligned", "unaligned", "aligned+tf32x3"]
+        split, whole = mine[0], mine[1]
+        assert split["m_block"] == 16 and split["constexprs"]["BM"] == 16 and split["aligned"]
+        assert whole["m_block"] == 0 and whole["constexprs"]["BM"] == 32
+        B, T, H = 2, 10, 3
+        assert cuda_launch.grid_for(split, B, T) == (B * H * 2 * 2, 1, 1)
+        assert cuda_launch.grid_for(whole, B, T) == (B * H * 2, 1, 1)
+        assert cuda_launch.workspace_bytes(split, B, T) == cuda_launch.workspace_bytes(whole, B, T)
+    assert variants_for("chunk_state", phi="ln_silu", slots=19)[0] == dict(aligned=True)
+    assert variants_for("chunk_state", phi="identity", slots=16)[0] == dict(aligned=True)
+    assert variant_name(aligned=True, decode=False, in_place=False, m_block=16) == "m_split"
+    with pytest.raises(AOTError, match="needs phi = identity"):
+        compile_kernel("chunk_state", 90, heads=3, slots=19, head_dim=5, chunk_size=3, phi="ln_silu",
+                       m_block=16)
+    with pytest.raises(AOTError, match="m_block splits the chunk_state kernel only"):
+        compile_kernel("chunk_readout", 90, heads=3, slots=19, head_dim=5, chunk_size=3, phi="identity",
+                       m_block=16)
+    ptxas = find_ptxas()
+    if ptxas is None:
+        pytest.skip("no ptxas on this machine (CUDA toolkit absent; set TRELLIS_PTXAS)")
+    for r in recs:
+        if r["variant"] == "m_split":
+            assert ptxas_stats(r["ptx"], r["cc"], ptxas).spill_stores == 0, r["cc"]

@@ -112,6 +112,25 @@ def test_specialised_records_check_their_preconditions() -> None:
         cl.select_record(recs[:2], odd, {"T": 1})
 
 
+def test_m_split_record_is_chosen_by_occupancy() -> None:
+    """The m-axis split record (``m_block``) is correct for any B; ``select_record`` takes it while the
+    unsplit state pass (B * H * 2 programs, H = 3 here) would leave SMs idle, or when rows or SMs are
+    not known; otherwise the next record. Alignment still applies to it."""
+    split = record(aligned=True, m_block=16, name="split")
+    whole = record(aligned=True, name="whole")
+    general = record(name="general")
+    recs = [split, whole, general]
+    assert cl.split_fills(1, 8, 132) and cl.split_fills(8, 8, 132) and not cl.split_fills(9, 8, 132)
+    assert cl.split_fills(100, 8, None)
+    assert cl.select_record(recs, pointers(), {"T": 9})["name"] == "split"                 # not known
+    assert cl.select_record(recs, pointers(), {"T": 9}, rows=2, sms=16)["name"] == "split"  # 12 < 16
+    assert cl.select_record(recs, pointers(), {"T": 9}, rows=3, sms=16)["name"] == "whole"  # 18 >= 16
+    assert cl.select_record(recs, pointers(), {"T": 9}, rows=1, sms=None)["name"] == "split"
+    odd = pointers()
+    odd["k"] += 4
+    assert cl.select_record(recs, odd, {"T": 9}, rows=1, sms=132) is general
+
+
 def test_grid_and_module_image() -> None:
     assert cl.grid_for(record(), 5) == (15, 1, 1)
     two_axis = record(grid_dims=["(NC + 1) * 2", "B * H", "1"], constexprs={"H": 3, "NC": 4})
@@ -151,7 +170,8 @@ class FakeLib:
             if name == "cuCtxGetCurrent":
                 ctypes.cast(args[0], ctypes.POINTER(ctypes.c_void_p)).contents.value = 0x1234
             if name == "cuDeviceGetAttribute":
-                val = {cl.CU_DEVICE_ATTRIBUTE_CC_MAJOR: 8, cl.CU_DEVICE_ATTRIBUTE_CC_MINOR: 7}[args[1]]
+                val = {cl.CU_DEVICE_ATTRIBUTE_CC_MAJOR: 8, cl.CU_DEVICE_ATTRIBUTE_CC_MINOR: 7,
+                       cl.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: 16}[args[1]]
                 ctypes.cast(args[0], ctypes.POINTER(ctypes.c_int)).contents.value = val
             if name == "cuGetErrorString":
                 ctypes.cast(args[1], ctypes.POINTER(ctypes.c_char_p)).contents.value = b"unsupported PTX"
@@ -176,6 +196,7 @@ def test_driver_call_sequence_with_a_fake_libcuda() -> None:
     assert [x.value for x in launch[2:8]] == [15, 1, 1, 128, 1, 1]
     assert launch[8].value == 64 * 1024 and launch[9].value == 0xABC
     assert drv.compute_capability() == 87
+    assert drv.multiprocessor_count() == 16
     small = cl.CudaDriver(lib=FakeLib()).load_record(record())
     assert small.image == "ptx"
     with pytest.raises(cl.CudaError, match="CUresult 222"):

@@ -73,6 +73,9 @@ MEASURED: dict[tuple[str, str, int, int, int, int], tuple[int, int, int, int]] =
     ("chunk_readout", "aligned", 16, 128, 64, 16): (98, 0, 11, 3),
     ("chunk_readout", "unaligned", 16, 128, 64, 16): (102, 0, 0, 51),
     ("chunk_readout", "aligned+tf32x3", 16, 128, 64, 16): (247, 0, 24, 4),
+    # the state pass's m-axis split (phi = identity; 16-slot blocks, 4 programs per (row, head, pass))
+    ("chunk_state", "m_split", 8, 64, 64, 16): (72, 0, 12, 6),
+    ("chunk_state", "m_split", 16, 128, 64, 16): (64, 0, 12, 8),
 }
 
 
@@ -158,3 +161,17 @@ def test_split_prefill_has_no_spills_at_d128_and_uses_tensor_cores_with_tf32x3(r
             assert r["mma"] > 0, r
         else:
             assert r["mma"] == 0 and r["spill_stores"] == 0, r
+
+
+def test_m_axis_split_runs_more_programs_per_sm(rows: list[dict[str, Any]]) -> None:
+    """The m-axis split's programs hold a 16-slot block instead of all m slots: no spills, fewer
+    registers and at least twice the CTAs per SM of the whole-m state pass (that row is compiled
+    at the default phi = ln_silu, whose statistics the split cannot take; at phi = identity it is
+    the same loop without them), on top of the four times more programs the grid has."""
+    by = {(r["kernel"], r["variant"], r["d"], r["cc"]): r for r in rows}
+    split_rows = [r for r in rows if r["variant"] == "m_split"]
+    assert {r["d"] for r in split_rows} == {64, 128}
+    for r in split_rows:
+        whole = by[("chunk_state", "aligned", r["d"], r["cc"])]
+        assert r["spill_stores"] == 0 and r["registers"] <= whole["registers"], r
+        assert r["ctas_per_sm"] >= 2 * whole["ctas_per_sm"], (r, whole)

@@ -55,17 +55,17 @@ KERNELS = {"fused_recurrent": fused_recurrent_trellis_fwd, "chunk": chunk_trelli
 
 
 def make_inputs(B: int, T: int, positions: list[int], seed: int = 0, dtype: torch.dtype = torch.float32,
-                gate_dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor],
-                                                                 torch.Tensor]:
+                gate_dtype: torch.dtype | None = None, m: int = M) -> tuple[list[torch.Tensor],
+                                                                           list[torch.Tensor], torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     q = F.normalize(r(B, T, H, D), dim=-1)
     k = F.normalize(r(B, T, H, D), dim=-1)
-    v, a = r(B, T, H, D), r(B, T, H, M)
+    v, a = r(B, T, H, D), r(B, T, H, m)
     beta = 0.5 + 0.5 * torch.rand(B, T, H, generator=g)
     gamma = torch.rand(B, T, H, generator=g)
     acts = [x.to(dtype) for x in (q, k, v, a)] + [x.to(gate_dtype or dtype) for x in (beta, gamma)]
-    state = [r(B, H, M, D) / D ** 0.5 for _ in range(4)]
+    state = [r(B, H, m, D) / D ** 0.5 for _ in range(4)]
     return acts, state, torch.tensor(positions, dtype=torch.int64)
 
 
@@ -317,6 +317,55 @@ def test_split_prefill_grid_covers_every_row_phase() -> None:
         for T in (1, 2, 7, 33):
             need = max((phase + T + C - 1) // C for phase in range(C))
             assert max_chunks(T, C) == need, (C, T)
+
+
+# (m, C, T, positions, f, rho): the m-axis split of the state pass at phi = identity, 16-slot blocks:
+# m = 19 and 33 leave a part-filled last block (2 and 3 programs per (row, head, pass)), T not a
+# multiple of C, rows at different chunk phases, T = 1.
+M_SPLIT_CASES = [
+    (19, 3, 8, [0, 1, 2], "ln_silu", "identity"),
+    (33, 3, 7, [5, 0], "l2_silu", "ln_silu"),
+    (19, 3, 1, [2, 0], "ln_silu", "identity"),
+    (40, 4, 11, [3, 4], "identity", "l2_silu"),
+]
+
+
+@pytest.mark.parametrize("m,C,T,positions,f,rho", M_SPLIT_CASES)
+def test_split_prefill_m_axis_split_matches_reference(m: int, C: int, T: int, positions: list[int], f: str,
+                                                      rho: str) -> None:
+    """Each block of 16 slots as a program of its own (phi = identity: slots do not interact in the
+    state pass) == the float64 reference, and == the unsplit pass; in place too."""
+    from trellis_export.kernels.trellis_memory.chunk_split import m_blocks
+    assert m_blocks(m, 16) > 1
+    acts, state, pos = make_inputs(len(positions), T, positions, seed=m + T, m=m)
+    kw = dict(chunk_size=C, phi="identity", f=f, rho=rho, eps=1e-5)
+    ref = reference(acts, state, pos, **kw)
+    split = chunk_split_trellis_fwd(*acts, *state, pos, m_block=16, **kw)
+    check(split, ref)
+    whole = chunk_split_trellis_fwd(*acts, *state, pos, m_block=0, **kw)
+    assert max(rel_rms(x, y) for x, y in zip(split, whole)) <= TOL
+    mine = [s.clone() for s in state]
+    check(chunk_split_trellis_fwd(*acts, *mine, pos, m_block=16, in_place=True, **kw), ref)
+    check((split[0], *mine), ref)
+
+
+def test_m_axis_split_needs_phi_identity_and_a_block_below_m() -> None:
+    """The split is refused where slots interact (ln_silu / l2_silu statistics over all m) or the
+    block is not below m; the automatic choice (m_block=None) takes it only where it is allowed."""
+    from trellis_export.kernels.trellis_memory.chunk_split import split_m_block, splits_m
+    acts, state, pos = make_inputs(2, 5, [1, 0], seed=3, m=19)
+    for phi in ("ln_silu", "l2_silu"):
+        with pytest.raises(ValueError, match="needs phi = identity"):
+            chunk_split_trellis_fwd(*acts, *state, pos, chunk_size=3, phi=phi, m_block=16)
+    with pytest.raises(ValueError, match="m_block must be a power of two >= 16 below 32"):
+        chunk_split_trellis_fwd(*acts, *state, pos, chunk_size=3, phi="identity", m_block=32)
+    with pytest.raises(ValueError, match="m_block must be a power of two"):
+        chunk_split_trellis_fwd(*acts, *state, pos, chunk_size=3, phi="identity", m_block=24)
+    assert splits_m("identity", 19) and not splits_m("identity", 16) and not splits_m("ln_silu", 64)
+    assert split_m_block("identity", 64, 1, 8, 132) == 16 and split_m_block("identity", 64, 9, 8, 132) == 0
+    assert split_m_block("identity", 64, 9, 8, None) == 16 and split_m_block("ln_silu", 64, 1, 8, 132) == 0
+    kw = dict(chunk_size=3, phi="identity", f="ln_silu", rho="identity", eps=1e-5)
+    check(chunk_split_trellis_fwd(*acts, *state, pos, **kw), reference(acts, state, pos, **kw))
 
 
 def test_split_prefill_tf32x3_flag_under_the_interpreter() -> None:

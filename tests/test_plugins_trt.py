@@ -125,8 +125,9 @@ class HostDriver:
     runs the record's kernel under triton's interpreter on the host buffers the pointers point into
     (see the module docstring). ``launches``: (kernel, variant, stream, grid, pointers) in order."""
 
-    def __init__(self, cc: int, buffers: list[torch.Tensor]) -> None:
+    def __init__(self, cc: int, buffers: list[torch.Tensor], sms: int = 132) -> None:
         self.cc = cc
+        self.sms = sms
         self.buffers = buffers
         self.fns = _kernel_functions()
         self.loaded: list[tuple[str, str]] = []
@@ -134,6 +135,9 @@ class HostDriver:
 
     def compute_capability(self) -> int:
         return self.cc
+
+    def multiprocessor_count(self) -> int:
+        return self.sms
 
     def load_record(self, record: dict[str, Any], prefer: str = "auto") -> Any:
         from trellis_export.kernels.cuda_launch import LoadedKernel
@@ -229,12 +233,12 @@ def _rtx() -> Any:
     return load_tensorrt("tensorrt-rtx").trt
 
 
-def _runtime_plugin(trt: Any, records: list[dict[str, Any]]) -> Any:
+def _runtime_plugin(trt: Any, records: list[dict[str, Any]], attrs: dict[str, Any] = ATTRS) -> Any:
     """The plugin as an engine deserialises it: the creator, from the serialised fields."""
     from trellis_export.plugins_trt import plugin_v3
 
     _, creator_cls = plugin_v3.make_classes(trt)
-    fields = plugin_v3.plugin_fields(trt, {**ATTRS, plugin_v3.KERNELS_FIELD: json.dumps(records)})
+    fields = plugin_v3.plugin_fields(trt, {**attrs, plugin_v3.KERNELS_FIELD: json.dumps(records)})
     return creator_cls().create_plugin(OP_TYPE, trt.PluginFieldCollection(fields), trt.TensorRTPhase.RUNTIME)
 
 
@@ -276,46 +280,41 @@ CASES: dict[str, tuple[int, bool, int, str, list[tuple[str, str]]]] = {
 }
 
 
-@pytest.mark.tensorrt_rtx
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_enqueue_computes_the_op(records: list[dict[str, Any]], case: str) -> None:
-    """``enqueue`` of the deserialised plugin on host buffers (rows at chunk phases 0, 1, 2; T not a
-    multiple of C) == the float64 reference within the spec's 1e-5; the records it launched, in
-    order, on the stream it was given; the workspace it carved lies inside what
-    ``get_workspace_size`` asked for at a larger profile maximum (guard bytes after it untouched)."""
+def _enqueue(trt: Any, recs: list[dict[str, Any]], attrs: dict[str, Any], shape: dict[str, int], T: int,
+             aliased: bool, misalign: int, sms: int = 132) -> tuple[HostDriver, int, int]:
+    """``enqueue`` of the deserialised plugin on host buffers (B = 3 rows at chunk phases 0, 1, 2),
+    checked against the float64 reference within the spec's 1e-5, on the stream it was given, every
+    launch with the op's pointers and the workspace inside what ``get_workspace_size`` asked for at a
+    larger profile maximum (guard bytes after it untouched). Returns the driver, the workspace's
+    address and size."""
     from trellis_export.plugins_trt.plugin_v3 import WORKSPACE_ALIGN, workspace_layout
 
-    trt = _rtx()
-    T, aliased, misalign, keep, want = CASES[case]
-    recs = records if keep == "all" else [r for r in records if r["kernel"] not in ("chunk_state",
-                                                                                      "chunk_readout")]
-    plugin = _runtime_plugin(trt, recs)
-    H, m, d = SHAPE["heads"], SHAPE["slots"], SHAPE["head_dim"]
+    plugin = _runtime_plugin(trt, recs, attrs)
+    H, m, d = shape["heads"], shape["slots"], shape["head_dim"]
     B = 3
     inp = make_op_inputs(B, T, H, m, d, dtype=torch.float32, seed=7 + T, positions=[0, 4, 5])
-    ref_o, ref_state = run_op(inp.to(torch.float64), chunk_size=ATTRS["chunk_size"], phi=ATTRS["phi"],
-                              f=ATTRS["f"], rho=ATTRS["rho"], eps=ATTRS["eps"])
+    ref_o, ref_state = run_op(inp.to(torch.float64), chunk_size=attrs["chunk_size"], phi=attrs["phi"],
+                              f=attrs["f"], rho=attrs["rho"], eps=attrs["eps"])
     ins = [t.contiguous().clone() for t in (*inp.activations(), *inp.state, inp.position)]
     outs = [torch.full_like(ins[0], float("nan"))] + \
         (ins[6:10] if aliased else [torch.full_like(s, float("nan")) for s in ins[6:10]])
     # the profile the engine was built for is larger than this call: B 4, T 11
     q_desc = _dynamic_desc(trt, [B, T, H, d], [4, max(T, 11), H, d])
     size = plugin.get_workspace_size([q_desc], [])
-    assert size == (0 if keep != "all" else sum(-(-n // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
-                                                for _, n in workspace_layout(recs, 4, max(T, 11)).values()))
+    assert size == sum(-(-n // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
+                       for _, n in workspace_layout(recs, 4, max(T, 11)).values())
     guard = 4096
     arena = torch.full((size + 2 * WORKSPACE_ALIGN + guard,), 0x5A, dtype=torch.uint8)
     start = (-arena.data_ptr()) % WORKSPACE_ALIGN + misalign
     workspace = arena.data_ptr() + start
-    driver = HostDriver(CC, [*ins, *outs, arena])
+    driver = HostDriver(CC, [*ins, *outs, arena], sms=sms)
     plugin.driver = driver
     desc = trt.PluginTensorDesc()
     desc.dims = trt.Dims([B, T, H, d])
     plugin.enqueue([desc], [], [t.data_ptr() for t in ins], [t.data_ptr() for t in outs], workspace, 17)
 
-    assert [(k, v) for k, v, _, _, _ in driver.launches] == want
     assert all(stream == 17 for _, _, stream, _, _ in driver.launches)
-    assert driver.loaded == want                     # loaded once each, at first use
+    assert driver.loaded == [(k, v) for k, v, _, _, _ in driver.launches]    # loaded once each, at first use
     for _, _, _, _, ptrs in driver.launches:
         assert [ptrs[n] for n in INPUTS] == [t.data_ptr() for t in ins]
         assert [ptrs[f"out_{n}"] for n in OUTPUTS] == [t.data_ptr() for t in outs]
@@ -323,9 +322,52 @@ def test_enqueue_computes_the_op(records: list[dict[str, Any]], case: str) -> No
             if name in ptrs:
                 assert workspace <= ptrs[name] < workspace + size
     assert torch.all(arena[start + size:] == 0x5A), "a kernel wrote past the workspace it was given"
-    assert_rel_close(outs[0], ref_o, TOL_SHORT, f"{case}: o")
+    assert_rel_close(outs[0], ref_o, TOL_SHORT, "o")
     for name, got, ref in zip(("key", "value", "key_snapshot", "value_snapshot"), outs[1:], ref_state):
-        assert_rel_close(got, ref, TOL_SHORT, f"{case}: {name}")
+        assert_rel_close(got, ref, TOL_SHORT, name)
+    return driver, workspace, size
+
+
+@pytest.mark.tensorrt_rtx
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_enqueue_computes_the_op(records: list[dict[str, Any]], case: str) -> None:
+    """``enqueue`` (``_enqueue``'s checks) with separate and aliased outputs, a misaligned workspace,
+    records without the split; the records it launched, in order."""
+    trt = _rtx()
+    T, aliased, misalign, keep, want = CASES[case]
+    recs = records if keep == "all" else [r for r in records if r["kernel"] not in ("chunk_state",
+                                                                                      "chunk_readout")]
+    driver, _, _ = _enqueue(trt, recs, ATTRS, SHAPE, T, aliased, misalign)
+    assert [(k, v) for k, v, _, _, _ in driver.launches] == want
+
+
+#: A phi = identity op whose state pass can take the m-axis split: m = 19, two 16-slot programs.
+ATTRS_IDENTITY = {**ATTRS, "phi": "identity"}
+SHAPE_M_SPLIT = {"heads": 3, "slots": 19, "head_dim": 5}
+
+
+@pytest.fixture(scope="module")
+def split_records() -> list[dict[str, Any]]:
+    from trellis_export.plugins_trt.plugin_v3 import compile_records
+
+    return compile_records(ATTRS_IDENTITY, **SHAPE_M_SPLIT, dtype="float32", targets=[CC])
+
+
+@pytest.mark.tensorrt_rtx
+@pytest.mark.parametrize("sms,aliased,state_variant", [(132, False, "m_split"), (132, True, "m_split"),
+                                                       (16, False, "aligned")])
+def test_enqueue_takes_the_m_axis_split_while_rows_leave_sms_idle(
+        split_records: list[dict[str, Any]], sms: int, aliased: bool, state_variant: str) -> None:
+    """At phi = identity the engine carries the state pass's m-axis split; ``enqueue`` launches it
+    while B * H * 2 = 18 programs would leave the device's SMs idle (132), the whole-m record when
+    they fill them (16), and either way the op's result (``_enqueue``'s checks), on aliased buffers too."""
+    trt = _rtx()
+    assert [r["variant"] for r in split_records if r["kernel"] == "chunk_state"][0] == "m_split"
+    driver, _, _ = _enqueue(trt, split_records, ATTRS_IDENTITY, SHAPE_M_SPLIT, 8, aliased, 0, sms=sms)
+    assert [(k, v) for k, v, _, _, _ in driver.launches] == [("chunk_state", state_variant),
+                                                              ("chunk_readout", "aligned")]
+    grid = driver.launches[0][3]
+    assert grid == (3 * 3 * 2 * (2 if state_variant == "m_split" else 1), 1, 1)
 
 
 def test_gpu_suite_plugin_section_on_the_host_driver() -> None:
@@ -340,11 +382,13 @@ def test_gpu_suite_plugin_section_on_the_host_driver() -> None:
     assert spec is not None and spec.loader is not None
     suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suite)
-    cases = [c for c in suite.plugin_cases(quick=True) if c["m"] == 7]
-    assert {(c["T"], c["aliased"]) for c in cases} == {(1, False), (1, True), (13, False), (13, True)}
+    cases = [c for c in suite.plugin_cases(quick=True) if c["m"] in (7, 19)]
+    assert {(c["m"], c["T"], c["aliased"]) for c in cases} == \
+        {(7, 1, False), (7, 1, True), (7, 13, False), (7, 13, True), (19, 13, False)}
     res = suite.run_plugin(cases, seed=0, device="cpu", cc=CC, make_driver=lambda bufs: HostDriver(CC, bufs))
     assert res["ok"], [(c["T"], c["aliased"], c["rel_rms"]) for c in res["checks"]]
-    for c in res["checks"]:
+    for case, c in zip(cases, res["checks"]):
+        state = "m_split" if case["phi"] == "identity" else "aligned"      # m = 19: two 16-slot blocks
         want = ["fused_recurrent:" + ("decode_in_place" if c["aliased"] else "decode")] if c["T"] == 1 \
-            else ["chunk_state:aligned", "chunk_readout:aligned"]
+            else [f"chunk_state:{state}", "chunk_readout:aligned"]
         assert c["launched"] == want and (c["workspace_bytes"] > 0) == (c["T"] > 1)

@@ -5,12 +5,19 @@ state S, so the chunks of one row must be walked in order; but the K and V passe
 until the read ``o = rho(V^T f(K q))`` couples them, and once the chunk-start memories and the inner
 gradients U of every chunk are stored, the read-out of all chunks is independent.
 
-1. ``chunk_state_kernel``, grid ``(B * H * 2,)``: one program per (row, head, pass), pass 0 the key
-   memory (w = k), pass 1 the value memory (w = v). For each chunk in order it stores the running
-   memory at the chunk start (``ws_memory``) and the chunk's inner gradients (``ws_u``), then steps
-   the memory to the chunk end ``M <- b_C M - sum_j gamma_j (b_C / b_j) u_j w_j^T``. At the end it
-   writes the output memory and snapshot. Twice the programs of the fused chunk kernel, each with
-   about half the work and half the live tiles (no read-out in the loop).
+1. ``chunk_state_kernel``, grid ``(B * H * 2 * MS,)``: one program per (row, head, pass, slot block),
+   pass 0 the key memory (w = k), pass 1 the value memory (w = v). For each chunk in order it stores
+   the running memory at the chunk start (``ws_memory``) and the chunk's inner gradients (``ws_u``),
+   then steps the memory to the chunk end ``M <- b_C M - sum_j gamma_j (b_C / b_j) u_j w_j^T``. At
+   the end it writes the output memory and snapshot. Twice the programs of the fused chunk kernel,
+   each with about half the work and half the live tiles (no read-out in the loop).
+
+   The m-axis split (``MS = cdiv(M, BM) > 1``, a block ``BM`` smaller than m): at phi = identity the
+   inner gradient of slot j is ``u[j] = S[j, :] . w - a[j]`` and the write of slot j reads only u[j],
+   so each block of BM slots is a recurrence of its own and its program needs nothing from the
+   others: MS times the programs with no exchange between them. The ln_silu / l2_silu inner gradients
+   need statistics over all m slots per token (an all-reduce per chunk between the programs, which
+   Triton cannot synchronise), so they keep ``BM >= M`` (a ``tl.static_assert``).
 2. ``chunk_readout_kernel``, grid ``(NC, B * H)`` with ``NC = (T + 2C - 2) // C`` (the most chunks a
    row can span): one program per (chunk, row, head) computes the chunk's outputs from the stored
    chunk-start memories K0, V0 and gradients UK, UV:
@@ -36,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import DOT_PRECISIONS, MemoryOutputs, inner_grad, launch_config, nl_code, nl_fwd
+from .utils import DOT_PRECISIONS, M_SPLIT_BLOCK, MemoryOutputs, inner_grad, launch_config, nl_code, nl_fwd
 
 #: The extra pointer arguments of the split kernels, after the op's outputs.
 WORKSPACE_ARGS: tuple[str, ...] = ("ws_memory", "ws_u")
@@ -44,8 +51,27 @@ WORKSPACE_ARGS: tuple[str, ...] = ("ws_memory", "ws_u")
 WORKSPACE_BYTES: dict[str, str] = {"ws_memory": "B * H * 2 * ((T + 2 * C - 2) // C) * M * D * 4",
                                    "ws_u": "B * H * 2 * ((T + 2 * C - 2) // C) * C * M * 4"}
 #: Launch grids as expressions (``cuda_launch.grid_for`` evaluates them).
-GRID_DIMS: dict[str, list[str]] = {"chunk_state": ["B * H * 2", "1", "1"],
+GRID_DIMS: dict[str, list[str]] = {"chunk_state": ["B * H * 2 * ((M + BM - 1) // BM)", "1", "1"],
                                    "chunk_readout": ["(T + 2 * C - 2) // C", "B * H", "1"]}
+
+
+def m_blocks(m: int, block: int) -> int:
+    """Programs per (row, head, pass) of the state pass whose slot block is ``block``."""
+    return -(-int(m) // int(block))
+
+
+def splits_m(phi: str, m: int) -> bool:
+    """Whether the state pass of a model can take the m-axis split: phi = identity and more slots
+    than one block."""
+    return phi == "identity" and triton.next_power_of_2(int(m)) > M_SPLIT_BLOCK
+
+
+def split_m_block(phi: str, m: int, B: int, H: int, sms: int | None) -> int:
+    """The slot block the state pass runs with (0: no split): where the model allows the split
+    (:func:`splits_m`) and ``cuda_launch.split_fills`` wants it for B rows of H heads on ``sms``
+    streaming multiprocessors (None: unknown), the rule the TensorRT plugin's record choice follows."""
+    from trellis_export.kernels.cuda_launch import split_fills
+    return M_SPLIT_BLOCK if splits_m(phi, m) and split_fills(B, H, sms) else 0
 
 
 def max_chunks(T: int, C: int) -> int:
@@ -55,13 +81,13 @@ def max_chunks(T: int, C: int) -> int:
 
 @triton.jit
 def _state_pass(w, a, beta, gamma, mem_in, snap_in, position, T, out_mem, out_snap, ws_memory, ws_u,
-                pid_bh, p,
+                pid_bh, p, m0,
                 H: tl.constexpr, M: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
                 BM: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, PHI: tl.constexpr,
                 EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, IN_PLACE: tl.constexpr):
     i_b = pid_bh // H
     i_h = pid_bh % H
-    offs_m = tl.arange(0, BM)
+    offs_m = m0 + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     offs_c = tl.arange(0, BC)
     mask_m = offs_m < M
@@ -118,18 +144,22 @@ def chunk_state_kernel(
     PHI: tl.constexpr, F: tl.constexpr, RHO: tl.constexpr, EPS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DECODE: tl.constexpr = False, IN_PLACE: tl.constexpr = False,
 ):
+    # the m-axis split (module docstring): only at phi = identity, where slots do not interact
+    tl.static_assert(PHI == 0 or BM >= M, "the m-axis split (BM < M) needs phi = identity")
+    MS: tl.constexpr = (M + BM - 1) // BM
     pid = tl.program_id(0)
-    pid_bh = pid // 2
-    p = pid % 2
+    m0 = (pid % MS) * BM
+    pid_bh = pid // (2 * MS)
+    p = (pid // MS) % 2
     if DECODE:
         T = 1
     if p == 0:
         _state_pass(k, a, beta, gamma, key_memory, key_snapshot, position, T, out_key_memory,
-                    out_key_snapshot, ws_memory, ws_u, pid_bh, 0, H, M, D, C, BM, BD, BC, PHI, EPS,
+                    out_key_snapshot, ws_memory, ws_u, pid_bh, 0, m0, H, M, D, C, BM, BD, BC, PHI, EPS,
                     DOT_PRECISION, IN_PLACE)
     else:
         _state_pass(v, a, beta, gamma, value_memory, value_snapshot, position, T, out_value_memory,
-                    out_value_snapshot, ws_memory, ws_u, pid_bh, 1, H, M, D, C, BM, BD, BC, PHI, EPS,
+                    out_value_snapshot, ws_memory, ws_u, pid_bh, 1, m0, H, M, D, C, BM, BD, BC, PHI, EPS,
                     DOT_PRECISION, IN_PLACE)
 
 
@@ -208,25 +238,32 @@ def chunk_split_trellis_fwd(
     key_snapshot: torch.Tensor, value_snapshot: torch.Tensor, position: torch.Tensor, *,
     chunk_size: int, phi: str = "ln_silu", f: str = "ln_silu", rho: str = "identity",
     eps: float = 1e-5, dot_precision: str = "ieee", out: tuple[torch.Tensor, ...] | None = None,
-    in_place: bool = False,
+    in_place: bool = False, m_block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The two-launch prefill. Same contract and results as ``chunk_trellis_fwd``; ``in_place`` as in
     ``fused_recurrent_trellis_fwd`` (the state tensors are updated; snapshots written only by rows
-    where a chunk starts)."""
+    where a chunk starts). ``m_block``: the slot block of the state pass's m-axis split (0: none;
+    None: :func:`split_m_block`, the rule the TensorRT plugin's record choice follows)."""
     from .common import outputs, prepare
     if dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision must be one of {', '.join(DOT_PRECISIONS)}, got {dot_precision!r}")
     args, (B, T, H, m, d) = prepare(q, k, v, a, beta, gamma, key_memory, value_memory, key_snapshot,
                                     value_snapshot, position)
     C = int(chunk_size)
+    if m_block is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count \
+            if q.device.type == "cuda" else None
+        m_block = split_m_block(phi, m, B, H, sms)
+    elif m_block and phi != "identity":
+        raise ValueError(f"the m-axis split (m_block = {m_block}) needs phi = identity, got phi = {phi!r}")
     outs = outputs(args, (key_memory, value_memory, key_snapshot, value_snapshot), out, in_place,
                    (B, T, H, m, d))
     ws = workspaces(B, T, H, m, d, C, q.device)
     kw = dict(H=H, M=m, D=d, C=C, PHI=nl_code(phi, "phi"), F=nl_code(f, "f"), RHO=nl_code(rho, "rho"),
               EPS=float(eps), DOT_PRECISION=dot_precision, DECODE=T == 1, IN_PLACE=bool(in_place))
-    for name, kernel, grid in (("chunk_state", chunk_state_kernel, (B * H * 2,)),
+    for name, kernel, grid in (("chunk_state", chunk_state_kernel, (B * H * 2 * m_blocks(m, m_block or m),)),
                                ("chunk_readout", chunk_readout_kernel, (max_chunks(T, C), B * H))):
-        cfg = launch_config(name, m, d, C, dot_precision)
+        cfg = launch_config(name, m, d, C, dot_precision, m_block if name == "chunk_state" else 0)
         kernel[grid](*args, T, *outs, *ws, BM=cfg.BM, BD=cfg.BD, BC=cfg.BC, **kw,
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return cast(MemoryOutputs, outs)

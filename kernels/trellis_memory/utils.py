@@ -72,15 +72,29 @@ class LaunchConfig:
     GRID_EXPR = "(B*H, 1, 1)"
 
 
-def launch_config(kernel: str, m: int, d: int, chunk_size: int, dot_precision: str = "ieee") -> LaunchConfig:
+#: Slot block of the m-axis split of the state pass (``chunk_split.py``; phi = identity only): the
+#: smallest tile ``tl.dot`` takes.
+M_SPLIT_BLOCK = 16
+
+
+def launch_config(kernel: str, m: int, d: int, chunk_size: int, dot_precision: str = "ieee",
+                  m_block: int = 0) -> LaunchConfig:
     """Pick block sizes: m and d padded to powers of two (>= 16 for tl.dot in the chunk kernel).
     Warps of the split prefill kernels: chosen from ``ptxas -v`` (docs/kernels.md): 16 warps at
     BM * BD = 8192 in ieee (8 warps spill on sm_87), 8 with tf32x3 (16 warps cap the registers at 128
-    and spill; 8 do not)."""
+    and spill; 8 do not). ``m_block`` (``chunk_state`` only; 0 = the whole m axis): the slot block of
+    the m-axis split, a power of two >= 16 below m's padded size (the kernel then runs
+    ``cdiv(m, m_block)`` programs per (row, head, pass); phi must be identity)."""
     if kernel not in KERNELS + SPLIT_KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS + SPLIT_KERNELS)}; got {kernel!r}")
+    if m_block:
+        if kernel != "chunk_state":
+            raise ValueError(f"m_block splits the chunk_state kernel only, not {kernel}")
+        if m_block < 16 or m_block & (m_block - 1) or m_block >= triton.next_power_of_2(m):
+            raise ValueError(f"m_block must be a power of two >= 16 below {triton.next_power_of_2(m)} "
+                             f"(m = {m}), got {m_block}")
     if kernel in SPLIT_KERNELS:
-        BM = max(16, triton.next_power_of_2(m))
+        BM = m_block or max(16, triton.next_power_of_2(m))
         BD = max(16, triton.next_power_of_2(d))
         BC = max(16, triton.next_power_of_2(chunk_size))
         tile = BM * BD                       # two [BM, BD] tiles live (M and S; or K0 and V0)

@@ -2,11 +2,11 @@
 process of its own (the kernels cannot be compiled where they were imported under TRITON_INTERPRET).
 
 The records are the ones :func:`trellis_export.plugins_trt.plugin_v3.compile_records` makes at engine
-build time: every kernel of ``plugin_v3.PLUGIN_KERNELS`` (decode ``fused_recurrent``, the one-launch
-``chunk`` fallback and the split prefill ``chunk_state`` + ``chunk_readout``), every ``variants_for``
-specialisation the plugin can pick (its opt-in tf32x3 records left out, as there), per target, in the
-plugin's order. Only the PTX ISA (``Target.ptx_versions``, else ``kernels.aot.DEFAULT_PTX_VERSION``) and
-the cubin (``Target.cubin_ccs``, besides ``kernels.aot.CUBIN_TARGETS``) follow the bundle's target.
+build time, from the same list (``plugin_v3.plugin_variants``: decode ``fused_recurrent``, the
+one-launch ``chunk`` fallback and the split prefill ``chunk_state`` + ``chunk_readout``, every
+specialisation the plugin can pick), per target, in the plugin's order. Only the PTX ISA
+(``Target.ptx_versions``, else ``kernels.aot.DEFAULT_PTX_VERSION``) and the cubin
+(``Target.cubin_ccs``, besides ``kernels.aot.CUBIN_TARGETS``) follow the bundle's target.
 """
 
 from __future__ import annotations
@@ -20,26 +20,15 @@ from trellis_export.config import TrellisConfig
 from trellis_export.errors import TrellisExportError
 
 
-def plugin_variants() -> list[tuple[str, dict[str, Any]]]:
-    """(kernel, variant keywords) of every record an engine built by the plugin carries, in its order:
-    ``plugin_v3.PLUGIN_KERNELS`` x ``variants_for``, without the variants ``plugin_v3.compile_records``
-    leaves out (a ``dot_precision`` other than ieee). tests/test_bundle.py checks the result against
-    records ``plugin_v3.compile_records`` made."""
-    from trellis_export.kernels.aot import variants_for
-    from trellis_export.plugins_trt.plugin_v3 import PLUGIN_KERNELS
-
-    return [(kernel, variant) for kernel in PLUGIN_KERNELS for variant in variants_for(kernel)
-            if variant.get("dot_precision", "ieee") == "ieee"]
-
-
 def compile_records(config: TrellisConfig, ccs: list[int], dtype: str, ptx_versions: dict[int, int],
                     cubin_ccs: list[int]) -> list[dict[str, Any]]:
     """Launch records, in the plugin's order (target, kernel, variant)."""
     from trellis_export.kernels.aot import CUBIN_TARGETS, compile_kernel
+    from trellis_export.plugins_trt.plugin_v3 import plugin_variants
 
     out = []
     for cc in ccs:
-        for kernel, variant in plugin_variants():
+        for kernel, variant in plugin_variants(config.phi, config.n_slots):
             rec = compile_kernel(kernel, cc, heads=config.n_heads, slots=config.n_slots,
                                  head_dim=config.head_dim, chunk_size=config.chunk_size, phi=config.phi,
                                  f=config.f, rho=config.rho, eps=config.eps, dtype=dtype,
