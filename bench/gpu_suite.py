@@ -177,13 +177,15 @@ def variant_kwargs(variant: str, kernel: str = "chunk_state") -> dict[str, Any]:
     """``compile_kernel`` keyword arguments of a record variant name for ``kernel``: the m-axis split
     (``m_split``) is the state pass's; the split prefill's read-out then takes the aligned record."""
     from trellis_export.kernels.trellis_memory.utils import M_SPLIT_BLOCK
+    variant, _, warps = variant.partition("+w")
     split = variant.startswith("m_split")
     if split and kernel != "chunk_state":
         variant = variant.replace("m_split", "aligned", 1)
     return dict(aligned=not variant.startswith("unaligned") and "_unaligned" not in variant,
                 decode=variant.startswith("decode"), in_place="in_place" in variant,
                 dot_precision="tf32x3" if "tf32x3" in variant else "ieee",
-                **({"m_block": M_SPLIT_BLOCK} if split and kernel == "chunk_state" else {}))
+                **({"m_block": M_SPLIT_BLOCK} if split and kernel == "chunk_state" else {}),
+                **({"num_warps": int(warps)} if warps else {}))
 
 
 def case_kernels(case: dict[str, Any]) -> tuple[str, ...]:
@@ -276,6 +278,11 @@ def format_table(results: dict[str, Any]) -> str:
                          f"{_fmt(apre['ratio_vs_fla'])}x fla's time (aim <= {AIM_PREFILL_VS_FLA}x)"))
         elif apre.get("fla_skipped"):
             rows.append(("AOT prefill vs fla", "skipped", apre["fla_skipped"][:100]))
+        for r in at.get("decode_warps", []):
+            if "default_over_fastest" in r:
+                rows.append((f"AOT decode warps B={r['B']}", "info",
+                             f"fastest {r['fastest_warps']} warps; the shipped {r['default_warps']} take "
+                             f"{_fmt(r['default_over_fastest'])}x its time"))
         for r in apre.get("m_split_rule", []):
             if "m_split_over_aligned" in r:
                 rows.append((f"AOT m-axis split B={r['B']}", "ok" if r["rule_picks_faster"] else "rule wrong",
@@ -477,6 +484,37 @@ def run_aot(cases: list[dict[str, Any]], seed: int, aot_json: str | None) -> dic
             "source": aot_json or "compiled in this run"}
 
 
+def run_decode_warps(drv: Any, cc: int, H: int, m: int, d: int, C: int, w: int, n: int, seed: int
+                     ) -> list[dict[str, Any]]:
+    """The in-place decode record at 4, 8 and 16 warps (``compile_kernel(num_warps=...)``; the shipped
+    record takes ``launch_config``'s count) for B = 1, 8 and 64: the data for the issue's "warp layout
+    chosen so small batches are not bound by barrier rounds". Per B: each count's time, the fastest,
+    and the shipped count's time over the fastest."""
+    from trellis_export.kernels.trellis_memory.utils import launch_config
+    default = launch_config("fused_recurrent", m, d, 1).num_warps
+    out = []
+    for B in (1, 8, 64):
+        row: dict[str, Any] = {"B": B, "default_warps": default, "ms": {}}
+        for warps in (4, 8, 16):
+            variant = "decode_in_place" + (f"+w{warps}" if warps != default else "")
+            case = dict(kernel="fused_recurrent", variant=variant, B=B, T=1, H=H, m=m, d=d, C=C,
+                        phi="ln_silu", f="ln_silu", rho="identity", dtype="float32", tol=TOL_SHORT)
+            acts, state, pos = make_inputs(case, "cuda", seed)
+            try:
+                launch = AotLaunch(drv, aot_records(case, cc, None), case, acts, state, pos,
+                                   poisoned_outputs(case, acts))
+                row["ms"][str(warps)] = time_cuda(launch, w, n, graph=True)["median_ms"]
+            except Exception as exc:  # noqa: BLE001 - one count failing must not hide the others
+                row.setdefault("errors", {})[str(warps)] = f"{type(exc).__name__}: {exc}"
+        if row["ms"]:
+            best = min(row["ms"], key=row["ms"].get)
+            row["fastest_warps"] = int(best)
+            if str(default) in row["ms"]:
+                row["default_over_fastest"] = row["ms"][str(default)] / row["ms"][best]
+        out.append(row)
+    return out
+
+
 def run_m_split_rule(drv: Any, cc: int, sms: int, H: int, m: int, d: int, C: int, w: int, n: int,
                      seed: int) -> list[dict[str, Any]]:
     """The split prefill with and without the state pass's m-axis split at batch sizes around the
@@ -546,6 +584,7 @@ def run_aot_timing(args: argparse.Namespace) -> dict[str, Any]:
     out["decode"] = {"B": B, "H": H, "m": m, "d": d, "C": C, "runs": dec,
                      "aim": f"decode_in_place within {AIM_DECODE_FLOOR_RATIO}x of the in-place floor "
                             "(state bytes / measured copy bandwidth)"}
+    out["decode_warps"] = run_decode_warps(drv, cc, H, m, d, C, w, n, args.seed)
     # prefill B = 1, H = 8, T = 8192, m = d = 64, C = 16 at phi = f = rho = identity (fla's setting)
     Bp, Tp = (1, 2048) if args.quick else (1, 8192)
     pre = []

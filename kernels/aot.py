@@ -224,15 +224,17 @@ def constexprs_for(cfg: LaunchConfig, *, heads: int, slots: int, head_dim: int, 
 
 
 def variant_name(*, aligned: bool, decode: bool, in_place: bool, dot_precision: str = "ieee",
-                 m_block: int = 0) -> str:
-    """The ``variant`` field of a record."""
+                 m_block: int = 0, num_warps: int = 0) -> str:
+    """The ``variant`` field of a record (``num_warps``: a warp count other than ``launch_config``'s,
+    suffix ``+w<n>``; 0 = the default)."""
     name = ("decode_in_place" if in_place else "decode") if decode else \
         ("in_place" if in_place else "aligned" if aligned else "unaligned")
     if m_block:
         name = "m_split" if name == "aligned" else f"m_split_{name}"
     if (decode or m_block) and not aligned:
         name += "_unaligned"
-    return name + (f"+{dot_precision}" if dot_precision != "ieee" else "")
+    name += f"+{dot_precision}" if dot_precision != "ieee" else ""
+    return name + (f"+w{num_warps}" if num_warps else "")
 
 
 def variants_for(kernel: str, which: str = "all", *, phi: str = "ln_silu", slots: int = 0
@@ -263,7 +265,7 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
                    dtype: str = "float32", gate_dtype: str | None = None,
                    include_cubin: bool | None = None, aligned: bool = True, decode: bool = False,
                    in_place: bool = False, dot_precision: str = "ieee",
-                   ptx_version: int | None = None, m_block: int = 0) -> AOTKernel:
+                   ptx_version: int | None = None, m_block: int = 0, num_warps: int = 0) -> AOTKernel:
     """Compile one kernel for ``sm_<cc>`` and return its launch record (no GPU needed).
 
     ``include_cubin`` adds the cubin of the same compilation (base64) for drivers older than the PTX
@@ -272,7 +274,8 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
     the input memories (snapshots stored only when a chunk starts). ``dot_precision``: the chunk
     kernel's ``tl.dot`` precision (ieee, tf32, tf32x3). ``ptx_version``: the PTX ISA as an int (85 =
     8.5; default ``DEFAULT_PTX_VERSION[cc]``). ``m_block``: the m-axis split of ``chunk_state``
-    (slots per program; phi must be identity)."""
+    (slots per program; phi must be identity). ``num_warps``: override ``launch_config``'s warp count
+    (0: keep it; the GPU suite's decode warp sweep; the records the plugin ships keep the default)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -285,8 +288,13 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
             raise AOTError(f"{name} must be an integer >= 1, got {val!r}")
     if m_block and phi != "identity":
         raise AOTError(f"the m-axis split (m_block = {m_block}) needs phi = identity, got phi = {phi!r}")
+    if num_warps not in (0, 1, 2, 4, 8, 16, 32):
+        raise AOTError(f"num_warps must be a power of two from 1 to 32 (0: the default), got {num_warps!r}")
     try:
         cfg = launch_config(kernel, slots, head_dim, chunk_size, dot_precision, m_block)
+        warps_override = num_warps if num_warps and num_warps != cfg.num_warps else 0
+        if warps_override:
+            cfg = dataclasses.replace(cfg, num_warps=warps_override)
         cx = constexprs_for(cfg, heads=heads, slots=slots, head_dim=head_dim, chunk_size=chunk_size,
                             phi=phi, f=f, rho=rho, eps=eps, dot_precision=dot_precision, decode=decode,
                             in_place=in_place)
@@ -331,7 +339,7 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
                                       "launcher passes null (global_scratch_size must be 0)"},
         cubin_b64=base64.b64encode(compiled.asm["cubin"]).decode() if include_cubin else "",
         variant=variant_name(aligned=aligned, decode=decode, in_place=in_place, dot_precision=dot_precision,
-                             m_block=m_block),
+                             m_block=m_block, num_warps=warps_override),
         aligned=bool(aligned), alignment=ALIGNMENT, decode=bool(decode), in_place=bool(in_place),
         min_cuda_driver=PTX_MIN_DRIVER.get(mver.group(1) if mver else "", ""),
         cubin_ptxas=_bundled_ptxas_version() if include_cubin else "",

@@ -161,6 +161,9 @@ def test_aot_cases_cover_every_variant(suite: Any) -> None:
     assert split and all(c["phi"] == "identity" and c["kernel"] == "chunk_split" for c in split)
     assert any(c["m"] % 16 for c in split)                          # a part-filled last slot block
     assert suite.variant_kwargs("m_split", "chunk_readout") == suite.variant_kwargs("aligned")
+    assert suite.variant_kwargs("decode_in_place+w16") == dict(suite.variant_kwargs("decode_in_place"),
+                                                               num_warps=16)
+    assert variant_name(**suite.variant_kwargs("decode_in_place+w4")) == "decode_in_place+w4"
     assert suite.case_kernels({"kernel": "chunk_split"}) == ("chunk_state", "chunk_readout")
 
 
@@ -198,6 +201,8 @@ def test_table_reports_aot_timing_and_opt_in_checks(suite: Any) -> None:
            "aot_timing": {"decode": {"runs": [
                {"variant": "decode_in_place", "ms": 0.0126, "ratio_to_floor": 1.2,
                 "in_place_floor_ms": 0.0105, "meets_aim": True}]},
+               "decode_warps": [{"B": 1, "default_warps": 8, "ms": {"4": 0.02, "8": 0.013, "16": 0.01},
+                                 "fastest_warps": 16, "default_over_fastest": 1.3}],
                "prefill": {"runs": [{"kernel": "chunk_split", "variant": "aligned", "ms": 2.0,
                                      "Mtok_per_s": 4.1},
                                     {"kernel": "chunk", "variant": "unaligned", "error": "RuntimeError: x"}],
@@ -215,6 +220,7 @@ def test_table_reports_aot_timing_and_opt_in_checks(suite: Any) -> None:
     assert any("AOT prefill chunk unaligned" in ln and "ERROR" in ln for ln in lines)
     assert any("AOT prefill split vs old" in ln and "3.5x" in ln for ln in lines)
     assert any("AOT prefill vs fla" in ln and "skipped" in ln for ln in lines)
+    assert any("AOT decode warps B=1" in ln and "fastest 16 warps" in ln and "1.3x" in ln for ln in lines)
     assert any("AOT m-axis split B=1" in ln and " ok " in ln and "0.4x" in ln for ln in lines)
     assert any("AOT m-axis split B=9" in ln and "rule wrong" in ln and "144 programs" in ln for ln in lines)
 

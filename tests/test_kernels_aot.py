@@ -251,3 +251,26 @@ def test_m_axis_split_records(tmp_path: Path) -> None:
     for r in recs:
         if r["variant"] == "m_split":
             assert ptxas_stats(r["ptx"], r["cc"], ptxas).spill_stores == 0, r["cc"]
+
+
+def test_num_warps_override_for_the_gpu_suites_warp_sweep(tmp_path: Path) -> None:
+    """``compile_kernel(num_warps=...)`` builds the decode record at another warp count (the GPU suite
+    times 4 / 8 / 16): its block and variant name follow (``+w16``); the default count keeps the
+    plain name; a count that is not a power of two up to 32 is refused."""
+    script = (
+        "import json, sys\n"
+        "from trellis_export.kernels.aot import compile_kernel\n"
+        "kw = dict(heads=8, slots=64, head_dim=64, chunk_size=16, decode=True, in_place=True)\n"
+        "out = [compile_kernel('fused_recurrent', 90, num_warps=n, **kw).to_dict() for n in (16, 8)]\n"
+        "json.dump([{k: r[k] for k in ('variant', 'num_warps', 'block')} for r in out], open(sys.argv[1], 'w'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "w.json")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wide, default = json.loads((tmp_path / "w.json").read_text())
+    assert wide == {"variant": "decode_in_place+w16", "num_warps": 16, "block": [512, 1, 1]}
+    assert default == {"variant": "decode_in_place", "num_warps": 8, "block": [256, 1, 1]}
+    from trellis_export.kernels.aot import AOTError, compile_kernel
+    with pytest.raises(AOTError, match="num_warps must be a power of two"):
+        compile_kernel("fused_recurrent", 90, heads=3, slots=7, head_dim=5, chunk_size=3, num_warps=12)
