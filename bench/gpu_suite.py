@@ -138,6 +138,11 @@ def correctness_cases(quick: bool = False) -> list[dict[str, Any]]:
             add(kernel, 3, 21, 3, 7, 5, 4, dtype=dt)
             add(kernel, 2, 19, 4, 32, 32, 16, dtype=dt)
         add(kernel, 2, 17, 2, 100, 48, 5)                              # non-power-of-two m, d
+    # phi = identity: the split prefill's state pass takes the m-axis split (odd m, non-power-of-two
+    # m and d, bench shape; chunk_split_trellis_fwd's rule with this card's SM count)
+    add("chunk_split", 3, 13, 3, 19, 5, 3, phi="identity")
+    add("chunk_split", 2, 17, 2, 100, 48, 5, phi="identity", f="l2_silu")
+    add("chunk_split", 2, 64, 8, 64, 64, 16, phi="identity")
     add("chunk", 2, 1000 if quick else 4000, 4, 32, 32, 16)            # long stream
     add("chunk_split", 2, 1000 if quick else 4000, 4, 32, 32, 16)
     add("fused_recurrent", 2, 500 if quick else 1000, 4, 32, 32, 16)

@@ -262,7 +262,8 @@ def test_num_warps_override_for_the_gpu_suites_warp_sweep(tmp_path: Path) -> Non
         "from trellis_export.kernels.aot import compile_kernel\n"
         "kw = dict(heads=8, slots=64, head_dim=64, chunk_size=16, decode=True, in_place=True)\n"
         "out = [compile_kernel('fused_recurrent', 90, num_warps=n, **kw).to_dict() for n in (16, 8)]\n"
-        "json.dump([{k: r[k] for k in ('variant', 'num_warps', 'block')} for r in out], open(sys.argv[1], 'w'))\n"
+        "keep = ('variant', 'num_warps', 'block')\n"
+        "json.dump([{k: r[k] for k in keep} for r in out], open(sys.argv[1], 'w'))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "w.json")], env=env,
