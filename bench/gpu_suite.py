@@ -178,18 +178,24 @@ def aot_cases() -> list[dict[str, Any]]:
     return out
 
 
+def kernel_variant(variant: str, kernel: str) -> str:
+    """The record variant ``kernel`` takes in a case of ``variant``: the m-axis split (``m_split``) is
+    the state pass's; the split prefill's read-out then takes the aligned record."""
+    if variant.startswith("m_split") and kernel != "chunk_state":
+        return variant.replace("m_split", "aligned", 1)
+    return variant
+
+
 def variant_kwargs(variant: str, kernel: str = "chunk_state") -> dict[str, Any]:
-    """``compile_kernel`` keyword arguments of a record variant name for ``kernel``: the m-axis split
-    (``m_split``) is the state pass's; the split prefill's read-out then takes the aligned record."""
+    """``compile_kernel`` keyword arguments of a record variant name for ``kernel``
+    (:func:`kernel_variant`; ``+w<n>``: a warp count other than the default)."""
     from trellis_export.kernels.trellis_memory.utils import M_SPLIT_BLOCK
-    variant, _, warps = variant.partition("+w")
+    variant, _, warps = kernel_variant(variant, kernel).partition("+w")
     split = variant.startswith("m_split")
-    if split and kernel != "chunk_state":
-        variant = variant.replace("m_split", "aligned", 1)
     return dict(aligned=not variant.startswith("unaligned") and "_unaligned" not in variant,
                 decode=variant.startswith("decode"), in_place="in_place" in variant,
                 dot_precision="tf32x3" if "tf32x3" in variant else "ieee",
-                **({"m_block": M_SPLIT_BLOCK} if split and kernel == "chunk_state" else {}),
+                **({"m_block": M_SPLIT_BLOCK} if split else {}),
                 **({"num_warps": int(warps)} if warps else {}))
 
 
@@ -402,17 +408,17 @@ def aot_records(case: dict[str, Any], cc: int, records: list[dict[str, Any]] | N
         if records is not None:
             found = None
             shape = (case["H"], case["m"], case["d"], case["C"])
+            want = kernel_variant(case["variant"], kernel)
             for r in records:
                 cx = r["constexprs"]
                 var = r.get("variant")
-                same_variant = var == case["variant"] or (var is None and case["variant"] in ("aligned",
-                                                                                              "unaligned"))
+                same_variant = var == want or (var is None and want in ("aligned", "unaligned"))
                 if (r["kernel"] == kernel and r["cc"] == cc and r["dtype"] == case["dtype"] and same_variant
                         and (cx["H"], cx["M"], cx["D"], cx["C"]) == shape):
                     found = r
                     break
             if found is None:
-                raise LookupError(f"no record in --aot-json for {kernel} {case['variant']} sm_{cc} "
+                raise LookupError(f"no record in --aot-json for {kernel} {want} sm_{cc} "
                                   f"{case['dtype']} H={case['H']} m={case['m']} d={case['d']} C={case['C']}")
             out.append(found)
         else:

@@ -193,6 +193,10 @@ def test_aot_records_from_json_pick_the_variant_and_stage_order(suite: Any) -> N
     case.update(kernel="fused_recurrent", variant="decode_in_place")
     with pytest.raises(LookupError, match="no record in --aot-json for fused_recurrent decode_in_place"):
         suite.aot_records(case, 90, records)
+    # the m-axis split: the state pass's m_split record, then the aligned read-out
+    records.append(rec("chunk_state", "m_split", 0))
+    case.update(kernel="chunk_split", variant="m_split")
+    assert suite.aot_records(case, 90, records) == [records[-1], records[0]]
 
 
 def test_table_reports_aot_timing_and_opt_in_checks(suite: Any) -> None:
