@@ -178,25 +178,30 @@ def aot_cases() -> list[dict[str, Any]]:
     return out
 
 
-def kernel_variant(variant: str, kernel: str) -> str:
-    """The record variant ``kernel`` takes in a case of ``variant``: the m-axis split (``m_split``) is
-    the state pass's; the split prefill's read-out then takes the aligned record."""
-    if variant.startswith("m_split") and kernel != "chunk_state":
-        return variant.replace("m_split", "aligned", 1)
-    return variant
-
-
 def variant_kwargs(variant: str, kernel: str = "chunk_state") -> dict[str, Any]:
-    """``compile_kernel`` keyword arguments of a record variant name for ``kernel``
-    (:func:`kernel_variant`; ``+w<n>``: a warp count other than the default)."""
+    """``compile_kernel`` keyword arguments of a record variant name (``aot.variant_name``'s names;
+    ``+w<n>``: a warp count other than the default) for ``kernel``. The m-axis split and a warp
+    override of an ``m_split`` case are the state pass's: the split prefill's read-out then takes the
+    record of the same alignment and precision."""
     from trellis_export.kernels.trellis_memory.utils import M_SPLIT_BLOCK
-    variant, _, warps = kernel_variant(variant, kernel).partition("+w")
-    split = variant.startswith("m_split")
-    return dict(aligned=not variant.startswith("unaligned") and "_unaligned" not in variant,
-                decode=variant.startswith("decode"), in_place="in_place" in variant,
-                dot_precision="tf32x3" if "tf32x3" in variant else "ieee",
-                **({"m_block": M_SPLIT_BLOCK} if split else {}),
-                **({"num_warps": int(warps)} if warps else {}))
+    base, _, warps = variant.partition("+w")
+    split = base.startswith("m_split")
+    kw: dict[str, Any] = dict(aligned=not base.startswith("unaligned") and "_unaligned" not in base,
+                              decode=base.startswith("decode"), in_place="in_place" in base,
+                              dot_precision="tf32x3" if "tf32x3" in base else "ieee")
+    if split and kernel != "chunk_state":
+        return kw
+    if split:
+        kw["m_block"] = M_SPLIT_BLOCK
+    if warps:
+        kw["num_warps"] = int(warps)
+    return kw
+
+
+def kernel_variant(variant: str, kernel: str) -> str:
+    """The record variant ``kernel`` takes in a case of ``variant`` (:func:`variant_kwargs`)."""
+    from trellis_export.kernels.aot import variant_name
+    return variant_name(**variant_kwargs(variant, kernel))
 
 
 def case_kernels(case: dict[str, Any]) -> tuple[str, ...]:
@@ -533,7 +538,8 @@ def run_m_split_rule(drv: Any, cc: int, sms: int, H: int, m: int, d: int, C: int
     the occupancy rule picks the faster record (``rule_picks_faster``)."""
     import torch
     out = []
-    rows = sorted({1, max(1, sms // (2 * H)), max(1, sms // (2 * H)) + 1, 4 * max(1, sms // (2 * H))})
+    last = max(1, -(-sms // (2 * H)) - 1)           # the largest B the rule splits (when any)
+    rows = sorted({1, last, last + 1, 2 * (last + 1), 4 * (last + 1)})
     for B in rows:
         base = dict(kernel="chunk_split", B=B, T=1024, H=H, m=m, d=d, C=C, phi="identity", f="identity",
                     rho="identity", dtype="bfloat16", tol=TOL_LONG)

@@ -227,10 +227,12 @@ def variant_name(*, aligned: bool, decode: bool, in_place: bool, dot_precision: 
                  m_block: int = 0, num_warps: int = 0) -> str:
     """The ``variant`` field of a record (``num_warps``: a warp count other than ``launch_config``'s,
     suffix ``+w<n>``; 0 = the default)."""
-    name = ("decode_in_place" if in_place else "decode") if decode else \
-        ("in_place" if in_place else "aligned" if aligned else "unaligned")
-    if m_block:
-        name = "m_split" if name == "aligned" else f"m_split_{name}"
+    if decode:
+        name = "decode_in_place" if in_place else "decode"
+    elif m_block:
+        name = "m_split_in_place" if in_place else "m_split"
+    else:
+        name = "in_place" if in_place else "aligned" if aligned else "unaligned"
     if (decode or m_block) and not aligned:
         name += "_unaligned"
     name += f"+{dot_precision}" if dot_precision != "ieee" else ""
@@ -330,11 +332,14 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
         gate_dtype=gate_dtype, constexprs=cx, signature=sig, inputs=list(INPUT_ARGS),
         scalars=list(SCALAR_ARGS), outputs=list(OUTPUT_ARGS), scalar_exprs=dict(SCALAR_EXPRS),
         hidden_params=hidden, ptx_params=params, num_warps=int(md.num_warps), num_stages=cfg.num_stages,
-        shared_mem=int(md.shared), global_scratch_size=gss, grid=LaunchConfig.GRID_EXPR,
+        shared_mem=int(md.shared), global_scratch_size=gss,
+        grid=f"({', '.join(GRID_DIMS[kernel])})" if kernel in GRID_DIMS else LaunchConfig.GRID_EXPR,
         block=(32 * int(md.num_warps), 1, 1),
         plugin={"plugin_id": PLUGIN_NAME, "attributes": op_attrs,
-                "aot_impl_returns": "(kernel_name=name, ptx, KernelLaunchParams(grid_x=B*H, block_x="
-                                    "32*num_warps, shared_mem), SymIntExprs([T]))",
+                "aot_impl_returns": "(kernel_name=name, ptx, KernelLaunchParams(grid=" +
+                                    (f"({', '.join(GRID_DIMS[kernel])})" if kernel in GRID_DIMS
+                                     else LaunchConfig.GRID_EXPR) +
+                                    ", block_x=32*num_warps, shared_mem), SymIntExprs([T]))",
                 "hidden_params_note": "triton appends these pointer params after the outputs; a "
                                       "launcher passes null (global_scratch_size must be 0)"},
         cubin_b64=base64.b64encode(compiled.asm["cubin"]).decode() if include_cubin else "",

@@ -293,6 +293,8 @@ class CudaDriver:
             self._check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
             self._check(self.lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
         self.context = ctx
+        self._cc: int | None = None           # the context's device does not change: asked once
+        self._sms: int | None = None
 
     def _check(self, rc: int, what: str) -> None:
         if rc != 0:
@@ -308,6 +310,8 @@ class CudaDriver:
 
     def compute_capability(self) -> int:
         """The current context's device as ``major * 10 + minor`` (87 for Orin, 90 for H100 / H200)."""
+        if self._cc is not None:
+            return self._cc
         dev = ctypes.c_int()
         self._check(self.lib.cuCtxGetDevice(ctypes.byref(dev)), "cuCtxGetDevice")
         major, minor = ctypes.c_int(), ctypes.c_int()
@@ -315,16 +319,20 @@ class CudaDriver:
                     "cuDeviceGetAttribute")
         self._check(self.lib.cuDeviceGetAttribute(ctypes.byref(minor), CU_DEVICE_ATTRIBUTE_CC_MINOR, dev),
                     "cuDeviceGetAttribute")
-        return 10 * major.value + minor.value
+        self._cc = 10 * major.value + minor.value
+        return self._cc
 
     def multiprocessor_count(self) -> int:
         """Streaming multiprocessors of the current context's device (132 on an H100 / H200 SXM)."""
+        if self._sms is not None:
+            return self._sms
         dev = ctypes.c_int()
         self._check(self.lib.cuCtxGetDevice(ctypes.byref(dev)), "cuCtxGetDevice")
         n = ctypes.c_int()
         self._check(self.lib.cuDeviceGetAttribute(ctypes.byref(n), CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
                                                   dev), "cuDeviceGetAttribute")
-        return n.value
+        self._sms = n.value
+        return self._sms
 
     def load_module(self, image: bytes) -> ctypes.c_void_p:
         """``cuModuleLoadData`` on a PTX (NUL-terminated) or cubin image."""

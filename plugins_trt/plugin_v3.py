@@ -303,14 +303,14 @@ def plan_launches(records: Sequence[dict[str, Any]], cc: int, B: int, T: int, in
 def launch_memory(driver: Any, loaded: dict[tuple[str, str, int], Any], records: Sequence[dict[str, Any]],
                   B: int, T: int, inputs: Sequence[int], outputs: Sequence[int], workspace: int,
                   stream: int) -> list[tuple[str, str]]:
-    """What ``enqueue`` does: :func:`plan_launches` for ``driver.compute_capability()`` and
+    """What ``enqueue`` does: :func:`plan_launches` for ``driver.compute_capability()`` and (T > 1)
     ``driver.multiprocessor_count()``, then each
     record loaded once (``driver.load_record``, cached in ``loaded`` by kernel, variant and target) and
     launched with ``driver.launch_record`` on ``stream``, in order (one stream: stage 1 runs after
     stage 0). ``driver``: a :class:`~trellis_export.kernels.cuda_launch.CudaDriver` or anything with
     its interface. Returns the (kernel, variant) launched."""
     plan = plan_launches(records, driver.compute_capability(), B, T, inputs, outputs, workspace,
-                         driver.multiprocessor_count())
+                         driver.multiprocessor_count() if T > 1 else None)
     for rec, pointers, scalars in plan:
         key = (rec["kernel"], rec["variant"], int(rec["cc"]))
         kernel = loaded.get(key)

@@ -164,6 +164,12 @@ def test_aot_cases_cover_every_variant(suite: Any) -> None:
     assert suite.variant_kwargs("decode_in_place+w16") == dict(suite.variant_kwargs("decode_in_place"),
                                                                num_warps=16)
     assert variant_name(**suite.variant_kwargs("decode_in_place+w4")) == "decode_in_place+w4"
+    # an m_split case: the split and its warp override are the state pass's; the read-out keeps the
+    # case's alignment
+    assert suite.kernel_variant("m_split", "chunk_readout") == "aligned"
+    assert suite.kernel_variant("m_split_unaligned", "chunk_readout") == "unaligned"
+    assert suite.kernel_variant("m_split+w8", "chunk_readout") == "aligned"
+    assert suite.kernel_variant("m_split_unaligned+w8", "chunk_state") == "m_split_unaligned+w8"
     assert suite.case_kernels({"kernel": "chunk_split"}) == ("chunk_state", "chunk_readout")
 
 

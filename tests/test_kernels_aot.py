@@ -231,6 +231,7 @@ def test_m_axis_split_records(tmp_path: Path) -> None:
         assert [r["variant"] for r in mine] == ["m_split", "aligned", "unaligned", "aligned+tf32x3"]
         split, whole = mine[0], mine[1]
         assert split["m_block"] == 16 and split["constexprs"]["BM"] == 16 and split["aligned"]
+        assert split["grid"] == f"({', '.join(split['grid_dims'])})" and "BM" in split["grid"]
         assert whole["m_block"] == 0 and whole["constexprs"]["BM"] == 32
         B, T, H = 2, 10, 3
         assert cuda_launch.grid_for(split, B, T) == (B * H * 2 * 2, 1, 1)
@@ -239,6 +240,8 @@ def test_m_axis_split_records(tmp_path: Path) -> None:
     assert variants_for("chunk_state", phi="ln_silu", slots=19)[0] == dict(aligned=True)
     assert variants_for("chunk_state", phi="identity", slots=16)[0] == dict(aligned=True)
     assert variant_name(aligned=True, decode=False, in_place=False, m_block=16) == "m_split"
+    assert variant_name(aligned=False, decode=False, in_place=False, m_block=16) == "m_split_unaligned"
+    assert variant_name(aligned=True, decode=False, in_place=True, m_block=16) == "m_split_in_place"
     with pytest.raises(AOTError, match="needs phi = identity"):
         compile_kernel("chunk_state", 90, heads=3, slots=19, head_dim=5, chunk_size=3, phi="ln_silu",
                        m_block=16)

@@ -197,6 +197,9 @@ def test_driver_call_sequence_with_a_fake_libcuda() -> None:
     assert launch[8].value == 64 * 1024 and launch[9].value == 0xABC
     assert drv.compute_capability() == 87
     assert drv.multiprocessor_count() == 16
+    asked = sum(1 for c in lib.calls if c[0] == "cuDeviceGetAttribute")
+    assert drv.compute_capability() == 87 and drv.multiprocessor_count() == 16
+    assert sum(1 for c in lib.calls if c[0] == "cuDeviceGetAttribute") == asked     # asked once
     small = cl.CudaDriver(lib=FakeLib()).load_record(record())
     assert small.image == "ptx"
     with pytest.raises(cl.CudaError, match="CUresult 222"):
