@@ -500,8 +500,17 @@ def run_aot(cases: list[dict[str, Any]], seed: int, aot_json: str | None) -> dic
             "source": aot_json or "compiled in this run"}
 
 
-def run_decode_warps(drv: Any, cc: int, H: int, m: int, d: int, C: int, w: int, n: int, seed: int
-                     ) -> list[dict[str, Any]]:
+def guarded(fn: Callable[..., list[dict[str, Any]]], *args: Any) -> list[dict[str, Any]]:
+    """``fn(*args)``, or one row carrying its error: a study added to a section must not lose the
+    section's aims when it fails."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - recorded in the JSON
+        return [{"error": f"{type(exc).__name__}: {exc}"}]
+
+
+def run_decode_warps(drv: Any, cc: int, H: int, m: int, d: int, C: int, w: int, n: int, seed: int,
+                     device: str = "cuda") -> list[dict[str, Any]]:
     """The in-place decode record at 4, 8 and 16 warps (``compile_kernel(num_warps=...)``; the shipped
     record takes ``launch_config``'s count) for B = 1, 8 and 64: the data for the issue's "warp layout
     chosen so small batches are not bound by barrier rounds". Per B: each count's time, the fastest,
@@ -515,7 +524,7 @@ def run_decode_warps(drv: Any, cc: int, H: int, m: int, d: int, C: int, w: int, 
             variant = "decode_in_place" + (f"+w{warps}" if warps != default else "")
             case = dict(kernel="fused_recurrent", variant=variant, B=B, T=1, H=H, m=m, d=d, C=C,
                         phi="ln_silu", f="ln_silu", rho="identity", dtype="float32", tol=TOL_SHORT)
-            acts, state, pos = make_inputs(case, "cuda", seed)
+            acts, state, pos = make_inputs(case, device, seed)
             try:
                 launch = AotLaunch(drv, aot_records(case, cc, None), case, acts, state, pos,
                                    poisoned_outputs(case, acts))
@@ -532,22 +541,22 @@ def run_decode_warps(drv: Any, cc: int, H: int, m: int, d: int, C: int, w: int, 
 
 
 def run_m_split_rule(drv: Any, cc: int, sms: int, H: int, m: int, d: int, C: int, w: int, n: int,
-                     seed: int) -> list[dict[str, Any]]:
-    """The split prefill with and without the state pass's m-axis split at batch sizes around the
-    rule ``cuda_launch.split_fills`` (split while B * H * 2 < SMs), T = 1024, phi = identity: whether
-    the occupancy rule picks the faster record (``rule_picks_faster``)."""
+                     seed: int, T: int = 1024, device: str = "cuda") -> list[dict[str, Any]]:
+    """The split prefill with and without the state pass's m-axis split at batch sizes on both sides
+    of the rule ``cuda_launch.split_fills`` (split while B * H * 2 < SMs), T tokens, phi = identity:
+    whether the occupancy rule picks the faster record (``rule_picks_faster``)."""
     import torch
     out = []
     last = max(1, -(-sms // (2 * H)) - 1)           # the largest B the rule splits (when any)
     rows = sorted({1, last, last + 1, 2 * (last + 1), 4 * (last + 1)})
     for B in rows:
-        base = dict(kernel="chunk_split", B=B, T=1024, H=H, m=m, d=d, C=C, phi="identity", f="identity",
+        base = dict(kernel="chunk_split", B=B, T=T, H=H, m=m, d=d, C=C, phi="identity", f="identity",
                     rho="identity", dtype="bfloat16", tol=TOL_LONG)
         row: dict[str, Any] = {"B": B, "programs_unsplit": B * H * 2,
                                "rule_takes": "m_split" if cuda_launch().split_fills(B, H, sms) else "aligned"}
         for variant in ("aligned", "m_split"):
             case = dict(base, variant=variant)
-            acts, state, pos = make_inputs(case, "cuda", seed)
+            acts, state, pos = make_inputs(case, device, seed)
             try:
                 launch = AotLaunch(drv, aot_records(case, cc, None), case, acts, state, torch.zeros_like(pos),
                                    poisoned_outputs(case, acts))
@@ -601,7 +610,7 @@ def run_aot_timing(args: argparse.Namespace) -> dict[str, Any]:
     out["decode"] = {"B": B, "H": H, "m": m, "d": d, "C": C, "runs": dec,
                      "aim": f"decode_in_place within {AIM_DECODE_FLOOR_RATIO}x of the in-place floor "
                             "(state bytes / measured copy bandwidth)"}
-    out["decode_warps"] = run_decode_warps(drv, cc, H, m, d, C, w, n, args.seed)
+    out["decode_warps"] = guarded(run_decode_warps, drv, cc, H, m, d, C, w, n, args.seed)
     # prefill B = 1, H = 8, T = 8192, m = d = 64, C = 16 at phi = f = rho = identity (fla's setting)
     Bp, Tp = (1, 2048) if args.quick else (1, 8192)
     pre = []
@@ -628,7 +637,8 @@ def run_aot_timing(args: argparse.Namespace) -> dict[str, Any]:
                   and "ms" in r), None)
     res: dict[str, Any] = {"B": Bp, "T": Tp, "H": H, "m": m, "d": d, "C": C, "runs": pre, "sms": sms,
                            "split_variant_timed_for_aims": chosen,
-                           "m_split_rule": run_m_split_rule(drv, cc, sms, H, m, d, C, w, n, args.seed)}
+                           "m_split_rule": guarded(run_m_split_rule, drv, cc, sms, H, m, d, C, w, n,
+                                                   args.seed)}
     if before and split:
         res["speedup_vs_pre_issue14_chunk"] = before / split
         res["meets_speedup_aim"] = before / split >= AIM_PREFILL_SPEEDUP

@@ -13,6 +13,9 @@ os.environ["TRITON_INTERPRET"] = "1"      # run_jit on the CPU below goes throug
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from trellis_export.kernels import cuda_launch as cl  # noqa: E402
+
+from trellis_export.opdef import INPUTS, OUTPUTS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,40 +238,41 @@ def test_table_reports_aot_timing_and_opt_in_checks(suite: Any) -> None:
     assert any("AOT m-axis split B=9" in ln and "rule wrong" in ln and "144 programs" in ln for ln in lines)
 
 
+class FakeDriver:
+    """``CudaDriver``'s launch interface that checks the arguments and records the launches."""
+
+    def __init__(self) -> None:
+        self.launches: list[tuple[str, dict[str, int], int]] = []
+
+    def load_record(self, rec: dict[str, Any], prefer: str = "auto") -> Any:
+        return cl.LoadedKernel(rec, None, None, "ptx")      # type: ignore[arg-type]
+
+    def launch_record(self, k: Any, ptrs: dict[str, int], scalars: dict[str, int], B: int,
+                      stream: int = 0) -> None:
+        cl.pack_params(k.record, ptrs, scalars)             # the real argument checks
+        self.launches.append((k.record["kernel"], dict(ptrs), B))
+
+
+def rec(kernel: str, stage: int = 0, **extra: Any) -> dict[str, Any]:
+    """A launch record shaped like ``AOTKernel.to_dict()`` (odd shapes; ``extra`` overrides)."""
+    ws = ["ws_memory", "ws_u"] if kernel.startswith("chunk_") else []
+    sig = [[n, "*i64" if n == "position" else "*fp32"] for n in INPUTS] + [["T", "i32"]]
+    sig += [[f"out_{n}", "*fp32"] for n in OUTPUTS] + [[w, "*fp32"] for w in ws]
+    r = {"kernel": kernel, "name": kernel, "stage": stage, "signature": sig, "inputs": list(INPUTS),
+         "outputs": [f"out_{n}" for n in OUTPUTS], "hidden_params": ["g", "p"],
+         "ptx_params": ["u64"] * len(INPUTS) + ["u32"] + ["u64"] * (len(OUTPUTS) + len(ws) + 2),
+         "constexprs": {"H": 3, "M": 7, "D": 5, "C": 3}, "block": [128, 1, 1], "shared_mem": 0}
+    if ws:
+        r["workspaces"] = {"ws_memory": "B * H * 2 * ((T + 2 * C - 2) // C) * M * D * 4",
+                           "ws_u": "B * H * 2 * ((T + 2 * C - 2) // C) * C * M * 4"}
+        r["grid_dims"] = ["B * H * 2", "1", "1"] if stage == 0 else ["(T + 2 * C - 2) // C", "B * H", "1"]
+    r.update(extra)
+    return r
+
+
 def test_aot_launch_wires_pointers_like_the_plugin(suite: Any) -> None:
     """AotLaunch on CPU tensors with a fake driver: in-place records alias the output memories to
     the inputs, split records get their workspaces and launch state pass then read-out."""
-    from trellis_export.kernels import cuda_launch as cl
-
-    from trellis_export.opdef import INPUTS, OUTPUTS
-
-    class FakeDriver:
-        def __init__(self) -> None:
-            self.launches: list[tuple[str, dict[str, int], int]] = []
-
-        def load_record(self, rec: dict[str, Any], prefer: str = "auto") -> Any:
-            return cl.LoadedKernel(rec, None, None, "ptx")      # type: ignore[arg-type]
-
-        def launch_record(self, k: Any, ptrs: dict[str, int], scalars: dict[str, int], B: int,
-                          stream: int = 0) -> None:
-            cl.pack_params(k.record, ptrs, scalars)             # the real argument checks
-            self.launches.append((k.record["kernel"], dict(ptrs), B))
-
-    def rec(kernel: str, stage: int = 0, **extra: Any) -> dict[str, Any]:
-        ws = ["ws_memory", "ws_u"] if kernel.startswith("chunk_") else []
-        sig = [[n, "*i64" if n == "position" else "*fp32"] for n in INPUTS] + [["T", "i32"]]
-        sig += [[f"out_{n}", "*fp32"] for n in OUTPUTS] + [[w, "*fp32"] for w in ws]
-        r = {"kernel": kernel, "name": kernel, "stage": stage, "signature": sig, "inputs": list(INPUTS),
-             "outputs": [f"out_{n}" for n in OUTPUTS], "hidden_params": ["g", "p"],
-             "ptx_params": ["u64"] * len(INPUTS) + ["u32"] + ["u64"] * (len(OUTPUTS) + len(ws) + 2),
-             "constexprs": {"H": 3, "M": 7, "D": 5, "C": 3}, "block": [128, 1, 1], "shared_mem": 0}
-        if ws:
-            r["workspaces"] = {"ws_memory": "B * H * 2 * ((T + 2 * C - 2) // C) * M * D * 4",
-                               "ws_u": "B * H * 2 * ((T + 2 * C - 2) // C) * C * M * 4"}
-            r["grid_dims"] = ["B * H * 2", "1", "1"] if stage == 0 else ["(T + 2 * C - 2) // C", "B * H", "1"]
-        r.update(extra)
-        return r
-
     case = dict(kernel="fused_recurrent", variant="decode_in_place", B=2, T=1, H=3, m=7, d=5, C=3,
                 phi="ln_silu", f="ln_silu", rho="identity", dtype="float32", tol=1e-5)
     acts, state, pos = suite.make_inputs(case, "cpu", 0)
@@ -292,3 +296,45 @@ def test_aot_launch_wires_pointers_like_the_plugin(suite: Any) -> None:
     assert launch.ws["ws_u"].numel() == 2 * 3 * 2 * NC * 3 * 7
     assert drv.launches[0][1]["ws_u"] == drv.launches[1][1]["ws_u"] == launch.ws["ws_u"].data_ptr()
     assert drv.launches[0][1]["out_key_memory"] != drv.launches[0][1]["key_memory"]
+
+
+def test_m_split_rule_and_decode_warp_studies_on_fakes(suite: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two studies of the AOT timing section on CPU tensors with fake records, driver and clock
+    (their control flow; the times are the fake clock's): the rule study's batches fall on both sides
+    of B * H * 2 = SMs, each row says what the rule takes and whether that was the faster record;
+    the warp study times 4 / 8 / 16 warps per B and names the fastest; a failing study is one error
+    row, not a lost section."""
+    def records(case: dict[str, Any], cc: int, _: Any) -> list[dict[str, Any]]:
+        out = []
+        for stage, kernel in enumerate(suite.case_kernels(case)):
+            kw = suite.variant_kwargs(case["variant"], kernel)
+            cx = {"H": case["H"], "M": case["m"], "D": case["d"], "C": case["C"],
+                  "BM": kw.get("m_block") or 32}
+            r = rec(kernel, stage, constexprs=cx, variant=suite.kernel_variant(case["variant"], kernel),
+                    num_warps=kw.get("num_warps", 8), in_place=kw["in_place"])
+            if kernel == "chunk_state":
+                r["grid_dims"] = ["B * H * 2 * ((M + BM - 1) // BM)", "1", "1"]
+            out.append(r)
+        return out
+
+    def clock(fn: Any, warmup: int, iters: int, graph: bool = False) -> dict[str, Any]:
+        fn()
+        first = fn.recs[0]
+        ms = 1.0 if first["variant"].startswith("m_split") else {4: 3.0, 8: 2.0, 16: 1.5}[first["num_warps"]]
+        return {"median_ms": ms}
+
+    monkeypatch.setattr(suite, "aot_records", records)
+    monkeypatch.setattr(suite, "time_cuda", clock)
+    drv = FakeDriver()
+    rows = suite.run_m_split_rule(drv, 86, 16, 3, 19, 5, 3, 1, 1, 0, T=7, device="cpu")
+    assert [r["B"] for r in rows] == [1, 2, 3, 6, 12]                # 2 * 3 * B < 16 up to B = 2
+    assert [r["rule_takes"] for r in rows] == ["m_split"] * 2 + ["aligned"] * 3
+    assert all(r["m_split_over_aligned"] == 0.5 for r in rows)       # the fake clock: split 1 ms, whole 2
+    assert [r["rule_picks_faster"] for r in rows] == [True] * 2 + [False] * 3
+    assert {k for k, _, _ in drv.launches} == {"chunk_state", "chunk_readout"}
+    warps = suite.run_decode_warps(FakeDriver(), 86, 3, 64, 64, 16, 1, 1, 0, device="cpu")
+    assert [r["B"] for r in warps] == [1, 8, 64]
+    for r in warps:
+        assert r["default_warps"] == 8 and r["ms"] == {"4": 3.0, "8": 2.0, "16": 1.5}
+        assert r["fastest_warps"] == 16 and r["default_over_fastest"] == 2.0 / 1.5
+    assert suite.guarded(lambda: 1 / 0) == [{"error": "ZeroDivisionError: division by zero"}]
