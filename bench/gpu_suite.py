@@ -89,6 +89,10 @@ def import_project() -> None:
 
 
 # =========================================================================== CLI, grid, output
+#: The suite's sections in their default order.
+SECTIONS: tuple[str, ...] = ("jit", "aot", "plugin", "aot_timing", "timing", "trt")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON results file, e.g. bench/results/gpu_h100.json")
@@ -102,7 +106,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=None, help="timed repetitions (median is reported)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up repetitions")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sections", default=None,
+                   help=f"comma-separated sections to run, in this order (default: {','.join(SECTIONS)} "
+                        "less those the --no-* flags drop); e.g. aot_timing,aot,plugin to get the "
+                        "issue-14 aims first within a short device lease")
     a = p.parse_args(argv)
+    if a.sections is not None:
+        a.sections = [x.strip() for x in a.sections.split(",") if x.strip()]
+        unknown = [x for x in a.sections if x not in SECTIONS]
+        if unknown or not a.sections:
+            p.error(f"--sections takes names from {', '.join(SECTIONS)}; got {', '.join(unknown) or 'none'}")
     if a.iters is None:
         a.iters = 10 if a.quick else 30
     if a.warmup is None:
@@ -1015,6 +1028,26 @@ def run_trt(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # =========================================================================== main
+def chosen_sections(args: argparse.Namespace) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
+    """The sections to run, in order: ``--sections`` when given, else :data:`SECTIONS`; the ``--no-*``
+    flags drop theirs either way."""
+    run: dict[str, Callable[[], dict[str, Any]]] = {
+        "jit": lambda: run_jit(correctness_cases(args.quick), args.seed),
+        "aot": lambda: run_aot(aot_cases(), args.seed, args.aot_json),
+        "plugin": lambda: run_plugin(plugin_cases(args.quick), args.seed),
+        "aot_timing": lambda: run_aot_timing(args),
+        "timing": lambda: run_timing(args),
+        "trt": lambda: run_trt(args)}
+    dropped = set()
+    if args.no_aot:
+        dropped |= {"aot", "plugin", "aot_timing"}
+    if args.no_timing:
+        dropped |= {"aot_timing", "timing"}
+    if args.no_trt:
+        dropped.add("trt")
+    return [(name, run[name]) for name in (args.sections or SECTIONS) if name not in dropped]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import_project()
@@ -1027,18 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(results))
         return 1
     torch.backends.cuda.matmul.allow_tf32 = False           # the float64 reference stays exact anyway
-    sections: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-        ("jit", lambda: run_jit(correctness_cases(args.quick), args.seed))]
-    if not args.no_aot:
-        sections.append(("aot", lambda: run_aot(aot_cases(), args.seed, args.aot_json)))
-        sections.append(("plugin", lambda: run_plugin(plugin_cases(args.quick), args.seed)))
-        if not args.no_timing:
-            sections.append(("aot_timing", lambda: run_aot_timing(args)))
-    if not args.no_timing:
-        sections.append(("timing", lambda: run_timing(args)))
-    if not args.no_trt:
-        sections.append(("trt", lambda: run_trt(args)))
-    for name, fn in sections:
+    for name, fn in chosen_sections(args):
         t0 = time.time()
         try:
             results[name] = fn()

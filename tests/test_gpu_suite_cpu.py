@@ -38,6 +38,14 @@ def test_parse_args_defaults_and_errors(suite: Any) -> None:
         suite.parse_args([])                                   # --out is required
     with pytest.raises(SystemExit):
         suite.parse_args(["--out", "x.json", "--iters", "0"])
+    names = lambda *argv: [n for n, _ in suite.chosen_sections(suite.parse_args(["--out", "x", *argv]))]  # noqa: E731
+    assert names() == list(suite.SECTIONS)
+    assert names("--sections", "aot_timing,aot,plugin") == ["aot_timing", "aot", "plugin"]
+    assert names("--sections", "aot_timing,jit", "--no-timing") == ["jit"]
+    assert names("--no-aot", "--no-trt") == ["jit", "timing"]
+    for bad in ("bogus", ",", "jit,bogus"):
+        with pytest.raises(SystemExit):
+            suite.parse_args(["--out", "x.json", "--sections", bad])
 
 
 def test_correctness_grid_covers_the_house_rules(suite: Any) -> None:
@@ -338,3 +346,29 @@ def test_m_split_rule_and_decode_warp_studies_on_fakes(suite: Any, monkeypatch: 
         assert r["default_warps"] == 8 and r["ms"] == {"4": 3.0, "8": 2.0, "16": 1.5}
         assert r["fastest_warps"] == 16 and r["default_over_fastest"] == 2.0 / 1.5
     assert suite.guarded(lambda: 1 / 0) == [{"error": "ZeroDivisionError: division by zero"}]
+
+
+@pytest.mark.skipif(__import__("shutil").which("shellcheck") is None,
+                    reason="shellcheck is not installed (apt-get install -y shellcheck; CI installs it)")
+def test_device_scripts_are_shellcheck_clean() -> None:
+    import subprocess
+    scripts = sorted(str(p) for p in (ROOT / "bench" / "device").glob("*.sh"))
+    assert [Path(p).name for p in scripts] == ["prepare.sh", "run.sh"]
+    proc = subprocess.run(["shellcheck", "--severity=style", *scripts], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_device_run_script_end_to_end_without_a_gpu(tmp_path: Path) -> None:
+    """bench/device/run.sh as the device call runs it, here: the suite from the checkout, its
+    arguments passed through, JSON and log in $OUT; without CUDA the suite says so and exits 1, and
+    the script passes that exit code on."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OUT"] = str(tmp_path)
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "device" / "run.sh"), "--sections", "aot_timing",
+                           "--quick"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert data["errors"]["cuda"] == "no CUDA device visible to torch"
+    assert data["args"]["sections"] == ["aot_timing"] and data["args"]["quick"] is True
+    assert "no CUDA device" in (tmp_path / "gpu_suite.log").read_text()
