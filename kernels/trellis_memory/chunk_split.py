@@ -55,11 +55,6 @@ GRID_DIMS: dict[str, list[str]] = {"chunk_state": ["B * H * 2 * ((M + BM - 1) //
                                    "chunk_readout": ["(T + 2 * C - 2) // C", "B * H", "1"]}
 
 
-def m_blocks(m: int, block: int) -> int:
-    """Programs per (row, head, pass) of the state pass whose slot block is ``block``."""
-    return -(-int(m) // int(block))
-
-
 def splits_m(phi: str, m: int) -> bool:
     """Whether the state pass of a model can take the m-axis split: phi = identity and more slots
     than one block."""
@@ -261,9 +256,12 @@ def chunk_split_trellis_fwd(
     ws = workspaces(B, T, H, m, d, C, q.device)
     kw = dict(H=H, M=m, D=d, C=C, PHI=nl_code(phi, "phi"), F=nl_code(f, "f"), RHO=nl_code(rho, "rho"),
               EPS=float(eps), DOT_PRECISION=dot_precision, DECODE=T == 1, IN_PLACE=bool(in_place))
-    for name, kernel, grid in (("chunk_state", chunk_state_kernel, (B * H * 2 * m_blocks(m, m_block or m),)),
-                               ("chunk_readout", chunk_readout_kernel, (max_chunks(T, C), B * H))):
+    from trellis_export.kernels.cuda_launch import grid_for
+    for name, kernel in (("chunk_state", chunk_state_kernel), ("chunk_readout", chunk_readout_kernel)):
         cfg = launch_config(name, m, d, C, dot_precision, m_block if name == "chunk_state" else 0)
+        # the grid from the same expressions the AOT records carry (GRID_DIMS)
+        grid = grid_for({"constexprs": {"H": H, "M": m, "D": d, "C": C, "BM": cfg.BM},
+                         "grid_dims": GRID_DIMS[name]}, B, T)
         kernel[grid](*args, T, *outs, *ws, BM=cfg.BM, BD=cfg.BD, BC=cfg.BC, **kw,
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return cast(MemoryOutputs, outs)
