@@ -62,6 +62,17 @@ AIM_BANDWIDTH_FRACTION = 0.5
 AIM_DECODE_FLOOR_RATIO = 1.5
 AIM_PREFILL_SPEEDUP = 3.0
 AIM_PREFILL_VS_FLA = 2.0
+# the AOT timing section's shapes and records (also what --prepare-records compiles): decode at
+# H = 8, m = d = 64, C = 16 (ln_silu, float32), prefill at the same shape with phi = f = rho = identity
+# and bfloat16 activations (fla's setting)
+TIMING_SHAPE: dict[str, int] = {"H": 8, "m": 64, "d": 64, "C": 16}
+DECODE_NL: dict[str, str] = {"phi": "ln_silu", "f": "ln_silu", "rho": "identity", "dtype": "float32"}
+DECODE_VARIANTS: tuple[str, ...] = ("unaligned", "aligned", "decode", "decode_in_place")
+WARP_COUNTS: tuple[int, ...] = (4, 8, 16)
+PREFILL_NL: dict[str, str] = {"phi": "identity", "f": "identity", "rho": "identity", "dtype": "bfloat16"}
+PREFILL_RUNS: tuple[tuple[str, str], ...] = (("chunk", "unaligned"), ("chunk", "aligned"),
+                                            ("chunk_split", "aligned"), ("chunk_split", "m_split"),
+                                            ("chunk_split", "aligned+tf32x3"))
 
 
 # =========================================================================== imports
@@ -95,7 +106,8 @@ SECTIONS: tuple[str, ...] = ("jit", "aot", "plugin", "aot_timing", "timing", "tr
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="JSON results file, e.g. bench/results/gpu_h100.json")
+    p.add_argument("--out", default=None, help="JSON results file, e.g. bench/results/gpu_h100.json "
+                   "(required unless --prepare-records)")
     p.add_argument("--quick", action="store_true", help="smaller grid and fewer timing iterations")
     p.add_argument("--no-timing", action="store_true", help="correctness sections only")
     p.add_argument("--no-aot", action="store_true", help="skip the AOT (driver API) section")
@@ -110,7 +122,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated sections to run, in this order (default: {','.join(SECTIONS)} "
                         "less those the --no-* flags drop); e.g. aot_timing,aot,plugin to get the "
                         "issue-14 aims first within a short device lease")
+    p.add_argument("--records", default=None,
+                   help="record store (--prepare-records) to launch the AOT, AOT timing and plugin "
+                        "sections' records from instead of compiling them on this machine")
+    p.add_argument("--prepare-records", default=None, metavar="FILE",
+                   help="no GPU needed: compile every record those sections launch for --cc into FILE "
+                        "(gzip JSON) and exit")
+    p.add_argument("--cc", type=int, default=90, help="compute capability for --prepare-records")
+    p.add_argument("--compile-child", nargs=2, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.out is None and a.prepare_records is None and a.compile_child is None:
+        p.error("--out is required (or --prepare-records FILE)")
     if a.sections is not None:
         a.sections = [x.strip() for x in a.sections.split(",") if x.strip()]
         unknown = [x for x in a.sections if x not in SECTIONS]
@@ -415,12 +437,112 @@ def pack_params(record: dict[str, Any], pointers: dict[str, int], scalars: dict[
     return cuda_launch().pack_params(record, pointers, scalars)
 
 
+class RecordStore:
+    """AOT records by their compile arguments: ``compile`` returns the stored record of a
+    ``compile_kernel`` call when the store holds it (``--records FILE``, made by
+    ``--prepare-records FILE --cc N`` on any machine: the records then carry the PTX of the pinned
+    triton that the TensorRT plugin ships, and the lent GPU spends no time compiling them), else
+    compiles it here and keeps it."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict[str, Any]] = {}
+        self.source: str | None = None
+        self.triton_version: str | None = None
+        self.hits = 0
+        self.compiled = 0
+
+    @staticmethod
+    def key(kernel: str, cc: int, kw: dict[str, Any]) -> str:
+        return json.dumps([kernel, int(cc), sorted(kw.items())])
+
+    def compile(self, kernel: str, cc: int, **kw: Any) -> dict[str, Any]:
+        return self.compile_many([(kernel, cc, kw)])[0]
+
+    def compile_many(self, calls: list[tuple[str, int, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The records of ``(kernel, cc, compile_kernel keywords)`` calls; the missing ones compiled
+        here, or in one child process when this one runs triton's interpreter (whose kernels cannot
+        be compiled)."""
+        keys = [self.key(k, cc, kw) for k, cc, kw in calls]
+        missing = {key: call for key, call in zip(keys, calls) if key not in self.records}
+        if missing:
+            if os.environ.get("TRITON_INTERPRET"):
+                recs = compile_in_child(list(missing.values()))
+            else:
+                from trellis_export.kernels.aot import compile_kernel
+                recs = [compile_kernel(k, cc, **kw).to_dict() for k, cc, kw in missing.values()]
+            self.records.update(zip(missing, recs))
+            self.compiled += len(missing)
+        self.hits += len(calls) - len(missing)
+        return [self.records[key] for key in keys]
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        import gzip
+        data = json.loads(gzip.decompress(Path(path).read_bytes()))
+        if data.get("format") != "trellis-export gpu_suite records 1":
+            raise ValueError(f"{path}: not a record store written by --prepare-records")
+        self.records.update(data["records"])
+        self.source, self.triton_version = str(path), data.get("triton_version")
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        import gzip
+
+        import triton
+        payload = {"format": "trellis-export gpu_suite records 1", "triton_version": triton.__version__,
+                   "records": self.records}
+        tmp = Path(f"{path}.tmp")
+        tmp.write_bytes(gzip.compress(json.dumps(payload).encode(), compresslevel=6))
+        os.replace(tmp, path)
+
+    def summary(self) -> dict[str, Any]:
+        return {"source": self.source or "compiled in this run", "store_triton_version": self.triton_version,
+                "records_from_store": self.hits, "records_compiled_here": self.compiled}
+
+
+#: The records this run launches (see RecordStore).
+STORE = RecordStore()
+
+
+def compile_in_child(calls: list[tuple[str, int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """``compile_kernel`` for each call in a child process without TRITON_INTERPRET (this suite's
+    hidden ``--compile-child`` mode)."""
+    import subprocess
+    import tempfile
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory(prefix="gpu-suite-aot-") as tmp:
+        src, dst = Path(tmp) / "calls.json", Path(tmp) / "records.json"
+        src.write_text(json.dumps(calls))
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--compile-child", str(src),
+                               str(dst)], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {len(calls)} records failed: "
+                               f"{(proc.stderr.strip().splitlines() or ['no message'])[-1]}")
+        return list(json.loads(dst.read_text()))
+
+
+def plugin_records(attrs: dict[str, Any], case: dict[str, Any], cc: int) -> list[dict[str, Any]]:
+    """The records an engine's plugin layer of this case carries for ``cc``
+    (``plugin_v3.record_arguments``, what ``plugin_v3.compile_records`` compiles), through STORE."""
+    from trellis_export.plugins_trt import plugin_v3
+    return STORE.compile_many([(kernel, cc, kw) for kernel, kw in plugin_v3.record_arguments(
+        attrs, heads=case["H"], slots=case["m"], head_dim=case["d"], dtype=case["dtype"])])
+
+
+def prepare_records(path: str, cc: int) -> int:
+    """``--prepare-records``: compile every record the AOT, AOT timing and plugin sections launch for
+    ``sm_<cc>`` into a store file (no GPU needed). Returns how many."""
+    for case in aot_cases() + timing_cases():
+        aot_records(case, cc, None)
+    for case in plugin_cases(quick=False):
+        plugin_records(plugin_attrs(case), case, cc)
+    STORE.save(path)
+    return len(STORE.records)
+
+
 def aot_records(case: dict[str, Any], cc: int, records: list[dict[str, Any]] | None
                 ) -> list[dict[str, Any]]:
     """The launch records of a case, in launch order: from --aot-json when given (must match; a
     record without ``variant`` predates issue 14 and stands for "aligned" / "unaligned"), else
     compiled now (with the cubin, so a driver older than the PTX ISA still checks the code)."""
-    from trellis_export.kernels.aot import compile_kernel
     out = []
     for kernel in case_kernels(case):
         if records is not None:
@@ -440,10 +562,10 @@ def aot_records(case: dict[str, Any], cc: int, records: list[dict[str, Any]] | N
                                   f"{case['dtype']} H={case['H']} m={case['m']} d={case['d']} C={case['C']}")
             out.append(found)
         else:
-            out.append(compile_kernel(kernel, cc, heads=case["H"], slots=case["m"], head_dim=case["d"],
-                                      chunk_size=case["C"], phi=case["phi"], f=case["f"], rho=case["rho"],
-                                      eps=1e-5, dtype=case["dtype"], include_cubin=True,
-                                      **variant_kwargs(case["variant"], kernel)).to_dict())
+            out.append(STORE.compile(kernel, cc, heads=case["H"], slots=case["m"], head_dim=case["d"],
+                                     chunk_size=case["C"], phi=case["phi"], f=case["f"], rho=case["rho"],
+                                     eps=1e-5, dtype=case["dtype"], include_cubin=True,
+                                     **variant_kwargs(case["variant"], kernel)))
     return sorted(out, key=lambda r: r.get("stage", 0))
 
 
@@ -522,21 +644,42 @@ def guarded(fn: Callable[..., list[dict[str, Any]]], *args: Any) -> list[dict[st
         return [{"error": f"{type(exc).__name__}: {exc}"}]
 
 
+def default_warps(kernel: str, m: int, d: int, C: int = 1) -> int:
+    """The warp count ``launch_config`` gives (what the shipped records take)."""
+    from trellis_export.kernels.trellis_memory.utils import launch_config
+    return launch_config(kernel, m, d, C).num_warps
+
+
+def warp_variant(variant: str, warps: int, default: int) -> str:
+    """The record variant of ``variant`` at ``warps`` warps (``+w<n>`` unless the default)."""
+    return variant + (f"+w{warps}" if warps != default else "")
+
+
+def timing_cases() -> list[dict[str, Any]]:
+    """Every record case the AOT timing section launches (B and T do not change a record): decode
+    variants, the decode warp study, the prefill runs (the m-split study is two of them)."""
+    dec = dict(kernel="fused_recurrent", B=1, T=1, **TIMING_SHAPE, **DECODE_NL, tol=TOL_SHORT)
+    default = default_warps("fused_recurrent", TIMING_SHAPE["m"], TIMING_SHAPE["d"])
+    cases = [dict(dec, variant=v) for v in DECODE_VARIANTS]
+    cases += [dict(dec, variant=warp_variant("decode_in_place", w, default)) for w in WARP_COUNTS]
+    cases += [dict(kernel=k, variant=v, B=1, T=2, **TIMING_SHAPE, **PREFILL_NL, tol=TOL_LONG)
+              for k, v in PREFILL_RUNS]
+    return cases
+
+
 def run_decode_warps(drv: Any, cc: int, H: int, m: int, d: int, C: int, w: int, n: int, seed: int,
                      device: str = "cuda") -> list[dict[str, Any]]:
     """The in-place decode record at 4, 8 and 16 warps (``compile_kernel(num_warps=...)``; the shipped
     record takes ``launch_config``'s count) for B = 1, 8 and 64: the data for the issue's "warp layout
     chosen so small batches are not bound by barrier rounds". Per B: each count's time, the fastest,
     and the shipped count's time over the fastest."""
-    from trellis_export.kernels.trellis_memory.utils import launch_config
-    default = launch_config("fused_recurrent", m, d, 1).num_warps
+    default = default_warps("fused_recurrent", m, d)
     out = []
     for B in (1, 8, 64):
         row: dict[str, Any] = {"B": B, "default_warps": default, "ms": {}}
-        for warps in (4, 8, 16):
-            variant = "decode_in_place" + (f"+w{warps}" if warps != default else "")
-            case = dict(kernel="fused_recurrent", variant=variant, B=B, T=1, H=H, m=m, d=d, C=C,
-                        phi="ln_silu", f="ln_silu", rho="identity", dtype="float32", tol=TOL_SHORT)
+        for warps in WARP_COUNTS:
+            case = dict(kernel="fused_recurrent", variant=warp_variant("decode_in_place", warps, default),
+                        B=B, T=1, H=H, m=m, d=d, C=C, **DECODE_NL, tol=TOL_SHORT)
             acts, state, pos = make_inputs(case, device, seed)
             try:
                 launch = AotLaunch(drv, aot_records(case, cc, None), case, acts, state, pos,
@@ -563,8 +706,7 @@ def run_m_split_rule(drv: Any, cc: int, sms: int, H: int, m: int, d: int, C: int
     last = max(1, -(-sms // (2 * H)) - 1)           # the largest B the rule splits (when any)
     rows = sorted({1, last, last + 1, 2 * (last + 1), 4 * (last + 1)})
     for B in rows:
-        base = dict(kernel="chunk_split", B=B, T=T, H=H, m=m, d=d, C=C, phi="identity", f="identity",
-                    rho="identity", dtype="bfloat16", tol=TOL_LONG)
+        base = dict(kernel="chunk_split", B=B, T=T, H=H, m=m, d=d, C=C, **PREFILL_NL, tol=TOL_LONG)
         row: dict[str, Any] = {"B": B, "programs_unsplit": B * H * 2,
                                "rule_takes": "m_split" if cuda_launch().split_fills(B, H, sms) else "aligned"}
         for variant in ("aligned", "m_split"):
@@ -602,12 +744,13 @@ def run_aot_timing(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"cc": cc}
     copy = copy_bandwidth(1 << 30, w, n)
     out["copy_GBps"] = copy["GBps"]
-    # decode B = 64, H = 8, m = d = 64, C = 16
-    B, H, m, d, C = 64, 8, 64, 64, 16
+    # decode B = 64 at TIMING_SHAPE
+    B = 64
+    H, m, d, C = (TIMING_SHAPE[k] for k in ("H", "m", "d", "C"))
     dec = []
-    for variant in ("unaligned", "aligned", "decode", "decode_in_place"):
-        case = dict(kernel="fused_recurrent", variant=variant, B=B, T=1, H=H, m=m, d=d, C=C, phi="ln_silu",
-                    f="ln_silu", rho="identity", dtype="float32", tol=TOL_SHORT)
+    for variant in DECODE_VARIANTS:
+        case = dict(kernel="fused_recurrent", variant=variant, B=B, T=1, **TIMING_SHAPE, **DECODE_NL,
+                    tol=TOL_SHORT)
         acts, state, pos = make_inputs(case, "cuda", args.seed)
         launch = AotLaunch(drv, aot_records(case, cc, None), case, acts, state, pos,
                            poisoned_outputs(case, acts))
@@ -624,13 +767,11 @@ def run_aot_timing(args: argparse.Namespace) -> dict[str, Any]:
                      "aim": f"decode_in_place within {AIM_DECODE_FLOOR_RATIO}x of the in-place floor "
                             "(state bytes / measured copy bandwidth)"}
     out["decode_warps"] = guarded(run_decode_warps, drv, cc, H, m, d, C, w, n, args.seed)
-    # prefill B = 1, H = 8, T = 8192, m = d = 64, C = 16 at phi = f = rho = identity (fla's setting)
+    # prefill B = 1, T = 8192 at TIMING_SHAPE, phi = f = rho = identity (fla's setting)
     Bp, Tp = (1, 2048) if args.quick else (1, 8192)
     pre = []
-    base = dict(B=Bp, T=Tp, H=H, m=m, d=d, C=C, phi="identity", f="identity", rho="identity",
-                dtype="bfloat16", tol=TOL_LONG)
-    for kernel, variant in (("chunk", "unaligned"), ("chunk", "aligned"), ("chunk_split", "aligned"),
-                            ("chunk_split", "m_split"), ("chunk_split", "aligned+tf32x3")):
+    base = dict(B=Bp, T=Tp, **TIMING_SHAPE, **PREFILL_NL, tol=TOL_LONG)
+    for kernel, variant in PREFILL_RUNS:
         case = dict(base, kernel=kernel, variant=variant)
         acts, state, pos = make_inputs(case, "cuda", args.seed)
         pos = torch.zeros_like(pos)
@@ -865,6 +1006,11 @@ def plugin_cases(quick: bool = False) -> list[dict[str, Any]]:
     return cases
 
 
+def plugin_attrs(case: dict[str, Any]) -> dict[str, Any]:
+    """The op attributes of a plugin case."""
+    return dict(chunk_size=case["C"], phi=case["phi"], f=case["f"], rho=case["rho"], eps=1e-5)
+
+
 def run_plugin(cases: list[dict[str, Any]], seed: int, device: str = "cuda", cc: int | None = None,
                make_driver: Callable[[list[Any]], Any] | None = None) -> dict[str, Any]:
     """Section (e) on this card (``cc`` default: torch's device capability). ``make_driver(buffers)``
@@ -879,9 +1025,7 @@ def run_plugin(cases: list[dict[str, Any]], seed: int, device: str = "cuda", cc:
     checks = []
     for i, case in enumerate(cases):
         B, T = case["B"], case["T"]
-        attrs = dict(chunk_size=case["C"], phi=case["phi"], f=case["f"], rho=case["rho"], eps=1e-5)
-        recs = plugin_v3.compile_records(attrs, heads=case["H"], slots=case["m"], head_dim=case["d"],
-                                         dtype=case["dtype"], targets=[cc])
+        recs = plugin_records(plugin_attrs(case), case, cc)
         acts, state, pos = make_inputs(case, device, seed + 3000 + i)
         ref = reference(case, acts, state, pos)
         ins = [x.contiguous() for x in acts] + [s.clone().contiguous() for s in state] + [pos.contiguous()]
@@ -1051,6 +1195,25 @@ def chosen_sections(args: argparse.Namespace) -> list[tuple[str, Callable[[], di
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import_project()
+    if args.compile_child:                     # compile_in_child's worker
+        from trellis_export.kernels.aot import compile_kernel
+        calls = json.loads(Path(args.compile_child[0]).read_text())
+        Path(args.compile_child[1]).write_text(json.dumps([compile_kernel(k, cc, **kw).to_dict()
+                                                           for k, cc, kw in calls]))
+        return 0
+    if args.prepare_records:
+        t0 = time.time()
+        n = prepare_records(args.prepare_records, args.cc)
+        size = Path(args.prepare_records).stat().st_size
+        print(f"{n} records for sm_{args.cc} in {args.prepare_records} ({size / 2**20:.1f} MiB, "
+              f"{time.time() - t0:.0f} s)")
+        return 0
+    if args.records:
+        try:
+            STORE.load(args.records)
+        except (OSError, ValueError) as exc:
+            print(f"error: --records {args.records}: {exc}", file=sys.stderr)
+            return 2
     results: dict[str, Any] = {"suite": "trellis-export gpu_suite", "args": vars(args), "errors": {}}
     results["machine"] = machine_info()
     import torch
@@ -1069,6 +1232,7 @@ def main(argv: list[str] | None = None) -> int:
             print(results["errors"][name], file=sys.stderr)
         else:
             results[name]["seconds"] = round(time.time() - t0, 2)
+        results["record_store"] = STORE.summary()
         write_json(args.out, results)                        # partial results survive a later crash
     ok = not results["errors"] and all(results[s].get("ok", True) for s in ("jit", "aot", "plugin")
                                        if s in results)

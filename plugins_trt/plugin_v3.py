@@ -148,6 +148,16 @@ def plugin_variants(phi: str, slots: int) -> list[tuple[str, dict[str, Any]]]:
             if variant.get("dot_precision", "ieee") == "ieee"]
 
 
+def record_arguments(attrs: dict[str, Any], *, heads: int, slots: int, head_dim: int, dtype: str
+                     ) -> list[tuple[str, dict[str, Any]]]:
+    """(kernel, ``kernels.aot.compile_kernel`` keyword arguments but the target) of every record a
+    layer of these attributes and shapes carries per target, in :func:`plugin_variants` order: what
+    :func:`compile_records` compiles (the GPU suite compiles or looks up the same)."""
+    common = dict(heads=heads, slots=slots, head_dim=head_dim, chunk_size=int(attrs["chunk_size"]),
+                  phi=attrs["phi"], f=attrs["f"], rho=attrs["rho"], eps=float(attrs["eps"]), dtype=dtype)
+    return [(kernel, {**common, **variant}) for kernel, variant in plugin_variants(attrs["phi"], slots)]
+
+
 def compile_records(attrs: dict[str, Any], *, heads: int, slots: int, head_dim: int, dtype: str,
                     targets: Sequence[int]) -> list[dict[str, Any]]:
     """AOT launch records of :func:`plugin_variants` (every kernel of :data:`PLUGIN_KERNELS`, every
@@ -167,10 +177,10 @@ def compile_records(attrs: dict[str, Any], *, heads: int, slots: int, head_dim: 
     else:
         from trellis_export.kernels.aot import compile_kernel
 
-        records = [compile_kernel(kernel, int(cc), heads=heads, slots=slots, head_dim=head_dim,
-                                  chunk_size=int(attrs["chunk_size"]), phi=attrs["phi"], f=attrs["f"],
-                                  rho=attrs["rho"], eps=float(attrs["eps"]), dtype=dtype, **variant).to_dict()
-                   for cc in targets for kernel, variant in plugin_variants(attrs["phi"], slots)]
+        records = [compile_kernel(kernel, int(cc), **kw).to_dict()
+                   for cc in targets
+                   for kernel, kw in record_arguments(attrs, heads=heads, slots=slots, head_dim=head_dim,
+                                                      dtype=dtype)]
     with _LOCK:
         _COMPILED[key] = records
     return records

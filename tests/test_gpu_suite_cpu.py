@@ -372,3 +372,55 @@ def test_device_run_script_end_to_end_without_a_gpu(tmp_path: Path) -> None:
     assert data["errors"]["cuda"] == "no CUDA device visible to torch"
     assert data["args"]["sections"] == ["aot_timing"] and data["args"]["quick"] is True
     assert "no CUDA device" in (tmp_path / "gpu_suite.log").read_text()
+
+
+def test_record_store_compiles_once_and_round_trips(suite: Any, tmp_path: Path) -> None:
+    """RecordStore: a record compiled once (in a child process: this one runs triton's interpreter)
+    is served from the store after that, survives save / load, and a file that is not a store is
+    refused; --records with a bad file is one error line and exit 2."""
+    store = suite.RecordStore()
+    kw = dict(heads=3, slots=7, head_dim=5, chunk_size=3, phi="l2_silu", decode=True)
+    (rec,) = store.compile_many([("fused_recurrent", 90, kw)])
+    assert rec["variant"] == "decode" and rec["cc"] == 90 and ".target sm_90" in rec["ptx"]
+    assert store.compile("fused_recurrent", 90, **kw) is rec
+    assert (store.compiled, store.hits) == (1, 1)
+    path = tmp_path / "records.json.gz"
+    store.save(path)
+    again = suite.RecordStore()
+    again.load(path)
+    assert again.compile("fused_recurrent", 90, **kw) == rec and again.summary()["records_from_store"] == 1
+    assert again.summary()["records_compiled_here"] == 0 and again.summary()["source"] == str(path)
+    bad = tmp_path / "bad.gz"
+    bad.write_bytes(__import__("gzip").compress(b'{"format": "other"}'))
+    with pytest.raises(ValueError, match="not a record store"):
+        suite.RecordStore().load(bad)
+    assert suite.main(["--out", str(tmp_path / "x.json"), "--records", str(bad)]) == 2
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_prepare_records_covers_every_record_the_sections_launch(suite: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """--prepare-records asks the store for the records of every AOT case, every timing case (the
+    decode variants, the warp study, the prefill runs with the m-axis split) and every plugin case;
+    recorded here with a stand-in compiler."""
+    asked: list[tuple[str, int, dict[str, Any]]] = []
+
+    def fake_many(calls: list[tuple[str, int, dict[str, Any]]]) -> list[dict[str, Any]]:
+        asked.extend(calls)
+        return [{"kernel": k, "stage": 0} for k, _, _ in calls]
+
+    store = suite.RecordStore()
+    monkeypatch.setattr(store, "compile_many", fake_many)
+    monkeypatch.setattr(suite, "STORE", store)
+    monkeypatch.setattr(store, "save", lambda path: None)
+    suite.prepare_records(str(tmp_path / "s.gz"), 90)
+    assert {k for k, _, _ in asked} == {"fused_recurrent", "chunk", "chunk_state", "chunk_readout"}
+    assert any(kw.get("m_block") == 16 for _, _, kw in asked)
+    assert {kw.get("num_warps") for _, _, kw in asked} >= {4, 16}
+    assert all(cc == 90 for _, cc, _ in asked)
+    from trellis_export.plugins_trt import plugin_v3
+    n_plugin = sum(len(plugin_v3.record_arguments(suite.plugin_attrs(c), heads=c["H"], slots=c["m"],
+                                                  head_dim=c["d"], dtype=c["dtype"]))
+                   for c in suite.plugin_cases(quick=False))
+    n_aot = sum(len(suite.case_kernels(c)) for c in suite.aot_cases() + suite.timing_cases())
+    assert len(asked) == n_plugin + n_aot

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # There (the lent GPU machine, from the repo root the device tool copied): install the carried
 # wheels (bench/device/prepare.sh made them) into /tmp/site, then run the GPU suite from the bare
-# checkout, its arguments passed through. The JSON (written after every section, so a run stopped
+# checkout with the carried record store when there is one, its arguments passed through. The JSON (written after every section, so a run stopped
 # at its limit keeps what it finished) and the log go to $OUT, which comes back.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
@@ -12,6 +12,10 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
+store=()
+if [ -f .whl/records_sm90.json.gz ]; then          # prepare.sh's records: launched, not compiled here
+    store=(--records .whl/records_sm90.json.gz)
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/nvidia_smi.txt"
-python3 bench/gpu_suite.py --out "$out/gpu_suite.json" "$@" 2>&1 | tee "$out/gpu_suite.log"
+python3 bench/gpu_suite.py --out "$out/gpu_suite.json" "${store[@]}" "$@" 2>&1 | tee "$out/gpu_suite.log"
 exit "${PIPESTATUS[0]}"
