@@ -56,6 +56,9 @@ def rtx(fn):  # type: ignore[no-untyped-def]
     return pytest.mark.tensorrt_rtx(_skip(fn))
 TARGET = "8.6"          # one target keeps the builds short; the default set is tested in test_default_targets
 ODD = tiny_config(n_layers=1, chunk_size=1, phi="l2_silu", f="ln_silu", rho="identity")   # H 3, d 5, m 7
+#: phi = identity with m = 19: the plugin's records carry the state pass's m-axis split (two 16-slot
+#: programs per row, head and pass)
+IDENT = tiny_config(n_layers=1, chunk_size=3, phi="identity", f="ln_silu", rho="identity", n_slots=19)
 
 
 def sha(path: Path) -> str:
@@ -162,6 +165,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
     odd_ckpt = root / "odd"
     save_checkpoint(tiny_model(ODD, seed=5, dtype=torch.float32), odd_ckpt)
     odd_onnx = export_onnx(read_model(odd_ckpt), root / "odd.onnx")
+    ident_ckpt = root / "ident"
+    save_checkpoint(tiny_model(IDENT, seed=6, dtype=torch.float32), ident_ckpt)
     common = ["--compute-capability", TARGET]
     return {
         "bundled": Built(root, "bundled", common),
@@ -170,6 +175,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
         "odd": Built(root, "odd", [str(odd_onnx), *common]),
         "odd_plugin": Built(root, "odd_plugin", [str(odd_ckpt), "--plugin", *common, "--no-decode-profile",
                                                  "--tokens", "3..17..40"]),
+        "ident_plugin": Built(root, "ident_plugin", [str(ident_ckpt), "--plugin", *common,
+                                                     "--batch", "1..2..4", "--tokens", "1..8..16"]),
     }
 
 
@@ -184,7 +191,7 @@ def _layers(report: dict) -> dict[str, int]:
 
 
 @rtx
-@pytest.mark.parametrize("key", ["bundled", "bundled_plugin", "odd", "odd_plugin"])
+@pytest.mark.parametrize("key", ["bundled", "bundled_plugin", "odd", "odd_plugin", "ident_plugin"])
 def test_engine_report_matches_the_network(built: dict[str, Built], key: str) -> None:
     b = built[key]
     rep = b.report
@@ -203,6 +210,8 @@ def test_engine_report_matches_the_network(built: dict[str, Built], key: str) ->
                               "dtype": "float32"}
         assert k["targets"] == ["sm_86"]
         assert {v.split(":")[0] for v in k["variants"]} == set(PLUGIN_KERNELS)
+        # the state pass's m-axis split travels in the engine exactly when the model allows it
+        assert ("chunk_state:m_split" in k["variants"]) == (cfg.phi == "identity" and cfg.n_slots > 16)
         assert k["decode_kernel"] == "fused_recurrent" and k["prefill_kernels"] == list(SPLIT_PREFILL)
         data = b.engine.read_bytes()
         assert data.count(b".target sm_86") >= k["records"], "the AOT kernels travel inside the engine"
@@ -226,7 +235,7 @@ def test_engine_report_matches_the_network(built: dict[str, Built], key: str) ->
 
 
 @rtx
-@pytest.mark.parametrize("key", ["bundled_plugin", "odd_plugin"])
+@pytest.mark.parametrize("key", ["bundled_plugin", "odd_plugin", "ident_plugin"])
 def test_plugin_workspace_is_the_split_prefills_at_profile_max(built: dict[str, Built], key: str) -> None:
     """What the plugin's get_workspace_size told TensorRT during the build (logged by the callback):
     per profile, the split prefill's two workspaces at its max batch and tokens (none for decode)."""
