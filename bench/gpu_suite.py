@@ -76,27 +76,37 @@ PREFILL_RUNS: tuple[tuple[str, str], ...] = (("chunk", "unaligned"), ("chunk", "
 
 
 # =========================================================================== imports
-def import_project() -> None:
-    """Make ``trellis_export`` and ``trellis_export.kernels`` importable from a source checkout.
+def source_subpackages() -> dict[str, Path]:
+    """The sub-packages pyproject.toml's ``package-dir`` installs under ``trellis_export`` from other
+    folders of the checkout (``trellis_export.kernels`` <- ``kernels/`` ...): the one list of them."""
+    import tomllib
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    dirs = data["tool"]["setuptools"]["package-dir"]
+    return {name: ROOT / folder for name, folder in dirs.items() if name != "trellis_export"}
 
-    Installed, ``kernels/`` is the sub-package ``trellis_export.kernels`` (pyproject package-dir);
-    from a bare checkout it is mapped here the same way."""
+
+def import_project() -> None:
+    """Make ``trellis_export`` and its sub-packages kept in other folders (``kernels/``,
+    ``plugins_trt/``, ``cli/``: :func:`source_subpackages`) importable from a source checkout.
+
+    Installed, those folders are sub-packages (pyproject package-dir); from a bare checkout (the lent
+    GPU machine, where the project is not installed) each is mapped here the same way."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     import trellis_export
-    try:
-        import trellis_export.kernels  # noqa: F401
-        return
-    except ImportError:
-        pass
-    spec = importlib.util.spec_from_file_location(
-        "trellis_export.kernels", ROOT / "kernels" / "__init__.py",
-        submodule_search_locations=[str(ROOT / "kernels")])
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["trellis_export.kernels"] = mod
-    spec.loader.exec_module(mod)
-    trellis_export.kernels = mod  # type: ignore[attr-defined]
+    for name, folder in source_subpackages().items():
+        try:
+            importlib.import_module(name)
+            continue
+        except ImportError:
+            pass
+        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        setattr(trellis_export, name.rsplit(".", 1)[1], mod)
 
 
 # =========================================================================== CLI, grid, output
@@ -281,6 +291,10 @@ def format_table(results: dict[str, Any]) -> str:
         worst = max((c.get("max_rel_rms", float("nan")) for c in gating), default=float("nan"))
         rows.append((sec, "PASS" if gating and not bad else "FAIL",
                      f"{len(gating) - len(bad)}/{len(gating)} cases ok, worst rel RMS {_fmt(worst)}"))
+        broke = [c for c in checks if c.get("error")]
+        if broke:
+            rows.append((f"{sec} errors", "ERROR",
+                         f"{len(broke)} cases raised; first: {broke[0]['error'][:80]}"))
         opt = [c for c in checks if c.get("opt_in")]
         if opt:
             ok = sum(bool(c.get("ok")) for c in opt)
@@ -311,10 +325,18 @@ def format_table(results: dict[str, Any]) -> str:
     adec = at.get("decode")
     if adec:
         for r in adec["runs"]:
+            if "error" in r:
+                rows.append((f"AOT decode {r['variant']}", "ERROR", r["error"][:100]))
+                continue
             rows.append((f"AOT decode {r['variant']}", "ok" if r["meets_aim"] else "below aim",
                          f"{_fmt(r['ms'] * 1e3)} us = {_fmt(r['ratio_to_floor'])}x the in-place floor "
                          f"{_fmt(r['in_place_floor_ms'] * 1e3)} us (aim {AIM_DECODE_FLOOR_RATIO}x for "
                          "decode_in_place)"))
+    for r in at.get("decode_warps", []):
+        if "default_over_fastest" in r:
+            rows.append((f"AOT decode warps B={r['B']}", "info",
+                         f"fastest {r['fastest_warps']} warps; the shipped {r['default_warps']} take "
+                         f"{_fmt(r['default_over_fastest'])}x its time"))
     apre = at.get("prefill")
     if apre:
         for r in apre["runs"]:
@@ -329,11 +351,6 @@ def format_table(results: dict[str, Any]) -> str:
                          f"{_fmt(apre['ratio_vs_fla'])}x fla's time (aim <= {AIM_PREFILL_VS_FLA}x)"))
         elif apre.get("fla_skipped"):
             rows.append(("AOT prefill vs fla", "skipped", apre["fla_skipped"][:100]))
-        for r in at.get("decode_warps", []):
-            if "default_over_fastest" in r:
-                rows.append((f"AOT decode warps B={r['B']}", "info",
-                             f"fastest {r['fastest_warps']} warps; the shipped {r['default_warps']} take "
-                             f"{_fmt(r['default_over_fastest'])}x its time"))
         for r in apre.get("m_split_rule", []):
             if "m_split_over_aligned" in r:
                 rows.append((f"AOT m-axis split B={r['B']}", "ok" if r["rule_picks_faster"] else "rule wrong",
@@ -478,7 +495,8 @@ class RecordStore:
     def load(self, path: str | os.PathLike[str]) -> None:
         import gzip
         data = json.loads(gzip.decompress(Path(path).read_bytes()))
-        if data.get("format") != "trellis-export gpu_suite records 1":
+        if not isinstance(data, dict) or data.get("format") != "trellis-export gpu_suite records 1" \
+                or not isinstance(data.get("records"), dict):
             raise ValueError(f"{path}: not a record store written by --prepare-records")
         self.records.update(data["records"])
         self.source, self.triton_version = str(path), data.get("triton_version")
@@ -606,33 +624,48 @@ def run_aot(cases: list[dict[str, Any]], seed: int, aot_json: str | None) -> dic
     cc = int("".join(map(str, torch.cuda.get_device_capability())))
     records = json.loads(Path(aot_json).read_text()) if aot_json else None
     drv = cuda_launch().CudaDriver()
-    checks = []
-    for i, case in enumerate(cases):
-        case = dict(case)
-        recs = aot_records(case, cc, records)
-        if records is not None:                 # the record's nonlinearities decide the reference
-            inv = dict(enumerate(NL))
-            cx = recs[0]["constexprs"]
-            case.update(phi=inv[cx["PHI"]], f=inv[cx["F"]], rho=inv[cx["RHO"]])
-        acts, state, pos = make_inputs(case, "cuda", seed + 1000 + i)
-        ref = reference(case, acts, state, pos)
-        launch = AotLaunch(drv, recs, case, acts, [s.clone() for s in state], pos,
-                           poisoned_outputs(case, acts))
-        torch.cuda.synchronize()
-        launch()
-        torch.cuda.synchronize()
-        res = compare(case, launch.out, ref)
-        rec = recs[0]
-        res.update(target=rec["target"], ptx_target=rec["ptx_target"], ptx_version=rec["ptx_version"],
-                   entries=[r["name"] for r in recs], variant=rec.get("variant"),
-                   num_warps=[r["num_warps"] for r in recs], shared_mem=[r["shared_mem"] for r in recs],
-                   grids=[list(g) for g in launch.grids], block=[list(r["block"]) for r in recs],
-                   record_triton=rec["triton_version"], loaded=[k.image for k in launch.kernels])
-        checks.append(res)
+    checks = [case_check(functools.partial(aot_check, drv, cc, records, dict(case), seed + 1000 + i), case)
+              for i, case in enumerate(cases)]
     gating = [c for c in checks if not c.get("opt_in")]
     return {"checks": checks, "ok": all(c["ok"] for c in gating), "cc": cc,
             "opt_in_note": "opt_in checks (tf32x3) are reported and do not decide the exit code",
             "source": aot_json or "compiled in this run"}
+
+
+def case_check(fn: Callable[[], dict[str, Any]], case: dict[str, Any]) -> dict[str, Any]:
+    """One case's check row, or (when it raises) a failed row carrying the error: a case that breaks
+    costs its own row, not the section's other cases."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - recorded in the JSON
+        return {**case, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def aot_check(drv: Any, cc: int, records: list[dict[str, Any]] | None, case: dict[str, Any],
+              seed: int) -> dict[str, Any]:
+    """One AOT case: its records launched through ``cuda_launch`` on poisoned outputs, compared with
+    the float64 reference."""
+    import torch
+    recs = aot_records(case, cc, records)
+    if records is not None:                 # the record's nonlinearities decide the reference
+        inv = dict(enumerate(NL))
+        cx = recs[0]["constexprs"]
+        case.update(phi=inv[cx["PHI"]], f=inv[cx["F"]], rho=inv[cx["RHO"]])
+    acts, state, pos = make_inputs(case, "cuda", seed)
+    ref = reference(case, acts, state, pos)
+    launch = AotLaunch(drv, recs, case, acts, [s.clone() for s in state], pos,
+                       poisoned_outputs(case, acts))
+    torch.cuda.synchronize()
+    launch()
+    torch.cuda.synchronize()
+    res = compare(case, launch.out, ref)
+    rec = recs[0]
+    res.update(target=rec["target"], ptx_target=rec["ptx_target"], ptx_version=rec["ptx_version"],
+               entries=[r["name"] for r in recs], variant=rec.get("variant"),
+               num_warps=[r["num_warps"] for r in recs], shared_mem=[r["shared_mem"] for r in recs],
+               grids=[list(g) for g in launch.grids], block=[list(r["block"]) for r in recs],
+               record_triton=rec["triton_version"], loaded=[k.image for k in launch.kernels])
+    return res
 
 
 def guarded(fn: Callable[..., list[dict[str, Any]]], *args: Any) -> list[dict[str, Any]]:
@@ -752,9 +785,13 @@ def run_aot_timing(args: argparse.Namespace) -> dict[str, Any]:
         case = dict(kernel="fused_recurrent", variant=variant, B=B, T=1, **TIMING_SHAPE, **DECODE_NL,
                     tol=TOL_SHORT)
         acts, state, pos = make_inputs(case, "cuda", args.seed)
-        launch = AotLaunch(drv, aot_records(case, cc, None), case, acts, state, pos,
-                           poisoned_outputs(case, acts))
-        t = time_cuda(launch, w, n, graph=True)
+        try:
+            launch = AotLaunch(drv, aot_records(case, cc, None), case, acts, state, pos,
+                               poisoned_outputs(case, acts))
+            t = time_cuda(launch, w, n, graph=True)
+        except Exception as exc:  # noqa: BLE001 - one variant failing must not hide the others
+            dec.append({"variant": variant, "error": f"{type(exc).__name__}: {exc}"})
+            continue
         positions = [int(p) for p in pos.cpu()]
         nbytes = in_place_decode_bytes(B, H, m, d, C, positions) if launch.in_place else \
             decode_state_bytes(B, H, m, d)
@@ -1017,40 +1054,48 @@ def run_plugin(cases: list[dict[str, Any]], seed: int, device: str = "cuda", cc:
     gives the driver of one case (default: one ``CudaDriver`` for all; the tests pass a host stand-in,
     which is told the case's buffers)."""
     import torch
-    from trellis_export.plugins_trt import plugin_v3
 
     if cc is None:
         cc = int("".join(map(str, torch.cuda.get_device_capability())))
     shared: list[Any] = []
-    checks = []
-    for i, case in enumerate(cases):
-        B, T = case["B"], case["T"]
-        recs = plugin_records(plugin_attrs(case), case, cc)
-        acts, state, pos = make_inputs(case, device, seed + 3000 + i)
-        ref = reference(case, acts, state, pos)
-        ins = [x.contiguous() for x in acts] + [s.clone().contiguous() for s in state] + [pos.contiguous()]
-        out = poisoned_outputs(case, acts)
-        if case["aliased"]:                  # what an engine with aliased plugin I/O hands enqueue
-            out = (out[0], *ins[6:10])
-        size = plugin_v3.workspace_size(recs, B, T)
-        align = plugin_v3.WORKSPACE_ALIGN
-        arena = torch.empty(size + align, dtype=torch.uint8, device=device)
-        ws = arena.data_ptr() + (-arena.data_ptr()) % align             # TensorRT's are 256-aligned
-        if make_driver is not None:
-            drv = make_driver([*ins, *out, arena])
-        else:
-            if not shared:
-                shared.append(cuda_launch().CudaDriver())
-            drv = shared[0]
-        stream = torch.cuda.current_stream().cuda_stream if device != "cpu" else 0
-        launched = plugin_v3.launch_memory(drv, {}, recs, B, T, [t.data_ptr() for t in ins],
-                                           [t.data_ptr() for t in out], ws if size else 0, stream)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        res = compare(case, out, ref)
-        res.update(cc=cc, launched=[f"{k}:{v}" for k, v in launched], workspace_bytes=size)
-        checks.append(res)
+    checks = [case_check(functools.partial(plugin_check, case, seed + 3000 + i, device, cc, make_driver,
+                                           shared), case)
+              for i, case in enumerate(cases)]
     return {"checks": checks, "ok": all(c["ok"] for c in checks)}
+
+
+def plugin_check(case: dict[str, Any], seed: int, device: str, cc: int,
+                 make_driver: Callable[[list[Any]], Any] | None, shared: list[Any]) -> dict[str, Any]:
+    """One plugin case: ``plugin_v3.launch_memory`` on its buffers, compared with the float64
+    reference (``shared`` holds the one CudaDriver of the section)."""
+    import torch
+    from trellis_export.plugins_trt import plugin_v3
+    B, T = case["B"], case["T"]
+    recs = plugin_records(plugin_attrs(case), case, cc)
+    acts, state, pos = make_inputs(case, device, seed)
+    ref = reference(case, acts, state, pos)
+    ins = [x.contiguous() for x in acts] + [s.clone().contiguous() for s in state] + [pos.contiguous()]
+    out = poisoned_outputs(case, acts)
+    if case["aliased"]:                  # what an engine with aliased plugin I/O hands enqueue
+        out = (out[0], *ins[6:10])
+    size = plugin_v3.workspace_size(recs, B, T)
+    align = plugin_v3.WORKSPACE_ALIGN
+    arena = torch.empty(size + align, dtype=torch.uint8, device=device)
+    ws = arena.data_ptr() + (-arena.data_ptr()) % align             # TensorRT's are 256-aligned
+    if make_driver is not None:
+        drv = make_driver([*ins, *out, arena])
+    else:
+        if not shared:
+            shared.append(cuda_launch().CudaDriver())
+        drv = shared[0]
+    stream = torch.cuda.current_stream().cuda_stream if device != "cpu" else 0
+    launched = plugin_v3.launch_memory(drv, {}, recs, B, T, [t.data_ptr() for t in ins],
+                                       [t.data_ptr() for t in out], ws if size else 0, stream)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    res = compare(case, out, ref)
+    res.update(cc=cc, launched=[f"{k}:{v}" for k, v in launched], workspace_bytes=size)
+    return res
 
 
 # =========================================================================== TensorRT engines
@@ -1208,13 +1253,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{n} records for sm_{args.cc} in {args.prepare_records} ({size / 2**20:.1f} MiB, "
               f"{time.time() - t0:.0f} s)")
         return 0
+    store_error = None
     if args.records:
         try:
             STORE.load(args.records)
-        except (OSError, ValueError) as exc:
-            print(f"error: --records {args.records}: {exc}", file=sys.stderr)
-            return 2
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # on a lent GPU a bad store must not cost the run: say so, compile the records here
+            store_error = f"--records {args.records}: {type(exc).__name__}: {exc}; records compiled here"
+            print(f"warning: {store_error}", file=sys.stderr)
     results: dict[str, Any] = {"suite": "trellis-export gpu_suite", "args": vars(args), "errors": {}}
+    if store_error:
+        results["errors"]["records"] = store_error
     results["machine"] = machine_info()
     import torch
     if not torch.cuda.is_available():

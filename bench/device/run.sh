@@ -17,5 +17,6 @@ if [ -f .whl/records_sm90.json.gz ]; then          # prepare.sh's records: launc
     store=(--records .whl/records_sm90.json.gz)
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/nvidia_smi.txt"
-python3 bench/gpu_suite.py --out "$out/gpu_suite.json" "${store[@]}" "$@" 2>&1 | tee "$out/gpu_suite.log"
+python3 bench/gpu_suite.py --out "$out/gpu_suite.json" ${store[@]+"${store[@]}"} "$@" 2>&1 \
+    | tee "$out/gpu_suite.log"
 exit "${PIPESTATUS[0]}"
