@@ -308,30 +308,25 @@ class CudaDriver:
         self._check(self.lib.cuDriverGetVersion(ctypes.byref(v)), "cuDriverGetVersion")
         return v.value
 
-    def compute_capability(self) -> int:
-        """The current context's device as ``major * 10 + minor`` (87 for Orin, 90 for H100 / H200)."""
-        if self._cc is not None:
-            return self._cc
+    def _device_attribute(self, attribute: int) -> int:
+        """``cuDeviceGetAttribute`` of the current context's device."""
         dev = ctypes.c_int()
         self._check(self.lib.cuCtxGetDevice(ctypes.byref(dev)), "cuCtxGetDevice")
-        major, minor = ctypes.c_int(), ctypes.c_int()
-        self._check(self.lib.cuDeviceGetAttribute(ctypes.byref(major), CU_DEVICE_ATTRIBUTE_CC_MAJOR, dev),
-                    "cuDeviceGetAttribute")
-        self._check(self.lib.cuDeviceGetAttribute(ctypes.byref(minor), CU_DEVICE_ATTRIBUTE_CC_MINOR, dev),
-                    "cuDeviceGetAttribute")
-        self._cc = 10 * major.value + minor.value
+        val = ctypes.c_int()
+        self._check(self.lib.cuDeviceGetAttribute(ctypes.byref(val), attribute, dev), "cuDeviceGetAttribute")
+        return val.value
+
+    def compute_capability(self) -> int:
+        """The current context's device as ``major * 10 + minor`` (87 for Orin, 90 for H100 / H200)."""
+        if self._cc is None:
+            self._cc = 10 * self._device_attribute(CU_DEVICE_ATTRIBUTE_CC_MAJOR) \
+                + self._device_attribute(CU_DEVICE_ATTRIBUTE_CC_MINOR)
         return self._cc
 
     def multiprocessor_count(self) -> int:
         """Streaming multiprocessors of the current context's device (132 on an H100 / H200 SXM)."""
-        if self._sms is not None:
-            return self._sms
-        dev = ctypes.c_int()
-        self._check(self.lib.cuCtxGetDevice(ctypes.byref(dev)), "cuCtxGetDevice")
-        n = ctypes.c_int()
-        self._check(self.lib.cuDeviceGetAttribute(ctypes.byref(n), CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-                                                  dev), "cuDeviceGetAttribute")
-        self._sms = n.value
+        if self._sms is None:
+            self._sms = self._device_attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         return self._sms
 
     def load_module(self, image: bytes) -> ctypes.c_void_p:
