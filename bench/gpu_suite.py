@@ -95,11 +95,9 @@ def import_project() -> None:
         sys.path.insert(0, str(ROOT))
     import trellis_export
     for name, folder in source_subpackages().items():
-        try:
+        if importlib.util.find_spec(name) is not None:        # installed (or already mapped)
             importlib.import_module(name)
             continue
-        except ImportError:
-            pass
         spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
                                                       submodule_search_locations=[str(folder)])
         assert spec is not None and spec.loader is not None

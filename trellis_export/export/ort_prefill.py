@@ -40,7 +40,6 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..config import TrellisConfig
-from ..state import state_spec
 from .ort_rewrite import (
     _B,
     ModelWeights,
@@ -50,6 +49,7 @@ from .ort_rewrite import (
     _mixer_out_and_ffn,
     _nonlin,
     _qk_normalise,
+    _state_names,
 )
 
 __all__ = ["lean_prefill_model"]
@@ -252,9 +252,7 @@ def lean_prefill_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib
     H, m, d, HD, C, K = c.n_heads, c.n_slots, c.head_dim, c.memory_dim, c.chunk_size, c.conv_size
     f32 = np.float32
     b = _B(contrib)
-    spec = state_spec(c)
-    ins = {t.name: t.past_name for t in spec}
-    outs = {t.name: t.present_name for t in spec}
+    ins, outs = _state_names(c)
     pos = ins["position"]
     ix = _Index(b, C, pos)
     b.op("Add", [pos, ix.T], outputs=[outs["position"]])

@@ -466,6 +466,13 @@ def _mixer_out_and_ffn(b: _B, c: TrellisConfig, lw: LayerWeights, L: int, x: str
                    "ffn_out")
 
 
+def _state_names(config: TrellisConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """The lean graphs' state tensor names, state spec order: name -> ``past.*`` input, name ->
+    ``present.*`` output."""
+    spec = state_spec(config)
+    return {t.name: t.past_name for t in spec}, {t.name: t.present_name for t in spec}
+
+
 def _lean_model(b: _B, model: onnx.ModelProto, config: TrellisConfig, name: str, tokens: Any,
                 skip_outputs: tuple[str, ...] = ()) -> onnx.ModelProto:
     """The lean graph of ``b``'s nodes as a model with the state spec's inputs and outputs (``tokens``:
@@ -544,9 +551,7 @@ def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib:
     K = c.conv_size
     f32 = np.float32
     b = _B(contrib)
-    spec = state_spec(c)
-    ins = {t.name: t.past_name for t in spec}
-    outs = {t.name: t.present_name for t in spec}
+    ins, outs = _state_names(c)
 
     pos = ins["position"]
     b.op("Add", [pos, b.const(1)], outputs=[outs["position"]])
@@ -678,5 +683,5 @@ def lean_decode_model(model: onnx.ModelProto, config: TrellisConfig, *, contrib:
     logits2 = b.op("MatMul", [hn, b.init(wts.lm_head, "lm_head")], "logits2")
     b.op("Reshape", [logits2, b.const([-1, 1, c.vocab_size])], outputs=["logits"])
 
-    skip = tuple(t.present_name for t in spec if host_snapshot and t.name.endswith("_snapshot"))
+    skip = tuple(p for n, p in outs.items() if host_snapshot and n.endswith("_snapshot"))
     return _lean_model(b, model, c, "lean-decode", 1, skip)
