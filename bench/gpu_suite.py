@@ -500,14 +500,15 @@ class RecordStore:
         self.source, self.triton_version = str(path), data.get("triton_version")
 
     def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the store through the project's one atomic writer."""
         import gzip
 
         import triton
+
+        from trellis_export.outputs import atomic_write_bytes
         payload = {"format": "trellis-export gpu_suite records 1", "triton_version": triton.__version__,
                    "records": self.records}
-        tmp = Path(f"{path}.tmp")
-        tmp.write_bytes(gzip.compress(json.dumps(payload).encode(), compresslevel=6))
-        os.replace(tmp, path)
+        atomic_write_bytes(path, gzip.compress(json.dumps(payload).encode(), compresslevel=6))
 
     def summary(self) -> dict[str, Any]:
         return {"source": self.source or "compiled in this run", "store_triton_version": self.triton_version,
@@ -1245,8 +1246,15 @@ def main(argv: list[str] | None = None) -> int:
                                                            for k, cc, kw in calls]))
         return 0
     if args.prepare_records:
-        t0 = time.time()
-        n = prepare_records(args.prepare_records, args.cc)
+        from trellis_export.errors import TrellisExportError
+        from trellis_export.outputs import OutputSpec, claim_outputs
+        try:           # the path is checked before the minute of compiling, and written atomically
+            claim_outputs([OutputSpec(args.prepare_records, "--prepare-records", parents=True)])
+            t0 = time.time()
+            n = prepare_records(args.prepare_records, args.cc)
+        except TrellisExportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         size = Path(args.prepare_records).stat().st_size
         print(f"{n} records for sm_{args.cc} in {args.prepare_records} ({size / 2**20:.1f} MiB, "
               f"{time.time() - t0:.0f} s)")

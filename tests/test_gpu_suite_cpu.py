@@ -394,6 +394,8 @@ def test_record_store_compiles_once_and_round_trips(suite: Any, tmp_path: Path) 
     bad.write_bytes(__import__("gzip").compress(b'{"format": "other"}'))
     with pytest.raises(ValueError, match="not a record store"):
         suite.RecordStore().load(bad)
+    # --prepare-records checks its path before compiling anything: a directory is refused at once
+    assert suite.main(["--prepare-records", str(tmp_path)]) == 2
     # a bad store does not cost a GPU run: the suite goes on compiling, and the JSON says why
     assert suite.main(["--out", str(tmp_path / "x.json"), "--records", str(bad)]) == 1
     errors = json.loads((tmp_path / "x.json").read_text())["errors"]
