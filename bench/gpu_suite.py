@@ -73,6 +73,12 @@ PREFILL_NL: dict[str, str] = {"phi": "identity", "f": "identity", "rho": "identi
 PREFILL_RUNS: tuple[tuple[str, str], ...] = (("chunk", "unaligned"), ("chunk", "aligned"),
                                             ("chunk_split", "aligned"), ("chunk_split", "m_split"),
                                             ("chunk_split", "aligned+tf32x3"))
+#: The d-axis split study (AOT timing): (H, m, d, C) of the issue's d = 64 and d = 128 prefill shapes,
+#: each at phi = identity and ln_silu (which the m-axis split cannot take), the whole-d state pass
+#: against the d-axis split with its spin barrier and with a launch per chunk.
+D_SPLIT_SHAPES: tuple[tuple[int, int, int, int], ...] = ((8, 64, 64, 16), (16, 64, 128, 16))
+D_SPLIT_PHIS: tuple[str, ...] = ("identity", "ln_silu")
+D_SPLIT_RUNS: tuple[tuple[str, str], ...] = (("aligned", ""), ("d_split", "spin"), ("d_split", "launch"))
 
 
 # =========================================================================== imports
@@ -189,6 +195,15 @@ def correctness_cases(quick: bool = False) -> list[dict[str, Any]]:
     add("chunk", 2, 1000 if quick else 4000, 4, 32, 32, 16)            # long stream
     add("chunk_split", 2, 1000 if quick else 4000, 4, 32, 32, 16)
     add("fused_recurrent", 2, 500 if quick else 1000, 4, 32, 32, 16)
+    # the state pass's d-axis split (any phi): one spin-barrier launch (what the interpreter cannot
+    # run: its first check on hardware) and one launch per chunk; odd shapes, bench shape, long stream
+    for d_sync in ("spin", "launch"):
+        add("chunk_split", 3, 13, 3, 7, 40, 3, phi="l2_silu", rho="ln_silu")
+        cases[-1].update(d_block=16, d_sync=d_sync)
+        add("chunk_split", 2, 64, 8, 64, 64, 16)
+        cases[-1].update(d_block=16, d_sync=d_sync)
+    add("chunk_split", 2, 1000 if quick else 4000, 4, 32, 32, 16)
+    cases[-1].update(d_block=16, d_sync="spin")
     return cases
 
 
@@ -218,37 +233,56 @@ def aot_cases() -> list[dict[str, Any]]:
     add("chunk_split", "m_split", 2, 37, 8, 64, 64, 16, phi="identity")
     add("chunk_split", "aligned+tf32x3", 2, 37, 8, 64, 64, 16, opt_in=True)
     add("chunk_split", "aligned+tf32x3", 2, 40, 4, 32, 32, 16, opt_in=True)
+    # the d-axis split's state pass (opt-in, no plugin record): its spin barrier and its launch per
+    # chunk, at odd shapes (a part-filled last column block) and the bench shape
+    for d_sync in ("spin", "launch"):
+        add("chunk_split", "d_split", 3, 7, 3, 7, 40, 3, phi="l2_silu", opt_in=True)
+        out[-1]["d_sync"] = d_sync
+        add("chunk_split", "d_split", 2, 37, 8, 64, 64, 16, opt_in=True)
+        out[-1]["d_sync"] = d_sync
     return out
 
 
-def variant_kwargs(variant: str, kernel: str = "chunk_state") -> dict[str, Any]:
+def variant_kwargs(variant: str, kernel: str = "chunk_state", d: int = 0) -> dict[str, Any]:
     """``compile_kernel`` keyword arguments of a record variant name (``aot.variant_name``'s names;
     ``+w<n>``: a warp count other than the default) for ``kernel``. The m-axis split and a warp
     override of an ``m_split`` case are the state pass's: the split prefill's read-out then takes the
-    record of the same alignment and precision."""
-    from trellis_export.kernels.trellis_memory.utils import M_SPLIT_BLOCK
+    record of the same alignment and precision. ``d_split``: the d-axis split's state pass
+    (``chunk_state_dsplit``) at the default column block of head size ``d``."""
+    from trellis_export.kernels.trellis_memory.chunk_split import default_d_block
+    from trellis_export.kernels.trellis_memory.utils import D_SPLIT_KERNEL, M_SPLIT_BLOCK
     base, _, warps = variant.partition("+w")
-    split = base.startswith("m_split")
+    split = "chunk_state" if base.startswith("m_split") else D_SPLIT_KERNEL if base.startswith("d_split") \
+        else ""
     kw: dict[str, Any] = dict(aligned=not base.startswith("unaligned") and "_unaligned" not in base,
                               decode=base.startswith("decode"), in_place="in_place" in base,
                               dot_precision="tf32x3" if "tf32x3" in base else "ieee")
-    if split and kernel != "chunk_state":
+    if split and kernel != split:
         return kw
-    if split:
+    if split == "chunk_state":
         kw["m_block"] = M_SPLIT_BLOCK
+    elif split:
+        if d < 1:
+            raise ValueError(f"variant {variant!r} needs the head size d for its column block")
+        kw["d_block"] = default_d_block(d)
     if warps:
         kw["num_warps"] = int(warps)
     return kw
 
 
-def kernel_variant(variant: str, kernel: str) -> str:
+def kernel_variant(variant: str, kernel: str, d: int = 0) -> str:
     """The record variant ``kernel`` takes in a case of ``variant`` (:func:`variant_kwargs`)."""
     from trellis_export.kernels.aot import variant_name
-    return variant_name(**variant_kwargs(variant, kernel))
+    return variant_name(**variant_kwargs(variant, kernel, d))
 
 
 def case_kernels(case: dict[str, Any]) -> tuple[str, ...]:
-    return ("chunk_state", "chunk_readout") if case["kernel"] == "chunk_split" else (case["kernel"],)
+    """The kernels a case launches, in order: the split prefill's state pass (the d-axis split's
+    for a ``d_split`` case) then its read-out; else the one kernel."""
+    if case["kernel"] != "chunk_split":
+        return (case["kernel"],)
+    state = "chunk_state_dsplit" if case.get("variant", "").startswith("d_split") else "chunk_state"
+    return (state, "chunk_readout")
 
 
 def decode_state_bytes(B: int, H: int, m: int, d: int) -> int:
@@ -349,6 +383,17 @@ def format_table(results: dict[str, Any]) -> str:
                          f"{_fmt(apre['ratio_vs_fla'])}x fla's time (aim <= {AIM_PREFILL_VS_FLA}x)"))
         elif apre.get("fla_skipped"):
             rows.append(("AOT prefill vs fla", "skipped", apre["fla_skipped"][:100]))
+        for r in apre.get("d_split", []):
+            if "error" in r:                                 # the study itself failed (guarded)
+                rows.append(("AOT d-axis split", "ERROR", r["error"][:100]))
+                continue
+            for name in ("d_split_spin", "d_split_launch"):
+                label = f"AOT d-axis split d={r['d']} {r['phi']} {name[8:]}"
+                if f"{name}_over_whole" in r:
+                    rows.append((label, "info", f"{_fmt(r[f'{name}_over_whole'])}x the whole-d state pass's "
+                                 f"time ({_fmt(r[f'{name}_ms'])} vs {_fmt(r['aligned_ms'])} ms)"))
+                elif f"{name}_error" in r:
+                    rows.append((label, "ERROR", r[f"{name}_error"][:100]))
         for r in apre.get("m_split_rule", []):
             if "m_split_over_aligned" in r:
                 rows.append((f"AOT m-axis split B={r['B']}", "ok" if r["rule_picks_faster"] else "rule wrong",
@@ -429,8 +474,9 @@ def run_jit(cases: list[dict[str, Any]], seed: int, device: str = "cuda") -> dic
         acts, state, pos = make_inputs(case, device, seed + i)
         ref = reference(case, acts, state, pos)
         out = poisoned_outputs(case, acts)
+        split = {k: case[k] for k in ("d_block", "d_sync") if k in case}     # the d-axis split's
         fns[case["kernel"]](*acts, *state, pos, chunk_size=case["C"], phi=case["phi"], f=case["f"],
-                            rho=case["rho"], eps=1e-5, out=out)
+                            rho=case["rho"], eps=1e-5, out=out, **split)
         if device != "cpu":
             torch.cuda.synchronize()
         checks.append(compare(case, out, ref))
@@ -565,7 +611,7 @@ def aot_records(case: dict[str, Any], cc: int, records: list[dict[str, Any]] | N
         if records is not None:
             found = None
             shape = (case["H"], case["m"], case["d"], case["C"])
-            want = kernel_variant(case["variant"], kernel)
+            want = kernel_variant(case["variant"], kernel, case["d"])
             for r in records:
                 cx = r["constexprs"]
                 var = r.get("variant")
@@ -582,7 +628,7 @@ def aot_records(case: dict[str, Any], cc: int, records: list[dict[str, Any]] | N
             out.append(STORE.compile(kernel, cc, heads=case["H"], slots=case["m"], head_dim=case["d"],
                                      chunk_size=case["C"], phi=case["phi"], f=case["f"], rho=case["rho"],
                                      eps=1e-5, dtype=case["dtype"], include_cubin=True,
-                                     **variant_kwargs(case["variant"], kernel)))
+                                     **variant_kwargs(case["variant"], kernel, case["d"])))
     return sorted(out, key=lambda r: r.get("stage", 0))
 
 
@@ -610,12 +656,22 @@ class AotLaunch:
         # when the driver rejects the PTX ISA
         self.kernels = [drv.load_record(r, prefer="ptx") for r in recs]
         self.grids = [cl.grid_for(r, case["B"], case["T"]) for r in recs]
+        # the d-axis split's state pass walks its steps in one launch (spin) or one launch each
+        from trellis_export.kernels.trellis_memory.chunk_split import dsplit_spans
+        self.spans = [dsplit_spans(case["T"], case["C"], case.get("d_sync", "spin"))
+                      if "S0" in r.get("scalars", ())
+                      else [None] for r in recs]
 
     def __call__(self) -> None:
         import torch
         stream = torch.cuda.current_stream().cuda_stream if torch.cuda.is_available() else 0
-        for k in self.kernels:
-            self.drv.launch_record(k, self.ptrs, {"T": self.case["T"]}, self.case["B"], stream)
+        T = self.case["T"]
+        if "ws_sync" in self.ws:
+            self.ws["ws_sync"].zero_()                   # the tickets and barrier counters start at 0
+        for k, spans in zip(self.kernels, self.spans):
+            for span in spans:
+                scalars = {"T": T} if span is None else {"T": T, "S0": span[0], "S1": span[1]}
+                self.drv.launch_record(k, self.ptrs, scalars, self.case["B"], stream)
 
 
 def run_aot(cases: list[dict[str, Any]], seed: int, aot_json: str | None) -> dict[str, Any]:
@@ -696,6 +752,7 @@ def timing_cases() -> list[dict[str, Any]]:
     cases += [dict(dec, variant=warp_variant("decode_in_place", w, default)) for w in WARP_COUNTS]
     cases += [dict(kernel=k, variant=v, B=1, T=2, **TIMING_SHAPE, **PREFILL_NL, tol=TOL_LONG)
               for k, v in PREFILL_RUNS]
+    cases += d_split_cases(1, 2)
     return cases
 
 
@@ -756,6 +813,45 @@ def run_m_split_rule(drv: Any, cc: int, sms: int, H: int, m: int, d: int, C: int
             row["rule_picks_faster"] = faster == row["rule_takes"]
         out.append(row)
     return out
+
+
+def d_split_cases(B: int, T: int) -> list[dict[str, Any]]:
+    """The d-axis split study's cases (:data:`D_SPLIT_SHAPES` x :data:`D_SPLIT_PHIS` x
+    :data:`D_SPLIT_RUNS`), B rows of T tokens."""
+    out = []
+    for H, m, d, C in D_SPLIT_SHAPES:
+        for phi in D_SPLIT_PHIS:
+            for variant, d_sync in D_SPLIT_RUNS:
+                case = dict(kernel="chunk_split", variant=variant, B=B, T=T, H=H, m=m, d=d, C=C,
+                            **{**PREFILL_NL, "phi": phi}, tol=TOL_LONG)
+                out.append(dict(case, d_sync=d_sync) if d_sync else case)
+    return out
+
+
+def run_d_split(drv: Any, cc: int, B: int, T: int, w: int, n: int, seed: int, device: str = "cuda"
+                ) -> list[dict[str, Any]]:
+    """The split prefill with the whole-d state pass and with the d-axis split (spin barrier; a
+    launch per chunk) per shape and phi: each time, and the split's time over the whole pass's
+    (below 1: the split pays there)."""
+    import torch
+    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for case in d_split_cases(B, T):
+        key = (case["H"], case["m"], case["d"], case["C"], case["phi"])
+        row = rows.setdefault(key, dict(zip(("H", "m", "d", "C", "phi"), key), B=B, T=T))
+        name = case["variant"] + (f"_{case['d_sync']}" if "d_sync" in case else "")
+        acts, state, pos = make_inputs(case, device, seed)
+        try:
+            launch = AotLaunch(drv, aot_records(case, cc, None), case, acts, state, torch.zeros_like(pos),
+                               poisoned_outputs(case, acts))
+            row[f"{name}_ms"] = time_cuda(launch, max(1, w // 2), n)["median_ms"]
+            row.setdefault("grids", {})[name] = launch.grids[0]
+        except Exception as exc:  # noqa: BLE001 - report, keep the other timings
+            row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
+    for row in rows.values():
+        for name in ("d_split_spin", "d_split_launch"):
+            if f"{name}_ms" in row and "aligned_ms" in row:
+                row[f"{name}_over_whole"] = row[f"{name}_ms"] / row["aligned_ms"]
+    return list(rows.values())
 
 
 def in_place_decode_bytes(B: int, H: int, m: int, d: int, C: int, positions: list[int]) -> int:
@@ -828,7 +924,8 @@ def run_aot_timing(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"B": Bp, "T": Tp, "H": H, "m": m, "d": d, "C": C, "runs": pre, "sms": sms,
                            "split_variant_timed_for_aims": chosen,
                            "m_split_rule": guarded(run_m_split_rule, drv, cc, sms, H, m, d, C, w, n,
-                                                   args.seed)}
+                                                   args.seed),
+                           "d_split": guarded(run_d_split, drv, cc, Bp, Tp, w, n, args.seed)}
     if before and split:
         res["speedup_vs_pre_issue14_chunk"] = before / split
         res["meets_speedup_aim"] = before / split >= AIM_PREFILL_SPEEDUP

@@ -34,6 +34,12 @@ Record fields added by issue 14 (all optional when reading: records without them
   (``grid_dims``) has ``cdiv(m, m_block)`` programs per (row, head, pass). Correct for any batch;
   :func:`trellis_export.kernels.cuda_launch.select_record` prefers it only while the unsplit pass
   would leave streaming multiprocessors idle (``split_fills``).
+* ``d_block`` (int, 0 = none): the ``chunk_state_dsplit`` record (variant ``d_split``): the state
+  pass split over d in blocks of ``d_block`` columns (any phi). Its signature has the scalars
+  ``S0, S1`` after ``T`` (the steps one launch walks, ``chunk_split.dsplit_spans``) and the
+  workspaces ``ws_z`` and ``ws_sync`` (int32, zeroed before a launch of more than one step) after
+  the split prefill's; ``stage`` 0, then the ``chunk_readout`` record. Opt-in: compiled by
+  ``--kernels chunk_state_dsplit``, in no plugin record list.
 * ``plan``, ``stage``, ``grid_dims``, ``workspaces``: the split prefill (kernels ``chunk_state`` and
   ``chunk_readout``, ``trellis_memory/chunk_split.py``) is two launches on one stream, ``stage`` 0 then
   1. Their signature is the op's inputs, ``T``, the op's outputs, then the workspace pointers
@@ -63,9 +69,17 @@ from trellis_export.config import TrellisConfig
 from trellis_export.errors import TrellisExportError
 from trellis_export.opdef import PLUGIN_NAME, op_attributes
 
-from .trellis_memory.chunk_split import GRID_DIMS, WORKSPACE_ARGS, WORKSPACE_BYTES
+from .trellis_memory.chunk_split import (
+    DSPLIT_SCALAR_ARGS,
+    DSPLIT_WORKSPACE_ARGS,
+    DSPLIT_WORKSPACE_BYTES,
+    GRID_DIMS,
+    WORKSPACE_ARGS,
+    WORKSPACE_BYTES,
+)
 from .trellis_memory.utils import (
     CONSTEXPR_ARGS,
+    D_SPLIT_KERNEL,
     DOT_PRECISIONS,
     INPUT_ARGS,
     KERNELS,
@@ -145,6 +159,7 @@ class AOTKernel:
     grid_dims: list[str] = field(default_factory=list)   # grid as expressions of B, H, T, constexprs
     workspaces: dict[str, str] = field(default_factory=dict)  # pointer arg -> bytes (expression)
     m_block: int = 0                  # slot block of chunk_state's m-axis split (0: the whole m axis)
+    d_block: int = 0                  # column block of chunk_state_dsplit (0: not that kernel)
 
     def grid_fn(self, B: int, H: int, T: int = 1) -> tuple[int, int, int]:
         """The grid for B rows of H heads (the data in ``grid``: one program per (row, head); the
@@ -173,10 +188,15 @@ def _kernel_fn(kernel: str) -> Any:
     from triton.runtime.jit import JITFunction
 
     from .trellis_memory.chunk import chunk_trellis_fwd_kernel
-    from .trellis_memory.chunk_split import chunk_readout_kernel, chunk_state_kernel
+    from .trellis_memory.chunk_split import (
+        chunk_readout_kernel,
+        chunk_state_dsplit_kernel,
+        chunk_state_kernel,
+    )
     from .trellis_memory.fused_recurrent import fused_recurrent_trellis_fwd_kernel
     fn = {"fused_recurrent": fused_recurrent_trellis_fwd_kernel, "chunk": chunk_trellis_fwd_kernel,
-          "chunk_state": chunk_state_kernel, "chunk_readout": chunk_readout_kernel}[kernel]
+          "chunk_state": chunk_state_kernel, "chunk_readout": chunk_readout_kernel,
+          D_SPLIT_KERNEL: chunk_state_dsplit_kernel}[kernel]
     if not isinstance(fn, JITFunction):
         raise AOTError("the kernels were imported with TRITON_INTERPRET=1 and cannot be compiled; run "
                        "`python -m trellis_export.kernels.aot` in a process without TRITON_INTERPRET")
@@ -204,9 +224,18 @@ def kernel_signature(dtype: str, gate_dtype: str, kernel: str = "chunk") -> list
             raise AOTError(f"{name} must be one of {', '.join(_PTR)}, got {dt!r}")
     types = {n: _PTR[dtype] for n in ("q", "k", "v", "a")}
     types.update(beta=_PTR[gate_dtype], gamma=_PTR[gate_dtype], position="*i64", T="i32",
-                 out_o=_PTR[dtype])
-    names = RUNTIME_ARGS + (WORKSPACE_ARGS if kernel in SPLIT_KERNELS else ())
-    return [(n, types.get(n, "*fp32")) for n in names]
+                 out_o=_PTR[dtype], S0="i32", S1="i32", ws_sync="*i32")
+    return [(n, types.get(n, "*fp32")) for n in kernel_args(kernel)]
+
+
+def kernel_args(kernel: str) -> tuple[str, ...]:
+    """A kernel's runtime argument names in launch order: the op's inputs, the scalars, the op's
+    outputs, then the workspace pointers (the split prefill's; the d-axis split adds its steps
+    ``S0, S1`` after ``T`` and its ``ws_z, ws_sync`` at the end)."""
+    if kernel == D_SPLIT_KERNEL:
+        return (INPUT_ARGS + SCALAR_ARGS + DSPLIT_SCALAR_ARGS + OUTPUT_ARGS + WORKSPACE_ARGS
+                + DSPLIT_WORKSPACE_ARGS)
+    return RUNTIME_ARGS + (WORKSPACE_ARGS if kernel in SPLIT_KERNELS else ())
 
 
 def constexprs_for(cfg: LaunchConfig, *, heads: int, slots: int, head_dim: int, chunk_size: int,
@@ -224,16 +253,18 @@ def constexprs_for(cfg: LaunchConfig, *, heads: int, slots: int, head_dim: int, 
 
 
 def variant_name(*, aligned: bool, decode: bool, in_place: bool, dot_precision: str = "ieee",
-                 m_block: int = 0, num_warps: int = 0) -> str:
+                 m_block: int = 0, num_warps: int = 0, d_block: int = 0) -> str:
     """The ``variant`` field of a record (``num_warps``: a warp count other than ``launch_config``'s,
     suffix ``+w<n>``; 0 = the default)."""
     if decode:
         name = "decode_in_place" if in_place else "decode"
     elif m_block:
         name = "m_split_in_place" if in_place else "m_split"
+    elif d_block:
+        name = "d_split_in_place" if in_place else "d_split"
     else:
         name = "in_place" if in_place else "aligned" if aligned else "unaligned"
-    if (decode or m_block) and not aligned:
+    if (decode or m_block or d_block) and not aligned:
         name += "_unaligned"
     name += f"+{dot_precision}" if dot_precision != "ieee" else ""
     return name + (f"+w{num_warps}" if num_warps else "")
@@ -267,7 +298,8 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
                    dtype: str = "float32", gate_dtype: str | None = None,
                    include_cubin: bool | None = None, aligned: bool = True, decode: bool = False,
                    in_place: bool = False, dot_precision: str = "ieee",
-                   ptx_version: int | None = None, m_block: int = 0, num_warps: int = 0) -> AOTKernel:
+                   ptx_version: int | None = None, m_block: int = 0, num_warps: int = 0,
+                   d_block: int = 0) -> AOTKernel:
     """Compile one kernel for ``sm_<cc>`` and return its launch record (no GPU needed).
 
     ``include_cubin`` adds the cubin of the same compilation (base64) for drivers older than the PTX
@@ -277,23 +309,31 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
     kernel's ``tl.dot`` precision (ieee, tf32, tf32x3). ``ptx_version``: the PTX ISA as an int (85 =
     8.5; default ``DEFAULT_PTX_VERSION[cc]``). ``m_block``: the m-axis split of ``chunk_state``
     (slots per program; phi must be identity). ``num_warps``: override ``launch_config``'s warp count
-    (0: keep it; the GPU suite's decode warp sweep; the records the plugin ships keep the default)."""
+    (0: keep it; the GPU suite's decode warp sweep; the records the plugin ships keep the default).
+    ``d_block``: the column block of ``chunk_state_dsplit`` (the d-axis split; 0 there: the default,
+    ``chunk_split.default_d_block``; its extra scalars ``S0, S1`` are the steps a launch walks, not
+    shape expressions; it is compiled for ptxas and the GPU suite, and no plugin record list
+    includes it)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if kernel not in KERNELS + SPLIT_KERNELS:
-        raise AOTError(f"kernel must be one of {', '.join(KERNELS + SPLIT_KERNELS)}, got {kernel!r}")
+    known = KERNELS + SPLIT_KERNELS + (D_SPLIT_KERNEL,)
+    if kernel not in known:
+        raise AOTError(f"kernel must be one of {', '.join(known)}, got {kernel!r}")
     gate_dtype = gate_dtype or "float32"        # gates are float32 (spec section 1)
     for name, val in (("heads", heads), ("slots", slots), ("head_dim", head_dim), ("chunk_size", chunk_size)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise AOTError(f"{name} must be an integer >= 1, got {val!r}")
     if m_block and phi != "identity":
         raise AOTError(f"the m-axis split (m_block = {m_block}) needs phi = identity, got phi = {phi!r}")
+    if kernel == D_SPLIT_KERNEL and not d_block:
+        from .trellis_memory.chunk_split import default_d_block
+        d_block = default_d_block(head_dim)
     if num_warps not in (0, 1, 2, 4, 8, 16, 32):
         raise AOTError(f"num_warps must be a power of two from 1 to 32 (0: the default), got {num_warps!r}")
     try:
-        cfg = launch_config(kernel, slots, head_dim, chunk_size, dot_precision, m_block)
+        cfg = launch_config(kernel, slots, head_dim, chunk_size, dot_precision, m_block, d_block)
         warps_override = num_warps if num_warps and num_warps != cfg.num_warps else 0
         if warps_override:
             cfg = dataclasses.replace(cfg, num_warps=warps_override)
@@ -330,7 +370,8 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
         kernel=kernel, name=entry, target=f"sm_{cc}", cc=cc, ptx=ptx, ptx_target=ptx_target(ptx),
         ptx_version=mver.group(1) if mver else "", triton_version=triton.__version__, dtype=dtype,
         gate_dtype=gate_dtype, constexprs=cx, signature=sig, inputs=list(INPUT_ARGS),
-        scalars=list(SCALAR_ARGS), outputs=list(OUTPUT_ARGS), scalar_exprs=dict(SCALAR_EXPRS),
+        scalars=list(SCALAR_ARGS + (DSPLIT_SCALAR_ARGS if kernel == D_SPLIT_KERNEL else ())),
+        outputs=list(OUTPUT_ARGS), scalar_exprs=dict(SCALAR_EXPRS),
         hidden_params=hidden, ptx_params=params, num_warps=int(md.num_warps), num_stages=cfg.num_stages,
         shared_mem=int(md.shared), global_scratch_size=gss,
         grid=f"({', '.join(GRID_DIMS[kernel])})" if kernel in GRID_DIMS else LaunchConfig.GRID_EXPR,
@@ -344,14 +385,16 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
                                       "launcher passes null (global_scratch_size must be 0)"},
         cubin_b64=base64.b64encode(compiled.asm["cubin"]).decode() if include_cubin else "",
         variant=variant_name(aligned=aligned, decode=decode, in_place=in_place, dot_precision=dot_precision,
-                             m_block=m_block, num_warps=warps_override),
+                             m_block=m_block, num_warps=warps_override, d_block=d_block),
         aligned=bool(aligned), alignment=ALIGNMENT, decode=bool(decode), in_place=bool(in_place),
         min_cuda_driver=PTX_MIN_DRIVER.get(mver.group(1) if mver else "", ""),
         cubin_ptxas=_bundled_ptxas_version() if include_cubin else "",
-        plan="chunk_split" if kernel in SPLIT_KERNELS else "",
-        stage=SPLIT_KERNELS.index(kernel) if kernel in SPLIT_KERNELS else 0,
+        plan="chunk_split" if kernel in SPLIT_KERNELS + (D_SPLIT_KERNEL,) else "",
+        stage=1 if kernel == "chunk_readout" else 0,
         grid_dims=list(GRID_DIMS.get(kernel, [])),
-        workspaces=dict(WORKSPACE_BYTES) if kernel in SPLIT_KERNELS else {}, m_block=int(m_block))
+        workspaces=dict(WORKSPACE_BYTES) if kernel in SPLIT_KERNELS else
+        {**WORKSPACE_BYTES, **DSPLIT_WORKSPACE_BYTES} if kernel == D_SPLIT_KERNEL else {},
+        m_block=int(m_block), d_block=int(d_block))
 
 
 def _bundled_ptxas_version() -> str:

@@ -161,6 +161,8 @@ def measure(kernel: str, H: int, d: int, m: int, C: int, variant: dict[str, Any]
                 ptx_version=rec.ptx_version, num_warps=rec.num_warps, shared_mem=rec.shared_mem,
                 ctas_per_sm=ctas_per_sm(cc, st.registers, rec.num_warps, rec.shared_mem + st.smem_static),
                 mma=len(re.findall(r"\b(?:mma\.sync|wgmma\.mma_async)", rec.ptx)),
+                atomics=len(re.findall(r"\batom\.", rec.ptx)),
+                acquire_loads=len(re.findall(r"\bld\.global\.gpu\.acquire\b", rec.ptx)),
                 **{k: v for k, v in st.to_dict().items() if k not in ("arch",)}, **mem)
 
 
@@ -184,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     jobs += [("chunk_state", H, d, m, C, {**variant, "phi": "identity"}, cc)
              for shape_kernel, H, d, m, C in ISSUE_SHAPES if shape_kernel == "chunk"
              for variant in variants_for("chunk_state", phi="identity", slots=m) if variant.get("m_block")
+             for cc in targets]
+    # the d-axis split's state pass (any phi; opt-in, no plugin record) at its default column block
+    from .trellis_memory.chunk_split import default_d_block
+    from .trellis_memory.utils import D_SPLIT_KERNEL
+    jobs += [(D_SPLIT_KERNEL, H, d, m, C, {"d_block": default_d_block(d)}, cc)
+             for shape_kernel, H, d, m, C in ISSUE_SHAPES if shape_kernel == "chunk" and d >= 64
              for cc in targets]
     if args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor

@@ -167,7 +167,8 @@ def test_aot_cases_cover_every_variant(suite: Any) -> None:
     tf = [c for c in cases if "tf32x3" in c["variant"]]
     assert tf and all(c["opt_in"] and c["kernel"] == "chunk_split" for c in tf)
     for c in cases:                                   # the variant names round-trip through aot
-        assert variant_name(**suite.variant_kwargs(c["variant"])) == c["variant"]
+        kernel = suite.case_kernels(c)[0]
+        assert variant_name(**suite.variant_kwargs(c["variant"], kernel, c["d"])) == c["variant"]
     split = [c for c in cases if c["variant"] == "m_split"]
     assert split and all(c["phi"] == "identity" and c["kernel"] == "chunk_split" for c in split)
     assert any(c["m"] % 16 for c in split)                          # a part-filled last slot block
@@ -244,6 +245,15 @@ def test_table_reports_aot_timing_and_opt_in_checks(suite: Any) -> None:
     assert any("AOT decode warps B=1" in ln and "fastest 16 warps" in ln and "1.3x" in ln for ln in lines)
     assert any("AOT m-axis split B=1" in ln and " ok " in ln and "0.4x" in ln for ln in lines)
     assert any("AOT m-axis split B=9" in ln and "rule wrong" in ln and "144 programs" in ln for ln in lines)
+    res["aot_timing"]["prefill"]["d_split"] = [
+        {"H": 8, "m": 64, "d": 128, "C": 16, "phi": "ln_silu", "aligned_ms": 2.0, "d_split_spin_ms": 1.0,
+         "d_split_spin_over_whole": 0.5, "d_split_launch_error": "LaunchError: x"}]
+    lines = suite.format_table(res).splitlines()
+    assert any("AOT d-axis split d=128 ln_silu spin" in ln and "0.5x" in ln for ln in lines)
+    assert any("AOT d-axis split d=128 ln_silu launch" in ln and "ERROR" in ln for ln in lines)
+    res["aot_timing"]["prefill"]["d_split"] = [{"error": "RuntimeError: no"}]
+    assert any("AOT d-axis split" in ln and "ERROR" in ln and "no" in ln
+               for ln in suite.format_table(res).splitlines())
 
 
 class FakeDriver:
@@ -348,6 +358,61 @@ def test_m_split_rule_and_decode_warp_studies_on_fakes(suite: Any, monkeypatch: 
     assert suite.guarded(lambda: 1 / 0) == [{"error": "ZeroDivisionError: division by zero"}]
 
 
+def test_d_split_study_on_fakes(suite: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AOT timing section's d-axis split study on CPU tensors with fake records, driver and clock:
+    per shape and phi one row with the whole-d pass, the split with its spin barrier (one state-pass
+    launch, counters zeroed first) and with a launch per step (NC + 1), and each split's time over
+    the whole pass's; the variant names give the chunk_state_dsplit record at the default block."""
+    from trellis_export.kernels.trellis_memory.chunk_split import default_d_block
+    assert suite.case_kernels(dict(kernel="chunk_split", variant="d_split")) == ("chunk_state_dsplit",
+                                                                              "chunk_readout")
+    assert suite.variant_kwargs("d_split", "chunk_state_dsplit", 128)["d_block"] == default_d_block(128) == 32
+    assert "d_block" not in suite.variant_kwargs("d_split", "chunk_readout", 128)
+    assert suite.kernel_variant("d_split", "chunk_state_dsplit", 64) == "d_split"
+    assert suite.kernel_variant("d_split", "chunk_readout", 64) == "aligned"
+    with pytest.raises(ValueError, match="needs the head size"):
+        suite.variant_kwargs("d_split", "chunk_state_dsplit")
+
+    def records(case: dict[str, Any], cc: int, _: Any) -> list[dict[str, Any]]:
+        out = []
+        for stage, kernel in enumerate(suite.case_kernels(case)):
+            cx = {"H": case["H"], "M": case["m"], "D": case["d"], "C": case["C"], "BM": 64, "BD": 16,
+                  "BC": 16}
+            r = rec(kernel, stage, constexprs=cx,
+                    variant=suite.kernel_variant(case["variant"], kernel, case["d"]))
+            if kernel == "chunk_state_dsplit":
+                sig = r["signature"]
+                at = [n for n, _ in sig].index("T") + 1
+                r["signature"] = sig[:at] + [["S0", "i32"], ["S1", "i32"]] + sig[at:] + \
+                    [["ws_z", "*fp32"], ["ws_sync", "*i32"]]
+                r["ptx_params"] = ["u32" if t == "i32" else "u64" for _, t in r["signature"]] + ["u64"] * 2
+                r["scalars"] = ["T", "S0", "S1"]
+                r["workspaces"] = {**r["workspaces"], "ws_z": "B * H * 2 * 2 * BC * BM * 4",
+                                   "ws_sync": "(1 + B * H * 2) * 4"}
+            out.append(r)
+        return out
+
+    def clock(fn: Any, warmup: int, iters: int, graph: bool = False) -> dict[str, Any]:
+        fn()
+        return {"median_ms": 2.0 if fn.recs[0]["variant"] == "aligned" else
+                1.0 if fn.case.get("d_sync") == "spin" else 3.0}
+
+    monkeypatch.setattr(suite, "aot_records", records)
+    monkeypatch.setattr(suite, "time_cuda", clock)
+    drv = FakeDriver()
+    rows = suite.run_d_split(drv, 86, 1, 7, 1, 1, 0, device="cpu")
+    assert [(r["d"], r["phi"]) for r in rows] == [(64, "identity"), (64, "ln_silu"), (128, "identity"),
+                                                  (128, "ln_silu")]
+    for r in rows:
+        assert (r["d_split_spin_over_whole"], r["d_split_launch_over_whole"]) == (0.5, 1.5), r
+    NC = (7 + 2 * 16 - 2) // 16
+    kernels = [k for k, _, _ in drv.launches]
+    # per (shape, phi): whole (state + read-out), spin (1 + read-out), launch (NC + 1 + read-out)
+    per = ["chunk_state", "chunk_readout"] + ["chunk_state_dsplit", "chunk_readout"] \
+        + ["chunk_state_dsplit"] * (NC + 1) + ["chunk_readout"]
+    assert kernels == per * 4
+
+
 @pytest.mark.skipif(__import__("shutil").which("shellcheck") is None,
                     reason="shellcheck is not installed (apt-get install -y shellcheck; CI installs it)")
 def test_device_scripts_are_shellcheck_clean() -> None:
@@ -419,7 +484,8 @@ def test_prepare_records_covers_every_record_the_sections_launch(suite: Any, mon
     monkeypatch.setattr(suite, "STORE", store)
     monkeypatch.setattr(store, "save", lambda path: None)
     suite.prepare_records(str(tmp_path / "s.gz"), 90)
-    assert {k for k, _, _ in asked} == {"fused_recurrent", "chunk", "chunk_state", "chunk_readout"}
+    assert {k for k, _, _ in asked} == {"fused_recurrent", "chunk", "chunk_state", "chunk_readout",
+                                        "chunk_state_dsplit"}
     assert any(kw.get("m_block") == 16 for _, _, kw in asked)
     assert {kw.get("num_warps") for _, _, kw in asked} >= {4, 16}
     assert all(cc == 90 for _, cc, _ in asked)

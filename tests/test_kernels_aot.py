@@ -256,6 +256,48 @@ def test_m_axis_split_records(tmp_path: Path) -> None:
             assert ptxas_stats(r["ptx"], r["cc"], ptxas).spill_stores == 0, r["cc"]
 
 
+def test_d_axis_split_records(tmp_path: Path) -> None:
+    """``--kernels chunk_state_dsplit`` compiles the d-axis split's state pass for every target at its
+    default column block (d = 40: three 16-column programs per (row, head, pass), the last
+    part-filled), aligned and unaligned: the signature is ``aot.kernel_args``'s (steps after T, four
+    workspaces, int32 counters), the PTX entry takes as many parameters, the grid and workspaces
+    follow, and it assembles without spills."""
+    from trellis_export.kernels import cuda_launch
+    from trellis_export.kernels.aot import AOTError, compile_kernel, kernel_args
+
+    cfg = CONFIG.replace(head_dim=40, n_slots=7, chunk_size=3)
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    proc = _run_aot(tmp_path, "--config", "config.json", "--kernels", "chunk_state_dsplit", "--variants",
+                    "all", "--out", "aot.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = json.loads((tmp_path / "aot.json").read_text())
+    assert sorted((r["cc"], r["variant"]) for r in recs) == sorted(
+        (cc, v) for cc in DEFAULT_TARGETS for v in ("d_split", "d_split_unaligned"))
+    B, T, H, m, d, C = 2, 10, cfg.n_heads, 7, 40, 3
+    NC = (T + 2 * C - 2) // C
+    for r in recs:
+        assert r["kernel"] == "chunk_state_dsplit" and r["d_block"] == 16 and r["constexprs"]["BD"] == 16
+        assert [n for n, _ in r["signature"]] == list(kernel_args("chunk_state_dsplit"))
+        assert dict(r["signature"])["ws_sync"] == "*i32" and r["scalars"] == ["T", "S0", "S1"]
+        assert r["ptx_params"].count("u32") == 3
+        assert len(r["ptx_params"]) == len(r["signature"]) + len(r["hidden_params"])
+        assert (r["plan"], r["stage"]) == ("chunk_split", 0)
+        assert cuda_launch.grid_for(r, B, T) == (B * H * 2 * 3, 1, 1)
+        assert cuda_launch.workspace_bytes(r, B, T) == {
+            "ws_memory": B * H * 2 * NC * m * d * 4, "ws_u": B * H * 2 * NC * C * m * 4,
+            "ws_z": B * H * 2 * 2 * 3 * 16 * 16 * 4, "ws_sync": (1 + B * H * 2) * 4}
+    with pytest.raises(AOTError, match="d_block must be a power of two from 16 to 64"):
+        compile_kernel("chunk_state_dsplit", 90, heads=3, slots=7, head_dim=40, chunk_size=3, d_block=24)
+    with pytest.raises(AOTError, match="d_block is the chunk_state_dsplit kernel's"):
+        compile_kernel("chunk_state", 90, heads=3, slots=7, head_dim=40, chunk_size=3, d_block=16)
+    assert variant_name(aligned=True, decode=False, in_place=False, d_block=16) == "d_split"
+    ptxas = find_ptxas()
+    if ptxas is None:
+        pytest.skip("no ptxas on this machine (CUDA toolkit absent; set TRELLIS_PTXAS)")
+    for r in recs:
+        assert ptxas_stats(r["ptx"], r["cc"], ptxas).spill_stores == 0, (r["cc"], r["variant"])
+
+
 def test_num_warps_override_for_the_gpu_suites_warp_sweep(tmp_path: Path) -> None:
     """``compile_kernel(num_warps=...)`` builds the decode record at another warp count (the GPU suite
     times 4 / 8 / 16): its block and variant name follow (``+w16``); the default count keeps the

@@ -76,6 +76,9 @@ MEASURED: dict[tuple[str, str, int, int, int, int], tuple[int, int, int, int]] =
     # the state pass's m-axis split (phi = identity; 16-slot blocks, 4 programs per (row, head, pass))
     ("chunk_state", "m_split", 8, 64, 64, 16): (72, 0, 12, 6),
     ("chunk_state", "m_split", 16, 128, 64, 16): (64, 0, 12, 8),
+    # the state pass's d-axis split (any phi; 4 programs per (row, head, pass), measured 2026-12-02)
+    ("chunk_state_dsplit", "d_split", 8, 64, 64, 16): (96, 0, 40, 7),
+    ("chunk_state_dsplit", "d_split", 16, 128, 64, 16): (128, 0, 30, 7),
 }
 
 
@@ -161,6 +164,24 @@ def test_split_prefill_has_no_spills_at_d128_and_uses_tensor_cores_with_tf32x3(r
             assert r["mma"] > 0, r
         else:
             assert r["mma"] == 0 and r["spill_stores"] == 0, r
+
+
+def test_d_axis_split_has_no_spills_and_as_many_ctas_per_sm(rows: list[dict[str, Any]]) -> None:
+    """The d-axis split's programs hold a quarter of the memory's columns (and all m slots, so
+    every phi): no spills, and at least the CTAs per SM of the whole-d state pass, on top of the
+    four times more programs its grid has; its spin is an acquire load (triton turns the
+    ``atomic_add(counter, 0)`` into one), not a read-modify-write that would serialise on the
+    counter."""
+    by = {(r["kernel"], r["variant"], r["d"], r["cc"]): r for r in rows}
+    split_rows = [r for r in rows if r["kernel"] == "chunk_state_dsplit"]
+    assert {r["d"] for r in split_rows} == {64, 128}
+    for r in split_rows:
+        whole = by[("chunk_state", "aligned", r["d"], r["cc"])]
+        assert r["spill_stores"] == 0 and r["mma"] == 0, r
+        assert r["ctas_per_sm"] >= whole["ctas_per_sm"], (r, whole)
+        # the start ticket, then per pass body (the K and V passes are separate code) one arrival
+        # and one acquire load spun on; the unsplit pass has no atomics at all
+        assert r["atomics"] == 3 and r["acquire_loads"] == 2 and whole["atomics"] == 0, r
 
 
 def test_m_axis_split_runs_more_programs_per_sm(rows: list[dict[str, Any]]) -> None:

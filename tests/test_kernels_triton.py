@@ -27,6 +27,7 @@ from trellis_export.kernels.trellis_memory.chunk import chunk_trellis_fwd_kernel
 from trellis_export.kernels.trellis_memory.chunk_split import (  # noqa: E402
     chunk_readout_kernel,
     chunk_split_trellis_fwd,
+    chunk_state_dsplit_kernel,
     chunk_state_kernel,
     max_chunks,
 )
@@ -55,17 +56,17 @@ KERNELS = {"fused_recurrent": fused_recurrent_trellis_fwd, "chunk": chunk_trelli
 
 
 def make_inputs(B: int, T: int, positions: list[int], seed: int = 0, dtype: torch.dtype = torch.float32,
-                gate_dtype: torch.dtype | None = None, m: int = M) -> tuple[list[torch.Tensor],
-                                                                           list[torch.Tensor], torch.Tensor]:
+                gate_dtype: torch.dtype | None = None, m: int = M, d: int = D
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    q = F.normalize(r(B, T, H, D), dim=-1)
-    k = F.normalize(r(B, T, H, D), dim=-1)
-    v, a = r(B, T, H, D), r(B, T, H, m)
+    q = F.normalize(r(B, T, H, d), dim=-1)
+    k = F.normalize(r(B, T, H, d), dim=-1)
+    v, a = r(B, T, H, d), r(B, T, H, m)
     beta = 0.5 + 0.5 * torch.rand(B, T, H, generator=g)
     gamma = torch.rand(B, T, H, generator=g)
     acts = [x.to(dtype) for x in (q, k, v, a)] + [x.to(gate_dtype or dtype) for x in (beta, gamma)]
-    state = [r(B, H, m, D) / D ** 0.5 for _ in range(4)]
+    state = [r(B, H, m, d) / d ** 0.5 for _ in range(4)]
     return acts, state, torch.tensor(positions, dtype=torch.int64)
 
 
@@ -92,6 +93,13 @@ def test_kernel_signatures_follow_the_plugin_order() -> None:
     assert chunk_trellis_fwd_kernel.arg_names == expected
     split = list(RUNTIME_ARGS + ("ws_memory", "ws_u") + CONSTEXPR_ARGS)
     assert chunk_state_kernel.arg_names == split and chunk_readout_kernel.arg_names == split
+    # the d-axis split: its steps after T, its two workspaces last (what aot.kernel_args records)
+    from trellis_export.kernels.aot import kernel_args
+    n_in = len(RUNTIME_ARGS) - 6
+    dsplit = RUNTIME_ARGS[:n_in + 1] + ("S0", "S1") + RUNTIME_ARGS[n_in + 1:] \
+        + ("ws_memory", "ws_u", "ws_z", "ws_sync")
+    assert chunk_state_dsplit_kernel.arg_names == list(dsplit + CONSTEXPR_ARGS)
+    assert kernel_args("chunk_state_dsplit") == dsplit and kernel_args("chunk_state") == tuple(split[:-14])
 
 
 # (kernel, C, T, positions, phi, f, rho): odd shapes, T not a multiple of C, T = 1 decode, rows at
@@ -365,6 +373,81 @@ def test_m_axis_split_needs_phi_identity_and_a_block_below_m() -> None:
     assert split_m_block("identity", 64, 9, 8, None) == 16 and split_m_block("ln_silu", 64, 1, 8, 132) == 0
     kw = dict(chunk_size=3, phi="identity", f="ln_silu", rho="identity", eps=1e-5)
     check(chunk_split_trellis_fwd(*acts, *state, pos, **kw), reference(acts, state, pos, **kw))
+
+
+# (m, d, C, T, positions, phi, f, rho, d_block): the d-axis split of the state pass (any phi): d = 40
+# and 33 leave a part-filled last column block (3 programs per (row, head, pass)), T not a multiple
+# of C, rows at different chunk phases, T = 1 (DECODE), every phi.
+D_SPLIT_CASES = [
+    (7, 40, 3, 7, [0, 1, 2], "ln_silu", "ln_silu", "identity", 16),
+    (7, 33, 3, 8, [5, 0], "l2_silu", "ln_silu", "l2_silu", 16),
+    (19, 40, 4, 11, [3, 4], "identity", "l2_silu", "identity", 32),
+    (7, 20, 3, 1, [2, 0], "ln_silu", "identity", "ln_silu", 16),
+]
+
+
+@pytest.mark.parametrize("m,d,C,T,positions,phi,f,rho,d_block", D_SPLIT_CASES)
+def test_split_prefill_d_axis_split_matches_reference(m: int, d: int, C: int, T: int, positions: list[int],
+                                                      phi: str, f: str, rho: str, d_block: int) -> None:
+    """Blocks of d_block memory columns as programs of their own, meeting once per chunk through
+    their partial Z (one launch per step here: the interpreter runs programs one at a time) == the
+    float64 reference and == the unsplit pass; in place too."""
+    assert -(-d // d_block) > 1                                       # more than one program per group
+    B = len(positions)
+    acts, state, pos = make_inputs(B, T, positions, seed=d + T, m=m, d=d)
+    kw = dict(chunk_size=C, phi=phi, f=f, rho=rho, eps=1e-5)
+    ref = reference(acts, state, pos, **kw)
+    split = chunk_split_trellis_fwd(*acts, *state, pos, d_block=d_block, d_sync="launch", **kw)
+    check(split, ref)
+    whole = chunk_split_trellis_fwd(*acts, *state, pos, m_block=0, **kw)
+    assert max(rel_rms(x, y) for x, y in zip(split, whole)) <= TOL
+    mine = [s.clone() for s in state]
+    check(chunk_split_trellis_fwd(*acts, *mine, pos, d_block=d_block, d_sync="launch", in_place=True, **kw),
+          ref)
+    check((split[0], *mine), ref)
+
+
+def test_d_axis_split_spin_launch_walks_every_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``d_sync='spin'``: one launch walks every step, its programs taking start-order tickets and
+    meeting at a counter barrier per chunk. With one program per group (d_block = d's padded size)
+    that runs here; the tickets and counters end where they should and the result is the reference."""
+    acts, state, pos = make_inputs(3, 11, [0, 1, 2], seed=5, d=20)
+    kw = dict(chunk_size=3, phi="ln_silu", f="ln_silu", rho="identity", eps=1e-5)
+    check(chunk_split_trellis_fwd(*acts, *state, pos, d_block=32, d_sync="spin", **kw),
+          reference(acts, state, pos, **kw))
+    # the counters: one ticket per program; each group's counter = its barriers (its chunks)
+    from trellis_export.kernels.trellis_memory import chunk_split as cs
+    seen: list[torch.Tensor] = []
+    real = cs.dsplit_workspaces
+
+    def keep(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        ws = real(*args)  # type: ignore[arg-type]
+        seen.append(ws[1])
+        return ws
+
+    monkeypatch.setattr(cs, "dsplit_workspaces", keep)
+    chunk_split_trellis_fwd(*acts, *state, pos, d_block=32, d_sync="spin", **kw)
+    (sync,) = seen
+    n_chunks = [(p % 3 + 11 + 2) // 3 for p in (0, 1, 2)]             # 4, 4 and 5 chunks
+    assert sync[0].item() == 3 * H * 2
+    assert sync[1:].tolist() == [n for n in n_chunks for _ in range(H * 2)]
+
+
+def test_d_axis_split_refusals() -> None:
+    """Bad blocks, both splits at once, an unknown sync and a spin launch the interpreter cannot run
+    each get an error naming the argument."""
+    acts, state, pos = make_inputs(2, 5, [1, 0], seed=3, m=19, d=40)
+    kw = dict(chunk_size=3, phi="ln_silu", f="ln_silu", rho="identity", eps=1e-5)
+    with pytest.raises(ValueError, match="d_block must be a power of two from 16 to 64"):
+        chunk_split_trellis_fwd(*acts, *state, pos, d_block=24, **kw)
+    with pytest.raises(ValueError, match="d_block must be a power of two from 16 to 64"):
+        chunk_split_trellis_fwd(*acts, *state, pos, d_block=128, **kw)
+    with pytest.raises(ValueError, match="choose one split"):
+        chunk_split_trellis_fwd(*acts, *state, pos, d_block=16, m_block=16, **{**kw, "phi": "identity"})
+    with pytest.raises(ValueError, match="d_sync must be one of spin, launch"):
+        chunk_split_trellis_fwd(*acts, *state, pos, d_block=16, d_sync="grid", **kw)
+    with pytest.raises(ValueError, match="interpreter"):
+        chunk_split_trellis_fwd(*acts, *state, pos, d_block=16, d_sync="spin", **kw)
 
 
 def test_split_prefill_tf32x3_flag_under_the_interpreter() -> None:

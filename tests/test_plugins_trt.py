@@ -105,16 +105,21 @@ def test_qdp_plugin_registers_with_tensorrt() -> None:   # pragma: no cover - ne
 ATTRS = {"chunk_size": 3, "phi": "ln_silu", "f": "l2_silu", "rho": "identity", "eps": 1e-5}
 SHAPE = {"heads": 3, "slots": 7, "head_dim": 5}
 CC = 86
-_PTR_DTYPES = {"*fp32": torch.float32, "*fp16": torch.float16, "*i64": torch.int64}
+_PTR_DTYPES = {"*fp32": torch.float32, "*fp16": torch.float16, "*i64": torch.int64, "*i32": torch.int32}
 
 
 def _kernel_functions() -> dict[str, Any]:
     from trellis_export.kernels.trellis_memory.chunk import chunk_trellis_fwd_kernel
-    from trellis_export.kernels.trellis_memory.chunk_split import chunk_readout_kernel, chunk_state_kernel
+    from trellis_export.kernels.trellis_memory.chunk_split import (
+        chunk_readout_kernel,
+        chunk_state_dsplit_kernel,
+        chunk_state_kernel,
+    )
     from trellis_export.kernels.trellis_memory.fused_recurrent import fused_recurrent_trellis_fwd_kernel
 
     fns = {"fused_recurrent": fused_recurrent_trellis_fwd_kernel, "chunk": chunk_trellis_fwd_kernel,
-           "chunk_state": chunk_state_kernel, "chunk_readout": chunk_readout_kernel}
+           "chunk_state": chunk_state_kernel, "chunk_readout": chunk_readout_kernel,
+           "chunk_state_dsplit": chunk_state_dsplit_kernel}
     if any(type(f).__name__ != "InterpretedFunction" for f in fns.values()):
         pytest.skip("the kernels were imported without TRITON_INTERPRET=1 (run this module alone)")
     return fns
@@ -392,3 +397,39 @@ def test_gpu_suite_plugin_section_on_the_host_driver() -> None:
         want = ["fused_recurrent:" + ("decode_in_place" if c["aliased"] else "decode")] if c["T"] == 1 \
             else [f"chunk_state:{state}", "chunk_readout:aligned"]
         assert c["launched"] == want and (c["workspace_bytes"] > 0) == (c["T"] > 1)
+
+
+def test_gpu_suite_d_axis_split_records_on_the_host_driver() -> None:
+    """The suite's AOT case of the d-axis split at odd shapes (d = 40: a part-filled last column
+    block): the ``chunk_state_dsplit`` record (compiled for sm_86) with its steps ``S0, S1`` and four
+    workspaces, then the read-out, launched by the suite's ``AotLaunch`` on the host stand-in of the
+    driver, one launch per step (the interpreter cannot run the spin barrier) == the float64
+    reference; NC + 1 state-pass launches, then one read-out, all on the same workspaces."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_suite.py"
+    spec = importlib.util.spec_from_file_location("gpu_suite_for_dsplit_test", path)
+    assert spec is not None and spec.loader is not None
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    (case,) = [c for c in suite.aot_cases() if c["variant"] == "d_split" and c.get("d_sync") == "launch"
+               and c["d"] == 40]
+    recs = suite.aot_records(case, CC, None)
+    assert [(r["kernel"], r["variant"]) for r in recs] == [("chunk_state_dsplit", "d_split"),
+                                                          ("chunk_readout", "aligned")]
+    assert recs[0]["scalars"] == ["T", "S0", "S1"] and recs[0]["d_block"] == 16
+    acts, state, pos = suite.make_inputs(case, "cpu", 3)
+    ref = suite.reference(case, acts, state, pos)
+    driver = HostDriver(CC, [])
+    launch = suite.AotLaunch(driver, recs, case, acts, [s.clone() for s in state], pos,
+                             suite.poisoned_outputs(case, acts))
+    ins, out, ws = launch.keep
+    driver.buffers = [*ins, *out, *ws.values()]
+    launch()
+    res = suite.compare(case, launch.out, ref)
+    assert res["ok"], res["rel_rms"]
+    NC = (case["T"] + 2 * case["C"] - 2) // case["C"]
+    assert [k for k, *_ in driver.launches] == ["chunk_state_dsplit"] * (NC + 1) + ["chunk_readout"]
+    assert {p["ws_memory"] for *_, p in driver.launches} == {ws["ws_memory"].data_ptr()}
+    assert driver.launches[0][3] == (case["B"] * case["H"] * 2 * 3, 1, 1)     # 3 column blocks of 16

@@ -18,6 +18,20 @@ gradients U of every chunk are stored, the read-out of all chunks is independent
    others: MS times the programs with no exchange between them. The ln_silu / l2_silu inner gradients
    need statistics over all m slots per token (an all-reduce per chunk between the programs, which
    Triton cannot synchronise), so they keep ``BM >= M`` (a ``tl.static_assert``).
+   The d-axis split (``chunk_state_dsplit_kernel``, grid ``(B * H * 2 * DS,)``, ``DS = cdiv(D, BD)``;
+   any phi): a program holds the memory's columns ``[db*BD, db*BD + BD)`` of all m slots. The chunk's
+   ``Z = W S^T`` is a sum over d, so each program stores its partial ``W[:, block] S[:, block]^T``
+   (``ws_z``, two chunks deep) and, after all DS programs of the (row, head, pass) have stored theirs,
+   each sums the DS partials: with all m slots in every program, the inner gradient (the ln_silu /
+   l2_silu statistics included) needs nothing more, and the memory step is local to the columns. The
+   work is walked as steps ``s = 0 .. NC``: step s finishes chunk s - 1 (sum, U, step; program 0
+   of the group stores U) and starts chunk s (store the chunk-start memory, the partial Z). Where
+   the programs meet between steps (``d_sync``): ``"spin"``, one launch walks every step with a spin
+   barrier on an int32 counter per group (``ws_sync``, zeroed before the launch; a start-order ticket
+   makes the group of a program DS consecutive starters, so a resident group always makes progress
+   and no launch deadlocks while one group of DS programs fits on the GPU); ``"launch"``, one launch
+   per step (the launch boundary is the barrier; NC + 1 launches). Triton's interpreter runs programs
+   one at a time, so only ``"launch"`` (and ``"spin"`` with DS = 1) run there.
 2. ``chunk_readout_kernel``, grid ``(NC, B * H)`` with ``NC = (T + 2C - 2) // C`` (the most chunks a
    row can span): one program per (chunk, row, head) computes the chunk's outputs from the stored
    chunk-start memories K0, V0 and gradients UK, UV:
@@ -43,16 +57,41 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import DOT_PRECISIONS, M_SPLIT_BLOCK, MemoryOutputs, inner_grad, launch_config, nl_code, nl_fwd
+from .utils import (
+    D_SPLIT_KERNEL,
+    DOT_PRECISIONS,
+    M_SPLIT_BLOCK,
+    LaunchConfig,
+    MemoryOutputs,
+    inner_grad,
+    launch_config,
+    nl_code,
+    nl_fwd,
+)
 
 #: The extra pointer arguments of the split kernels, after the op's outputs.
 WORKSPACE_ARGS: tuple[str, ...] = ("ws_memory", "ws_u")
 #: Bytes of each workspace as an expression of B, H, T and the constexprs M, D, C.
 WORKSPACE_BYTES: dict[str, str] = {"ws_memory": "B * H * 2 * ((T + 2 * C - 2) // C) * M * D * 4",
                                    "ws_u": "B * H * 2 * ((T + 2 * C - 2) // C) * C * M * 4"}
+#: The d-axis split's state pass (``chunk_state_dsplit``): the extra scalars (the steps it walks) and
+#: pointers (each program's partial Z of the last two chunks; the ticket and barrier counters, int32,
+#: zeroed before a launch that walks more than one step), after the split prefill's own.
+DSPLIT_SCALAR_ARGS: tuple[str, ...] = ("S0", "S1")
+DSPLIT_WORKSPACE_ARGS: tuple[str, ...] = ("ws_z", "ws_sync")
+#: Bytes of each workspace as an expression of B, H, T and the constexprs M, D, C (BM, BD, BC: the
+#: padded blocks of the d-axis split's record).
+DSPLIT_WORKSPACE_BYTES: dict[str, str] = {
+                                   "ws_z": "B * H * 2 * 2 * ((D + BD - 1) // BD) * BC * BM * 4",
+                                   "ws_sync": "(1 + B * H * 2) * 4"}
 #: Launch grids as expressions (``cuda_launch.grid_for`` evaluates them).
 GRID_DIMS: dict[str, list[str]] = {"chunk_state": ["B * H * 2 * ((M + BM - 1) // BM)", "1", "1"],
-                                   "chunk_readout": ["(T + 2 * C - 2) // C", "B * H", "1"]}
+                                   "chunk_readout": ["(T + 2 * C - 2) // C", "B * H", "1"],
+                                   "chunk_state_dsplit": ["B * H * 2 * ((D + BD - 1) // BD)", "1", "1"]}
+#: How the d-axis split's programs meet once per chunk: ``"spin"``, one launch walking every chunk
+#: with a spin barrier per chunk; ``"launch"``, one launch per chunk (the launch boundary is the
+#: barrier; T / C + 2 launches).
+D_SYNC_MODES: tuple[str, ...] = ("spin", "launch")
 
 
 def splits_m(phi: str, m: int) -> bool:
@@ -67,6 +106,25 @@ def split_m_block(phi: str, m: int, B: int, H: int, sms: int | None) -> int:
     streaming multiprocessors (None: unknown), the rule the TensorRT plugin's record choice follows."""
     from trellis_export.kernels.cuda_launch import split_fills
     return M_SPLIT_BLOCK if splits_m(phi, m) and split_fills(B, H, sms) else 0
+
+
+#: Programs per (row, head, pass) of the d-axis split at its default column block.
+D_SPLIT_PROGRAMS = 4
+
+
+def default_d_block(d: int) -> int:
+    """The d-axis split's default column block: :data:`D_SPLIT_PROGRAMS` programs per (row, head,
+    pass), 16 columns at least (the smallest tile ``tl.dot`` takes)."""
+    return max(16, triton.next_power_of_2(int(d)) // D_SPLIT_PROGRAMS)
+
+
+def dsplit_spans(T: int, C: int, d_sync: str) -> list[tuple[int, int]]:
+    """The launches of the d-axis split's state pass as ``(S0, S1)`` step ranges: steps 0 .. NC
+    (step s = B(s - 1) + A(s)) in one launch (``"spin"``) or one launch each (``"launch"``)."""
+    if d_sync not in D_SYNC_MODES:
+        raise ValueError(f"d_sync must be one of {', '.join(D_SYNC_MODES)}, got {d_sync!r}")
+    steps = max_chunks(T, C) + 1
+    return [(0, steps)] if d_sync == "spin" else [(s, s + 1) for s in range(steps)]
 
 
 def max_chunks(T: int, C: int) -> int:
@@ -159,6 +217,142 @@ def chunk_state_kernel(
 
 
 @triton.jit
+def _barrier(ws_sync, g, n):
+    """Wait until ``n`` arrivals have reached the counter of group ``g`` (a spin barrier among the
+    programs of one (row, head, pass) of the d-axis split; module docstring, "The d-axis split")."""
+    tl.debug_barrier()                                   # every thread's partial stored before arriving
+    cnt = ws_sync + 1 + g
+    tl.atomic_add(cnt, 1, sem="release", scope="gpu")
+    while tl.atomic_add(cnt, 0, sem="acquire", scope="gpu") < n:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _dsplit_pass(w_ptr, a, beta, gamma, mem_in, snap_in, position, T, S0, S1, out_mem, out_snap,
+                 ws_memory, ws_u, ws_z, ws_sync, lid,
+                 H: tl.constexpr, M: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
+                 BM: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, PHI: tl.constexpr,
+                 EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, IN_PLACE: tl.constexpr):
+    DS: tl.constexpr = (D + BD - 1) // BD
+    db = lid % DS
+    g = lid // DS
+    pid_bh = g // 2
+    p = g % 2
+    i_b = pid_bh // H
+    i_h = pid_bh % H
+    offs_m = tl.arange(0, BM)
+    offs_d = db * BD + tl.arange(0, BD)
+    offs_c = tl.arange(0, BC)
+    mask_m = offs_m < M
+    mask_d = offs_d < D
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    mask_cm = (offs_c < C)[:, None] & mask_m[None, :]
+    tile = offs_m[:, None] * D + offs_d[None, :]
+    st = pid_bh.to(tl.int64) * (M * D) + tile
+    ztile = offs_c[:, None] * BM + offs_m[None, :]
+    pos = tl.load(position + i_b).to(tl.int64)
+    phase = pos % C
+    mid = phase > 0
+    n_chunks = ((phase + T + C - 1) // C).to(tl.int32)
+    NC = (T + 2 * C - 2) // C
+    ws_base = (pid_bh.to(tl.int64) * 2 + p) * NC
+    z_base = g.to(tl.int64) * (2 * DS * BC * BM)
+    s_end = tl.minimum(S1, n_chunks + 1)
+    for s in range(S0, s_end):
+        if s == 0:
+            Mm = tl.load(mem_in + st, mask=mask_md, other=0.0).to(tl.float32)
+        else:
+            # B(s - 1): the all-reduced Z of chunk s - 1, its inner gradients, the step to its end
+            ci = s - 1
+            Mm = tl.load(ws_memory + (ws_base + ci) * (M * D) + tile, mask=mask_md, other=0.0)
+            Z = tl.zeros((BC, BM), dtype=tl.float32)
+            zb = z_base + (ci % 2) * (DS * BC * BM)
+            for j in range(0, DS):
+                Z += tl.load(ws_z + zb + j * (BC * BM) + ztile, cache_modifier=".cg")
+            tt = ci * C + offs_c - phase
+            valid = (offs_c < C) & (tt >= 0) & (tt < T)
+            tok = (i_b.to(tl.int64) * T + tt) * H + i_h
+            Wc = tl.load(w_ptr + tok[:, None] * D + offs_d[None, :], mask=valid[:, None] & mask_d[None, :],
+                         other=0.0).to(tl.float32)
+            Ac = tl.load(a + tok[:, None] * M + offs_m[None, :], mask=valid[:, None] & mask_m[None, :],
+                         other=0.0).to(tl.float32)
+            bc = tl.load(beta + tok, mask=valid, other=1.0).to(tl.float32)
+            gc = tl.load(gamma + tok, mask=valid, other=0.0).to(tl.float32)
+            lb = tl.log(tl.maximum(bc, 1.1754943508222875e-38))
+            cb = tl.cumsum(lb, axis=0)
+            total = tl.sum(lb, axis=0)
+            U = inner_grad(Z, Ac, mask_m[None, :], M, EPS, PHI, 1)
+            U = tl.where(valid[:, None], U, 0.0)
+            if db == 0:
+                tl.store(ws_u + (ws_base + ci) * (C * M) + offs_c[:, None] * M + offs_m[None, :], U,
+                         mask=mask_cm)
+            wgt = tl.exp(total - cb) * gc
+            Mm = tl.exp(total) * Mm - tl.dot(tl.trans(U * wgt[:, None]), Wc, input_precision=DOT_PRECISION)
+        if s < n_chunks:
+            # A(s): store the chunk-start memory, this block's partial Z = W_s[:, block] S[:, block]^T
+            S = Mm
+            if s == 0:
+                S = tl.where(mid, tl.load(snap_in + st, mask=mask_md & mid, other=0.0).to(tl.float32), Mm)
+            tl.store(ws_memory + (ws_base + s) * (M * D) + tile, Mm, mask=mask_md)
+            tt = s * C + offs_c - phase
+            valid = (offs_c < C) & (tt >= 0) & (tt < T)
+            tok = (i_b.to(tl.int64) * T + tt) * H + i_h
+            Ws = tl.load(w_ptr + tok[:, None] * D + offs_d[None, :], mask=valid[:, None] & mask_d[None, :],
+                         other=0.0).to(tl.float32)
+            P = tl.dot(Ws, tl.trans(S), input_precision=DOT_PRECISION)
+            tl.store(ws_z + z_base + (s % 2) * (DS * BC * BM) + db * (BC * BM) + ztile, P)
+        else:
+            # the end: the output memory, and the snapshot (the last chunk's start memory)
+            last = n_chunks - 1
+            from_snap = mid & (last == 0)
+            S = tl.where(from_snap, tl.load(snap_in + st, mask=mask_md & from_snap, other=0.0),
+                         tl.load(ws_memory + (ws_base + last) * (M * D) + tile, mask=mask_md & (~from_snap),
+                                 other=0.0))
+            tl.store(out_mem + st, Mm, mask=mask_md)
+            if IN_PLACE:
+                tl.store(out_snap + st, S, mask=mask_md & ((phase == 0) | (n_chunks > 1)))
+            else:
+                tl.store(out_snap + st, S, mask=mask_md)
+        if s + 1 < s_end:
+            _barrier(ws_sync, g, DS * (s - S0 + 1))
+
+
+@triton.jit
+def chunk_state_dsplit_kernel(
+    q, k, v, a, beta, gamma, key_memory, value_memory, key_snapshot, value_snapshot, position,
+    T, S0, S1,
+    out_o, out_key_memory, out_value_memory, out_key_snapshot, out_value_snapshot,
+    ws_memory, ws_u, ws_z, ws_sync,
+    H: tl.constexpr, M: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
+    BM: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+    PHI: tl.constexpr, F: tl.constexpr, RHO: tl.constexpr, EPS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DECODE: tl.constexpr = False, IN_PLACE: tl.constexpr = False,
+):
+    # The d-axis split of the state pass (module docstring): DS programs per (row, head, pass), each
+    # holding the memory's columns [db*BD, db*BD + BD) of all m slots, walking steps S0 .. S1 - 1
+    # (step s = B(s - 1) then A(s)) with a spin barrier between the steps of one launch.
+    DS: tl.constexpr = (D + BD - 1) // BD
+    if S1 - S0 > 1:
+        # start-order tickets: a group is DS consecutive tickets, so the programs a waiting program
+        # needs have started or start once a resident group finishes (one group fits on any GPU)
+        lid = tl.atomic_add(ws_sync, 1)
+    else:
+        lid = tl.program_id(0)
+    g = lid // DS                                        # (row, head, pass) group
+    if DECODE:
+        T = 1
+    if g % 2 == 0:
+        _dsplit_pass(k, a, beta, gamma, key_memory, key_snapshot, position, T, S0, S1, out_key_memory,
+                     out_key_snapshot, ws_memory, ws_u, ws_z, ws_sync, lid, H, M, D, C, BM, BD, BC, PHI,
+                     EPS, DOT_PRECISION, IN_PLACE)
+    else:
+        _dsplit_pass(v, a, beta, gamma, value_memory, value_snapshot, position, T, S0, S1, out_value_memory,
+                     out_value_snapshot, ws_memory, ws_u, ws_z, ws_sync, lid, H, M, D, C, BM, BD, BC, PHI,
+                     EPS, DOT_PRECISION, IN_PLACE)
+
+
+@triton.jit
 def chunk_readout_kernel(
     q, k, v, a, beta, gamma, key_memory, value_memory, key_snapshot, value_snapshot, position,
     T,
@@ -227,24 +421,43 @@ def workspaces(B: int, T: int, H: int, m: int, d: int, C: int, device: torch.dev
             torch.empty(B * H * 2 * NC * C * m, dtype=torch.float32, device=device))
 
 
+def dsplit_workspaces(B: int, H: int, d: int, cfg: LaunchConfig, device: torch.device | str
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The d-axis split's two extra workspaces (:data:`DSPLIT_WORKSPACE_BYTES`): the partial Z of two
+    chunks per program (float32), and the ticket and per-group barrier counters (int32, zeroed)."""
+    ds = triton.cdiv(d, cfg.BD)
+    return (torch.empty(B * H * 2 * 2 * ds * cfg.BC * cfg.BM, dtype=torch.float32, device=device),
+            torch.zeros(1 + B * H * 2, dtype=torch.int32, device=device))
+
+
 def chunk_split_trellis_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, beta: torch.Tensor,
     gamma: torch.Tensor, key_memory: torch.Tensor, value_memory: torch.Tensor,
     key_snapshot: torch.Tensor, value_snapshot: torch.Tensor, position: torch.Tensor, *,
     chunk_size: int, phi: str = "ln_silu", f: str = "ln_silu", rho: str = "identity",
     eps: float = 1e-5, dot_precision: str = "ieee", out: tuple[torch.Tensor, ...] | None = None,
-    in_place: bool = False, m_block: int | None = None,
+    in_place: bool = False, m_block: int | None = None, d_block: int = 0, d_sync: str = "spin",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The two-launch prefill. Same contract and results as ``chunk_trellis_fwd``; ``in_place`` as in
     ``fused_recurrent_trellis_fwd`` (the state tensors are updated; snapshots written only by rows
     where a chunk starts). ``m_block``: the slot block of the state pass's m-axis split (0: none;
-    None: :func:`split_m_block`, the rule the TensorRT plugin's record choice follows)."""
+    None: :func:`split_m_block`, the rule the TensorRT plugin's record choice follows). ``d_block``:
+    the column block of the state pass's d-axis split (0: none; any phi; not with ``m_block``), its
+    programs meeting per chunk as ``d_sync`` says (:data:`D_SYNC_MODES`). Opt-in: whether it pays
+    needs GPU timing (``bench/gpu_suite.py``, study ``d_split``)."""
     from .common import outputs, prepare
     if dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision must be one of {', '.join(DOT_PRECISIONS)}, got {dot_precision!r}")
+    if d_sync not in D_SYNC_MODES:
+        raise ValueError(f"d_sync must be one of {', '.join(D_SYNC_MODES)}, got {d_sync!r}")
     args, (B, T, H, m, d) = prepare(q, k, v, a, beta, gamma, key_memory, value_memory, key_snapshot,
                                     value_snapshot, position)
     C = int(chunk_size)
+    if d_block:
+        if m_block:
+            raise ValueError(f"choose one split of the state pass: m_block = {m_block} or "
+                             f"d_block = {d_block}")
+        m_block = 0
     if m_block is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count \
             if q.device.type == "cuda" else None
@@ -257,11 +470,28 @@ def chunk_split_trellis_fwd(
     kw = dict(H=H, M=m, D=d, C=C, PHI=nl_code(phi, "phi"), F=nl_code(f, "f"), RHO=nl_code(rho, "rho"),
               EPS=float(eps), DOT_PRECISION=dot_precision, DECODE=T == 1, IN_PLACE=bool(in_place))
     from trellis_export.kernels.cuda_launch import grid_for
-    for name, kernel in (("chunk_state", chunk_state_kernel), ("chunk_readout", chunk_readout_kernel)):
-        cfg = launch_config(name, m, d, C, dot_precision, m_block if name == "chunk_state" else 0)
+
+    def grid(cfg: LaunchConfig) -> tuple[int, int, int]:
         # the grid from the same expressions the AOT records carry (GRID_DIMS)
-        grid = grid_for({"constexprs": {"H": H, "M": m, "D": d, "C": C, "BM": cfg.BM},
-                         "grid_dims": GRID_DIMS[name]}, B, T)
-        kernel[grid](*args, T, *outs, *ws, BM=cfg.BM, BD=cfg.BD, BC=cfg.BC, **kw,
-                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return grid_for({"constexprs": {"H": H, "M": m, "D": d, "C": C, "BM": cfg.BM, "BD": cfg.BD},
+                         "grid_dims": GRID_DIMS[cfg.kernel]}, B, T)
+
+    if d_block:
+        cfg = launch_config(D_SPLIT_KERNEL, m, d, C, dot_precision, d_block=d_block)
+        ws_z, ws_sync = dsplit_workspaces(B, H, d, cfg, q.device)
+        if d_sync == "spin" and triton.cdiv(d, d_block) > 1 \
+                and type(chunk_state_dsplit_kernel).__name__ == "InterpretedFunction":
+            # triton's interpreter runs the programs one after another: the first would wait forever
+            raise ValueError("d_sync='spin' needs the programs of a group to run at once, which triton's "
+                             "interpreter does not do; use d_sync='launch' there")
+        for s0, s1 in dsplit_spans(T, C, d_sync):
+            chunk_state_dsplit_kernel[grid(cfg)](*args, T, s0, s1, *outs, *ws, ws_z, ws_sync, BM=cfg.BM,
+                                                 BD=cfg.BD, BC=cfg.BC, **kw, num_warps=cfg.num_warps,
+                                                 num_stages=cfg.num_stages)
+    for name, kernel in (("chunk_state", chunk_state_kernel), ("chunk_readout", chunk_readout_kernel)):
+        if name == "chunk_state" and d_block:
+            continue
+        cfg = launch_config(name, m, d, C, dot_precision, m_block if name == "chunk_state" else 0)
+        kernel[grid(cfg)](*args, T, *outs, *ws, BM=cfg.BM, BD=cfg.BD, BC=cfg.BC, **kw,
+                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return cast(MemoryOutputs, outs)

@@ -44,6 +44,9 @@ DOT_PRECISIONS: tuple[str, ...] = ("ieee", "tf32", "tf32x3")
 KERNELS: tuple[str, ...] = ("fused_recurrent", "chunk")
 #: The two launches of the split prefill (``chunk_split.py``): sequential state pass, parallel read-out.
 SPLIT_KERNELS: tuple[str, ...] = ("chunk_state", "chunk_readout")
+#: The d-axis split of the state pass (``chunk_split.py``): takes ``chunk_state``'s place before the
+#: read-out when the caller asks for it (``d_block``).
+D_SPLIT_KERNEL = "chunk_state_dsplit"
 
 
 def nl_code(name: str, what: str) -> int:
@@ -78,13 +81,27 @@ M_SPLIT_BLOCK = 16
 
 
 def launch_config(kernel: str, m: int, d: int, chunk_size: int, dot_precision: str = "ieee",
-                  m_block: int = 0) -> LaunchConfig:
+                  m_block: int = 0, d_block: int = 0) -> LaunchConfig:
     """Pick block sizes: m and d padded to powers of two (>= 16 for tl.dot in the chunk kernel).
     Warps of the split prefill kernels: chosen from ``ptxas -v`` (docs/kernels.md): 16 warps at
     BM * BD = 8192 in ieee (8 warps spill on sm_87), 8 with tf32x3 (16 warps cap the registers at 128
     and spill; 8 do not). ``m_block`` (``chunk_state`` only; 0 = the whole m axis): the slot block of
     the m-axis split, a power of two >= 16 below m's padded size (the kernel then runs
-    ``cdiv(m, m_block)`` programs per (row, head, pass); phi must be identity)."""
+    ``cdiv(m, m_block)`` programs per (row, head, pass); phi must be identity). ``d_block``
+    (``chunk_state_dsplit`` only, where it is required): the column block of the d-axis split, a
+    power of two from 16 to d's padded size (``cdiv(d, d_block)`` programs per (row, head, pass),
+    any phi; the padded size itself is one program that walks the chunks alone)."""
+    if kernel == D_SPLIT_KERNEL:
+        top = max(16, triton.next_power_of_2(d))
+        if not d_block or d_block < 16 or d_block & (d_block - 1) or d_block > top:
+            raise ValueError(f"d_block must be a power of two from 16 to {top} (d = {d}), got {d_block}")
+        BM = max(16, triton.next_power_of_2(m))
+        BC = max(16, triton.next_power_of_2(chunk_size))
+        tile = BM * d_block                  # the memory block and its step; Z is [BC, BM]
+        num_warps = 4 if tile <= 1024 else 8 if tile <= 4096 or dot_precision == "tf32x3" else 16
+        return LaunchConfig(kernel, BM, d_block, BC, num_warps)
+    if d_block:
+        raise ValueError(f"d_block is the {D_SPLIT_KERNEL} kernel's, not {kernel}'s")
     if kernel not in KERNELS + SPLIT_KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS + SPLIT_KERNELS)}; got {kernel!r}")
     if m_block:
