@@ -79,6 +79,8 @@ PREFILL_RUNS: tuple[tuple[str, str], ...] = (("chunk", "unaligned"), ("chunk", "
 D_SPLIT_SHAPES: tuple[tuple[int, int, int, int], ...] = ((8, 64, 64, 16), (16, 64, 128, 16))
 D_SPLIT_PHIS: tuple[str, ...] = ("identity", "ln_silu")
 D_SPLIT_RUNS: tuple[tuple[str, str], ...] = (("aligned", ""), ("d_split", "spin"), ("d_split", "launch"))
+#: Calls per captured CUDA graph in the study (the launch mode is T / C + 2 launches per call).
+D_SPLIT_GRAPH_REPS = 3
 
 
 # =========================================================================== imports
@@ -115,7 +117,7 @@ def import_project() -> None:
 
 # =========================================================================== CLI, grid, output
 #: The suite's sections in their default order.
-SECTIONS: tuple[str, ...] = ("jit", "aot", "plugin", "aot_timing", "timing", "trt")
+SECTIONS: tuple[str, ...] = ("jit", "aot", "plugin", "aot_timing", "timing", "trt", "d_split")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -124,7 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(required unless --prepare-records)")
     p.add_argument("--quick", action="store_true", help="smaller grid and fewer timing iterations")
     p.add_argument("--no-timing", action="store_true", help="correctness sections only")
-    p.add_argument("--no-aot", action="store_true", help="skip the AOT (driver API) section")
+    p.add_argument("--no-aot", action="store_true",
+                   help="skip the sections that launch AOT records through the driver API (aot, plugin, "
+                        "aot_timing, d_split)")
     p.add_argument("--no-trt", action="store_true", help="skip the TensorRT engine section")
     p.add_argument("--aot-json", default=None,
                    help="launch records written by `python -m trellis_export.kernels.aot` to launch "
@@ -137,12 +141,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "less those the --no-* flags drop); e.g. aot_timing,aot,plugin to get the "
                         "issue-14 aims first within a short device lease")
     p.add_argument("--records", default=None,
-                   help="record store (--prepare-records) to launch the AOT, AOT timing and plugin "
-                        "sections' records from instead of compiling them on this machine")
+                   help="record store (--prepare-records) to launch the AOT, AOT timing, plugin and "
+                        "d_split sections' records from instead of compiling them on this machine")
     p.add_argument("--prepare-records", default=None, metavar="FILE",
                    help="no GPU needed: compile every record those sections launch for --cc into FILE "
                         "(gzip JSON) and exit")
     p.add_argument("--cc", type=int, default=90, help="compute capability for --prepare-records")
+    p.add_argument("--section-timeout", type=float, default=0.0, metavar="S",
+                   help="end the run when one section takes longer than S seconds (a kernel that never "
+                        "finishes would otherwise hold the device to its limit): the results so far are "
+                        "written with that section's error, exit code 3 (default 0: no limit)")
     p.add_argument("--compile-child", nargs=2, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.out is None and a.prepare_records is None and a.compile_child is None:
@@ -158,6 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.warmup = 3 if a.quick else 10
     if a.iters < 1 or a.warmup < 0:
         p.error("--iters must be >= 1 and --warmup >= 0")
+    if a.section_timeout < 0:
+        p.error("--section-timeout must be >= 0 seconds")
     return a
 
 
@@ -195,15 +205,6 @@ def correctness_cases(quick: bool = False) -> list[dict[str, Any]]:
     add("chunk", 2, 1000 if quick else 4000, 4, 32, 32, 16)            # long stream
     add("chunk_split", 2, 1000 if quick else 4000, 4, 32, 32, 16)
     add("fused_recurrent", 2, 500 if quick else 1000, 4, 32, 32, 16)
-    # the state pass's d-axis split (any phi): one spin-barrier launch (what the interpreter cannot
-    # run: its first check on hardware) and one launch per chunk; odd shapes, bench shape, long stream
-    for d_sync in ("spin", "launch"):
-        add("chunk_split", 3, 13, 3, 7, 40, 3, phi="l2_silu", rho="ln_silu")
-        cases[-1].update(d_block=16, d_sync=d_sync)
-        add("chunk_split", 2, 64, 8, 64, 64, 16)
-        cases[-1].update(d_block=16, d_sync=d_sync)
-    add("chunk_split", 2, 1000 if quick else 4000, 4, 32, 32, 16)
-    cases[-1].update(d_block=16, d_sync="spin")
     return cases
 
 
@@ -233,14 +234,28 @@ def aot_cases() -> list[dict[str, Any]]:
     add("chunk_split", "m_split", 2, 37, 8, 64, 64, 16, phi="identity")
     add("chunk_split", "aligned+tf32x3", 2, 37, 8, 64, 64, 16, opt_in=True)
     add("chunk_split", "aligned+tf32x3", 2, 40, 4, 32, 32, 16, opt_in=True)
-    # the d-axis split's state pass (opt-in, no plugin record): its spin barrier and its launch per
-    # chunk, at odd shapes (a part-filled last column block) and the bench shape
-    for d_sync in ("spin", "launch"):
-        add("chunk_split", "d_split", 3, 7, 3, 7, 40, 3, phi="l2_silu", opt_in=True)
-        out[-1]["d_sync"] = d_sync
-        add("chunk_split", "d_split", 2, 37, 8, 64, 64, 16, opt_in=True)
-        out[-1]["d_sync"] = d_sync
     return out
+
+
+def d_split_check_cases(quick: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The d_split section's checks against the float64 reference, (JIT cases, AOT cases): the state
+    pass's d-axis split (opt-in, no plugin record) with its spin barrier (one launch; on the CPU only
+    run with programs as Python threads, so these are its first checks on a GPU's memory model)
+    and with a launch per chunk, at odd shapes (d = 40: a part-filled last column block), the bench
+    shape and (JIT) a long stream."""
+    jit: list[dict[str, Any]] = []
+    aot: list[dict[str, Any]] = []
+    for d_sync in ("spin", "launch"):
+        for B, T, H, m, d, C, phi, rho in ((3, 13, 3, 7, 40, 3, "l2_silu", "ln_silu"),
+                                            (2, 37, 8, 64, 64, 16, "ln_silu", "identity")):
+            base = dict(kernel="chunk_split", B=B, T=T, H=H, m=m, d=d, C=C, phi=phi, f="ln_silu", rho=rho,
+                        dtype="float32", tol=TOL_SHORT, d_sync=d_sync)
+            jit.append(dict(base, d_block=16))
+            aot.append(dict(base, variant="d_split", opt_in=True))
+    T = 1000 if quick else 4000
+    jit.append(dict(kernel="chunk_split", B=2, T=T, H=4, m=32, d=32, C=16, phi="ln_silu", f="ln_silu",
+                    rho="identity", dtype="float32", tol=TOL_LONG, d_block=16, d_sync="spin"))
+    return jit, aot
 
 
 def variant_kwargs(variant: str, kernel: str = "chunk_state", d: int = 0) -> dict[str, Any]:
@@ -300,6 +315,47 @@ def write_json(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps(payload, indent=1, default=str).encode())
+
+
+class SectionWatchdog:
+    """Ends the process when a section outlives ``limit`` seconds (0: never): a GPU kernel that never
+    returns (a spin barrier whose peers never arrive) cannot be interrupted from Python, and would
+    hold the device to the end of its lease. On expiry the results so far, with the section's error,
+    are written to ``out`` (under ``lock``, which the main loop's writes hold too), the summary
+    printed, and the process exits with code 3 (``os._exit``: the hung thread is not waited for)."""
+
+    EXIT_CODE = 3
+
+    def __init__(self, limit: float, out: str | os.PathLike[str], results: dict[str, Any]) -> None:
+        import threading
+        self.limit, self.out, self.results = float(limit), out, results
+        self.lock = threading.Lock()
+        self._timer: Any = None
+
+    def start(self, name: str) -> None:
+        import threading
+        self.stop()
+        if self.limit > 0:
+            self._timer = threading.Timer(self.limit, self.expire, args=(name,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def expire(self, name: str) -> None:
+        with self.lock:
+            self.results["errors"][name] = (f"section {name} still running after --section-timeout "
+                                            f"{self.limit:g} s (a kernel that never finished?); the run "
+                                            "stopped there")
+            self.results["ok"] = False
+            write_json(self.out, self.results)
+            print(self.results["errors"][name], file=sys.stderr)
+            print(format_table(self.results), flush=True)
+        sys.stderr.flush()
+        os._exit(self.EXIT_CODE)
 
 
 def _fmt(x: Any) -> str:
@@ -383,23 +439,37 @@ def format_table(results: dict[str, Any]) -> str:
                          f"{_fmt(apre['ratio_vs_fla'])}x fla's time (aim <= {AIM_PREFILL_VS_FLA}x)"))
         elif apre.get("fla_skipped"):
             rows.append(("AOT prefill vs fla", "skipped", apre["fla_skipped"][:100]))
-        for r in apre.get("d_split", []):
-            if "error" in r:                                 # the study itself failed (guarded)
-                rows.append(("AOT d-axis split", "ERROR", r["error"][:100]))
-                continue
-            for name in ("d_split_spin", "d_split_launch"):
-                label = f"AOT d-axis split d={r['d']} {r['phi']} {name[8:]}"
-                if f"{name}_over_whole" in r:
-                    rows.append((label, "info", f"{_fmt(r[f'{name}_over_whole'])}x the whole-d state pass's "
-                                 f"time ({_fmt(r[f'{name}_ms'])} vs {_fmt(r['aligned_ms'])} ms)"))
-                elif f"{name}_error" in r:
-                    rows.append((label, "ERROR", r[f"{name}_error"][:100]))
         for r in apre.get("m_split_rule", []):
             if "m_split_over_aligned" in r:
                 rows.append((f"AOT m-axis split B={r['B']}", "ok" if r["rule_picks_faster"] else "rule wrong",
                              f"{_fmt(r['m_split_over_aligned'])}x the whole-m state pass's time; the rule "
                              f"takes {r['rule_takes']} ({r['programs_unsplit']} programs unsplit, "
                              f"{apre.get('sms')} SMs)"))
+    ds = results.get("d_split", {})
+    for part in ("jit", "aot"):
+        sec = ds.get(part)
+        if sec is None:
+            continue
+        checks = sec.get("checks", [])
+        if "error" in sec:
+            rows.append((f"d_split {part}", "ERROR", sec["error"][:100]))
+            continue
+        bad = [c for c in checks if not c.get("ok")]
+        worst = max((c.get("max_rel_rms", float("nan")) for c in checks), default=float("nan"))
+        rows.append((f"d_split {part}", "PASS" if checks and not bad else "FAIL",
+                     f"{len(checks) - len(bad)}/{len(checks)} cases ok (spin and launch), worst rel RMS "
+                     f"{_fmt(worst)} (opt-in, not gating)"))
+    for r in ds.get("timing", []):
+        if "error" in r:                                     # the study itself failed (guarded)
+            rows.append(("d-axis split timing", "ERROR", r["error"][:100]))
+            continue
+        for name in ("d_split_spin", "d_split_launch"):
+            label = f"d-axis split d={r['d']} {r['phi']} {name[8:]}"
+            if f"{name}_over_whole" in r:
+                rows.append((label, "info", f"{_fmt(r[f'{name}_over_whole'])}x the whole-d state pass's "
+                             f"time ({_fmt(r[f'{name}_ms'])} vs {_fmt(r['aligned_ms'])} ms)"))
+            elif f"{name}_error" in r:
+                rows.append((label, "ERROR", r[f"{name}_error"][:100]))
     for name, err in results.get("errors", {}).items():
         rows.append((name, "ERROR", err.splitlines()[-1][:100] if err else ""))
     w0 = max([len(r[0]) for r in rows] + [7])
@@ -591,9 +661,9 @@ def plugin_records(attrs: dict[str, Any], case: dict[str, Any], cc: int) -> list
 
 
 def prepare_records(path: str, cc: int) -> int:
-    """``--prepare-records``: compile every record the AOT, AOT timing and plugin sections launch for
+    """``--prepare-records``: compile every record the AOT, AOT timing, plugin and d_split sections launch for
     ``sm_<cc>`` into a store file (no GPU needed). Returns how many."""
-    for case in aot_cases() + timing_cases():
+    for case in aot_cases() + timing_cases() + d_split_record_cases():
         aot_records(case, cc, None)
     for case in plugin_cases(quick=False):
         plugin_records(plugin_attrs(case), case, cc)
@@ -616,6 +686,9 @@ def aot_records(case: dict[str, Any], cc: int, records: list[dict[str, Any]] | N
                 cx = r["constexprs"]
                 var = r.get("variant")
                 same_variant = var == want or (var is None and want in ("aligned", "unaligned"))
+                want_block = variant_kwargs(case["variant"], kernel, case["d"]).get("d_block", 0)
+                if r.get("d_block", 0) != want_block:
+                    continue
                 if (r["kernel"] == kernel and r["cc"] == cc and r["dtype"] == case["dtype"] and same_variant
                         and (cx["H"], cx["M"], cx["D"], cx["C"]) == shape):
                     found = r
@@ -752,7 +825,6 @@ def timing_cases() -> list[dict[str, Any]]:
     cases += [dict(dec, variant=warp_variant("decode_in_place", w, default)) for w in WARP_COUNTS]
     cases += [dict(kernel=k, variant=v, B=1, T=2, **TIMING_SHAPE, **PREFILL_NL, tol=TOL_LONG)
               for k, v in PREFILL_RUNS]
-    cases += d_split_cases(1, 2)
     return cases
 
 
@@ -828,6 +900,11 @@ def d_split_cases(B: int, T: int) -> list[dict[str, Any]]:
     return out
 
 
+def d_split_record_cases() -> list[dict[str, Any]]:
+    """Every record case the d_split section launches (its AOT checks, its timing study)."""
+    return d_split_check_cases()[1] + d_split_cases(1, 2)
+
+
 def run_d_split(drv: Any, cc: int, B: int, T: int, w: int, n: int, seed: int, device: str = "cuda"
                 ) -> list[dict[str, Any]]:
     """The split prefill with the whole-d state pass and with the d-axis split (spin barrier; a
@@ -843,7 +920,10 @@ def run_d_split(drv: Any, cc: int, B: int, T: int, w: int, n: int, seed: int, de
         try:
             launch = AotLaunch(drv, aot_records(case, cc, None), case, acts, state, torch.zeros_like(pos),
                                poisoned_outputs(case, acts))
-            row[f"{name}_ms"] = time_cuda(launch, max(1, w // 2), n)["median_ms"]
+            # in a CUDA graph: the launch mode's NC + 1 launches cost ~0.1 ms of host work each
+            t = time_cuda(launch, max(1, w // 2), n, graph=True, reps=D_SPLIT_GRAPH_REPS)
+            row[f"{name}_ms"] = t["median_ms"]
+            row.setdefault("methods", {})[name] = t["method"]
             row.setdefault("grids", {})[name] = launch.grids[0]
         except Exception as exc:  # noqa: BLE001 - report, keep the other timings
             row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
@@ -852,6 +932,29 @@ def run_d_split(drv: Any, cc: int, B: int, T: int, w: int, n: int, seed: int, de
             if f"{name}_ms" in row and "aligned_ms" in row:
                 row[f"{name}_over_whole"] = row[f"{name}_ms"] / row["aligned_ms"]
     return list(rows.values())
+
+
+def run_d_split_section(args: argparse.Namespace) -> dict[str, Any]:
+    """The d_split section, last by default (its spin barrier has never run on a GPU: a hang here
+    costs no other section's results, and ``--section-timeout`` bounds it): the JIT and AOT checks
+    of :func:`d_split_check_cases`, then (unless --no-timing) :func:`run_d_split` at the AOT timing
+    section's prefill size. Opt-in: not in the exit code."""
+    import torch
+    jit_cases, aot_c = d_split_check_cases(args.quick)
+    out: dict[str, Any] = {}
+    for name, fn in (("jit", lambda: run_jit(jit_cases, args.seed)),
+                     ("aot", lambda: run_aot(aot_c, args.seed, None))):
+        try:
+            out[name] = fn()
+        except Exception as exc:  # noqa: BLE001 - recorded; the other part still runs
+            out[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    out["ok"] = all(out[k].get("ok") for k in ("jit", "aot"))
+    if not args.no_timing:
+        cc = int("".join(map(str, torch.cuda.get_device_capability())))
+        Bp, Tp = (1, 2048) if args.quick else (1, 8192)
+        out["timing"] = guarded(run_d_split, cuda_launch().CudaDriver(), cc, Bp, Tp, args.warmup, args.iters,
+                                args.seed)
+    return out
 
 
 def in_place_decode_bytes(B: int, H: int, m: int, d: int, C: int, positions: list[int]) -> int:
@@ -924,8 +1027,7 @@ def run_aot_timing(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"B": Bp, "T": Tp, "H": H, "m": m, "d": d, "C": C, "runs": pre, "sms": sms,
                            "split_variant_timed_for_aims": chosen,
                            "m_split_rule": guarded(run_m_split_rule, drv, cc, sms, H, m, d, C, w, n,
-                                                   args.seed),
-                           "d_split": guarded(run_d_split, drv, cc, Bp, Tp, w, n, args.seed)}
+                                                   args.seed)}
     if before and split:
         res["speedup_vs_pre_issue14_chunk"] = before / split
         res["meets_speedup_aim"] = before / split >= AIM_PREFILL_SPEEDUP
@@ -1322,10 +1424,11 @@ def chosen_sections(args: argparse.Namespace) -> list[tuple[str, Callable[[], di
         "plugin": lambda: run_plugin(plugin_cases(args.quick), args.seed),
         "aot_timing": lambda: run_aot_timing(args),
         "timing": lambda: run_timing(args),
-        "trt": lambda: run_trt(args)}
+        "trt": lambda: run_trt(args),
+        "d_split": lambda: run_d_split_section(args)}
     dropped = set()
     if args.no_aot:
-        dropped |= {"aot", "plugin", "aot_timing"}
+        dropped |= {"aot", "plugin", "aot_timing", "d_split"}
     if args.no_timing:
         dropped |= {"aot_timing", "timing"}
     if args.no_trt:
@@ -1375,17 +1478,24 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(results))
         return 1
     torch.backends.cuda.matmul.allow_tf32 = False           # the float64 reference stays exact anyway
+    watchdog = SectionWatchdog(args.section_timeout, args.out, results)
     for name, fn in chosen_sections(args):
         t0 = time.time()
+        watchdog.start(name)
         try:
-            results[name] = fn()
+            section = fn()
         except Exception:  # noqa: BLE001 - record the crash, go on with the other sections
-            results["errors"][name] = traceback.format_exc()
+            with watchdog.lock:
+                results["errors"][name] = traceback.format_exc()
             print(results["errors"][name], file=sys.stderr)
         else:
-            results[name]["seconds"] = round(time.time() - t0, 2)
-        results["record_store"] = STORE.summary()
-        write_json(args.out, results)                        # partial results survive a later crash
+            with watchdog.lock:
+                results[name] = section
+                section["seconds"] = round(time.time() - t0, 2)
+        watchdog.stop()
+        with watchdog.lock:
+            results["record_store"] = STORE.summary()
+            write_json(args.out, results)                    # partial results survive a later crash
     ok = not results["errors"] and all(results[s].get("ok", True) for s in ("jit", "aot", "plugin")
                                        if s in results)
     results["ok"] = ok

@@ -327,9 +327,12 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
             raise AOTError(f"{name} must be an integer >= 1, got {val!r}")
     if m_block and phi != "identity":
         raise AOTError(f"the m-axis split (m_block = {m_block}) needs phi = identity, got phi = {phi!r}")
-    if kernel == D_SPLIT_KERNEL and not d_block:
-        from .trellis_memory.chunk_split import default_d_block
-        d_block = default_d_block(head_dim)
+    if kernel == D_SPLIT_KERNEL:
+        if decode:
+            raise AOTError(f"{kernel} is a prefill kernel: no decode record (T = 1 takes fused_recurrent)")
+        if not d_block:
+            from .trellis_memory.chunk_split import default_d_block
+            d_block = default_d_block(head_dim)
     if num_warps not in (0, 1, 2, 4, 8, 16, 32):
         raise AOTError(f"num_warps must be a power of two from 1 to 32 (0: the default), got {num_warps!r}")
     try:

@@ -43,6 +43,9 @@ def test_parse_args_defaults_and_errors(suite: Any) -> None:
     assert names("--sections", "aot_timing,aot,plugin") == ["aot_timing", "aot", "plugin"]
     assert names("--sections", "aot_timing,jit", "--no-timing") == ["jit"]
     assert names("--no-aot", "--no-trt") == ["jit", "timing"]
+    assert suite.SECTIONS[-1] == "d_split"          # the never-run spin barrier last: a hang costs no other
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--out", "x.json", "--section-timeout", "-1"])
     for bad in ("bogus", ",", "jit,bogus"):
         with pytest.raises(SystemExit):
             suite.parse_args(["--out", "x.json", "--sections", bad])
@@ -245,14 +248,19 @@ def test_table_reports_aot_timing_and_opt_in_checks(suite: Any) -> None:
     assert any("AOT decode warps B=1" in ln and "fastest 16 warps" in ln and "1.3x" in ln for ln in lines)
     assert any("AOT m-axis split B=1" in ln and " ok " in ln and "0.4x" in ln for ln in lines)
     assert any("AOT m-axis split B=9" in ln and "rule wrong" in ln and "144 programs" in ln for ln in lines)
-    res["aot_timing"]["prefill"]["d_split"] = [
-        {"H": 8, "m": 64, "d": 128, "C": 16, "phi": "ln_silu", "aligned_ms": 2.0, "d_split_spin_ms": 1.0,
-         "d_split_spin_over_whole": 0.5, "d_split_launch_error": "LaunchError: x"}]
+    res["d_split"] = {
+        "jit": {"checks": [{"ok": True, "max_rel_rms": 1e-7}, {"ok": False, "max_rel_rms": 0.3}]},
+        "aot": {"ok": False, "error": "LaunchError: y"},
+        "timing": [{"H": 8, "m": 64, "d": 128, "C": 16, "phi": "ln_silu", "aligned_ms": 2.0,
+                    "d_split_spin_ms": 1.0, "d_split_spin_over_whole": 0.5,
+                    "d_split_launch_error": "LaunchError: x"}]}
     lines = suite.format_table(res).splitlines()
-    assert any("AOT d-axis split d=128 ln_silu spin" in ln and "0.5x" in ln for ln in lines)
-    assert any("AOT d-axis split d=128 ln_silu launch" in ln and "ERROR" in ln for ln in lines)
-    res["aot_timing"]["prefill"]["d_split"] = [{"error": "RuntimeError: no"}]
-    assert any("AOT d-axis split" in ln and "ERROR" in ln and "no" in ln
+    assert any(ln.startswith("d_split jit ") and "FAIL" in ln and "1/2" in ln for ln in lines)
+    assert any(ln.startswith("d_split aot ") and "ERROR" in ln and "LaunchError: y" in ln for ln in lines)
+    assert any("d-axis split d=128 ln_silu spin" in ln and "0.5x" in ln for ln in lines)
+    assert any("d-axis split d=128 ln_silu launch" in ln and "ERROR" in ln for ln in lines)
+    res["d_split"] = {"timing": [{"error": "RuntimeError: no"}]}
+    assert any("d-axis split timing" in ln and "ERROR" in ln and "no" in ln
                for ln in suite.format_table(res).splitlines())
 
 
@@ -358,6 +366,29 @@ def test_m_split_rule_and_decode_warp_studies_on_fakes(suite: Any, monkeypatch: 
     assert suite.guarded(lambda: 1 / 0) == [{"error": "ZeroDivisionError: division by zero"}]
 
 
+def test_d_split_section_checks_and_control_flow(suite: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The d_split section: JIT and AOT checks of both sync modes at odd shapes (a part-filled last
+    column block) and the bench shape, a long JIT stream; one part that raises is an error entry,
+    not a lost section; --no-timing skips the study; its result never gates the exit code."""
+    jit, aot = suite.d_split_check_cases()
+    for cases in (jit, aot):
+        assert {c["d_sync"] for c in cases} == {"spin", "launch"}
+        assert any(c["d"] % 16 and c["d"] > 16 for c in cases)           # 40: a part-filled last block
+        assert any(c["T"] % c["C"] for c in cases)
+    assert all(c["d_block"] == 16 for c in jit) and any(c["T"] >= 1000 for c in jit)
+    assert all(c["variant"] == "d_split" and c["opt_in"] for c in aot)
+    monkeypatch.setattr(suite, "run_jit", lambda cases, seed: {"ok": True, "checks": cases})
+    monkeypatch.setattr(suite, "run_aot", lambda cases, seed, _: 1 / 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(suite, "cuda_launch", lambda: type("CL", (), {"CudaDriver": object}))
+    monkeypatch.setattr(suite, "run_d_split", lambda drv, cc, B, T, w, n, seed: [{"cc": cc, "T": T}])
+    args = suite.parse_args(["--out", "x.json", "--quick"])
+    out = suite.run_d_split_section(args)
+    assert out["jit"]["ok"] and out["aot"] == {"ok": False, "error": "ZeroDivisionError: division by zero"}
+    assert out["ok"] is False and out["timing"] == [{"cc": 90, "T": 2048}]
+    assert "timing" not in suite.run_d_split_section(suite.parse_args(["--out", "x.json", "--no-timing"]))
+
+
 def test_d_split_study_on_fakes(suite: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The AOT timing section's d-axis split study on CPU tensors with fake records, driver and clock:
     per shape and phi one row with the whole-d pass, the split with its spin barrier (one state-pass
@@ -392,10 +423,11 @@ def test_d_split_study_on_fakes(suite: Any, monkeypatch: pytest.MonkeyPatch) -> 
             out.append(r)
         return out
 
-    def clock(fn: Any, warmup: int, iters: int, graph: bool = False) -> dict[str, Any]:
+    def clock(fn: Any, warmup: int, iters: int, graph: bool = False, reps: int = 20) -> dict[str, Any]:
+        assert graph                   # in a CUDA graph: the launch mode's host work is not timed
         fn()
         return {"median_ms": 2.0 if fn.recs[0]["variant"] == "aligned" else
-                1.0 if fn.case.get("d_sync") == "spin" else 3.0}
+                1.0 if fn.case.get("d_sync") == "spin" else 3.0, "method": "cuda_graph"}
 
     monkeypatch.setattr(suite, "aot_records", records)
     monkeypatch.setattr(suite, "time_cuda", clock)
@@ -437,6 +469,37 @@ def test_device_run_script_end_to_end_without_a_gpu(tmp_path: Path) -> None:
     assert data["errors"]["cuda"] == "no CUDA device visible to torch"
     assert data["args"]["sections"] == ["aot_timing"] and data["args"]["quick"] is True
     assert "no CUDA device" in (tmp_path / "gpu_suite.log").read_text()
+
+
+def test_section_watchdog_ends_a_hung_section(tmp_path: Path) -> None:
+    """--section-timeout: a section that never returns (a kernel whose spin barrier never opens, on a
+    GPU) ends the process with exit code 3 after the limit, with the results so far and that
+    section's error written; a section that returns in time leaves no timer behind."""
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "r.json"
+    path = str(ROOT / "bench" / "gpu_suite.py")
+    code = (
+        "import importlib.util, sys, time\n"
+        f"spec = importlib.util.spec_from_file_location('gpu_suite', {path!r})\n"
+        "suite = importlib.util.module_from_spec(spec); spec.loader.exec_module(suite)\n"
+        "results = {'errors': {}, 'jit': {'ok': True, 'checks': []}}\n"
+        "wd = suite.SectionWatchdog(0.5, sys.argv[1], results)\n"
+        "wd.start('jit'); wd.stop()\n"
+        "wd.start('d_split')\n"
+        "time.sleep(60)\n"
+        "print('not reached')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert time.monotonic() - t0 < 50 and "not reached" not in proc.stdout
+    data = json.loads(out.read_text())
+    assert "--section-timeout 0.5 s" in data["errors"]["d_split"] and data["ok"] is False
+    assert data["jit"]["ok"] and "jit" not in data["errors"]
+    assert "d_split" in proc.stdout                                   # the summary table was printed
 
 
 def test_record_store_compiles_once_and_round_trips(suite: Any, tmp_path: Path) -> None:
@@ -493,7 +556,8 @@ def test_prepare_records_covers_every_record_the_sections_launch(suite: Any, mon
     n_plugin = sum(len(plugin_v3.record_arguments(suite.plugin_attrs(c), heads=c["H"], slots=c["m"],
                                                   head_dim=c["d"], dtype=c["dtype"]))
                    for c in suite.plugin_cases(quick=False))
-    n_aot = sum(len(suite.case_kernels(c)) for c in suite.aot_cases() + suite.timing_cases())
+    n_aot = sum(len(suite.case_kernels(c))
+                for c in suite.aot_cases() + suite.timing_cases() + suite.d_split_record_cases())
     assert len(asked) == n_plugin + n_aot
 
 

@@ -288,6 +288,11 @@ def test_d_axis_split_records(tmp_path: Path) -> None:
             "ws_z": B * H * 2 * 2 * 3 * 16 * 16 * 4, "ws_sync": (1 + B * H * 2) * 4}
     with pytest.raises(AOTError, match="d_block must be a power of two from 16 to 64"):
         compile_kernel("chunk_state_dsplit", 90, heads=3, slots=7, head_dim=40, chunk_size=3, d_block=24)
+    with pytest.raises(AOTError, match="m_block splits the chunk_state kernel only"):
+        compile_kernel("chunk_state_dsplit", 90, heads=3, slots=19, head_dim=40, chunk_size=3, phi="identity",
+                       d_block=16, m_block=16)
+    with pytest.raises(AOTError, match="prefill kernel"):
+        compile_kernel("chunk_state_dsplit", 90, heads=3, slots=7, head_dim=40, chunk_size=3, decode=True)
     with pytest.raises(AOTError, match="d_block is the chunk_state_dsplit kernel's"):
         compile_kernel("chunk_state", 90, heads=3, slots=7, head_dim=40, chunk_size=3, d_block=16)
     assert variant_name(aligned=True, decode=False, in_place=False, d_block=16) == "d_split"

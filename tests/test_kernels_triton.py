@@ -433,6 +433,88 @@ def test_d_axis_split_spin_launch_walks_every_chunk(monkeypatch: pytest.MonkeyPa
     assert sync[1:].tolist() == [n for n in n_chunks for _ in range(H * 2)]
 
 
+class ConcurrentPrograms:
+    """A stand-in for an interpreted kernel whose launch runs all its programs at once, one Python
+    thread each, started after random short delays: what the spin barrier needs and triton's
+    interpreter (one program after another) does not do. Only for kernels that take their program
+    identity from a ticket (``chunk_state_dsplit_kernel`` walking more than one step): every thread
+    sees ``program_id`` 0. The launch goes through the interpreter's own ``GridExecutor`` with a
+    one-program grid, whose one program starts the threads and joins them (a deadlock fails the
+    test after ``timeout`` seconds instead of hanging it)."""
+
+    def __init__(self, kernel: object, seed: int, timeout: float = 120.0) -> None:
+        self.kernel, self.rng, self.timeout = kernel, __import__("random").Random(seed), timeout
+        self.programs = 0
+
+    def __getitem__(self, grid: tuple[int, ...]) -> object:
+        import inspect
+        import threading
+        import time
+
+        import triton.runtime.interpreter as interp
+        n = 1
+        for g in grid:
+            n *= int(g)
+        fn = self.kernel.rewrite()                                      # type: ignore[attr-defined]
+        delays = [self.rng.random() * 0.003 for _ in range(n)]
+
+        def programs(**args: object) -> None:
+            errors: list[BaseException] = []
+
+            def one(delay: float) -> None:
+                try:
+                    time.sleep(delay)
+                    fn(**args)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the launching thread
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=one, args=(dl,), daemon=True) for dl in delays]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(self.timeout)
+            assert not any(t.is_alive() for t in threads), \
+                f"deadlock: programs still waiting after {self.timeout} s"
+            self.programs += n
+            if errors:
+                raise errors[0]
+
+        # the executor reads the launched function's signature and annotations (its constexprs): the
+        # kernel's; the triton.language it patches it finds in this module's globals (``_tl``)
+        programs.__signature__ = inspect.signature(fn)                  # type: ignore[attr-defined]
+        programs.__annotations__ = fn.__annotations__
+        return lambda *a, **kw: interp.GridExecutor(programs, self.kernel.arg_names, (1, 1, 1))(*a, **kw)
+
+
+@pytest.mark.parametrize("d,C,T,positions,phi,in_place", [(40, 3, 8, [0, 1, 2], "ln_silu", False),
+                                                          (33, 4, 11, [5, 2], "l2_silu", True)])
+def test_d_axis_split_spin_barrier_with_programs_running_at_once(
+        monkeypatch: pytest.MonkeyPatch, d: int, C: int, T: int, positions: list[int], phi: str,
+        in_place: bool) -> None:
+    """``d_sync='spin'`` with three programs per group, all the launch's programs running at once
+    (``ConcurrentPrograms``): they take tickets in whatever order they start, meet at each chunk's
+    barrier, and give the float64 reference, and bit for bit what one launch per chunk gives. This
+    runs the barrier's protocol (tickets, counters, the two-deep partial-Z buffer, rows with
+    different chunk counts); the GPU's memory model it does not (bench/gpu_suite.py, section
+    d_split)."""
+    from trellis_export.kernels.trellis_memory import chunk_split as cs
+    acts, state, pos = make_inputs(len(positions), T, positions, seed=d + T, d=d)
+    kw = dict(chunk_size=C, phi=phi, f="ln_silu", rho="l2_silu", eps=1e-5)
+    ref = reference(acts, state, pos, **kw)
+    st_launch = [s.clone() for s in state]
+    launch = chunk_split_trellis_fwd(*acts, *st_launch, pos, d_block=16, d_sync="launch", in_place=in_place,
+                                     **kw)
+    runner = ConcurrentPrograms(cs.chunk_state_dsplit_kernel, seed=d)
+    monkeypatch.setattr(cs, "chunk_state_dsplit_kernel", runner)
+    st_spin = [s.clone() for s in state]
+    spin = chunk_split_trellis_fwd(*acts, *st_spin, pos, d_block=16, d_sync="spin", in_place=in_place, **kw)
+    if in_place:
+        launch, spin = (launch[0], *st_launch), (spin[0], *st_spin)
+    assert runner.programs == len(positions) * H * 2 * 3                 # one launch, 3 column blocks
+    check(spin, ref)
+    assert all(torch.equal(x, y) for x, y in zip(spin, launch))
+
+
 def test_d_axis_split_refusals() -> None:
     """Bad blocks, both splits at once, an unknown sync and a spin launch the interpreter cannot run
     each get an error naming the argument."""

@@ -400,11 +400,12 @@ def test_gpu_suite_plugin_section_on_the_host_driver() -> None:
 
 
 def test_gpu_suite_d_axis_split_records_on_the_host_driver() -> None:
-    """The suite's AOT case of the d-axis split at odd shapes (d = 40: a part-filled last column
-    block): the ``chunk_state_dsplit`` record (compiled for sm_86) with its steps ``S0, S1`` and four
-    workspaces, then the read-out, launched by the suite's ``AotLaunch`` on the host stand-in of the
-    driver, one launch per step (the interpreter cannot run the spin barrier) == the float64
-    reference; NC + 1 state-pass launches, then one read-out, all on the same workspaces."""
+    """The suite's AOT case of the d-axis split (section d_split) at odd shapes (d = 40: a
+    part-filled last column block): the ``chunk_state_dsplit`` record (compiled for sm_86) with its
+    steps ``S0, S1`` and four workspaces, then the read-out, launched by the suite's ``AotLaunch`` on
+    the host stand-in of the driver, one launch per step (the interpreter runs programs one at a
+    time) == the float64 reference; NC + 1 state-pass launches, then one read-out, all on the same
+    workspaces."""
     import importlib.util
     from pathlib import Path
 
@@ -413,8 +414,7 @@ def test_gpu_suite_d_axis_split_records_on_the_host_driver() -> None:
     assert spec is not None and spec.loader is not None
     suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(suite)
-    (case,) = [c for c in suite.aot_cases() if c["variant"] == "d_split" and c.get("d_sync") == "launch"
-               and c["d"] == 40]
+    (case,) = [c for c in suite.d_split_check_cases()[1] if c["d_sync"] == "launch" and c["d"] == 40]
     recs = suite.aot_records(case, CC, None)
     assert [(r["kernel"], r["variant"]) for r in recs] == [("chunk_state_dsplit", "d_split"),
                                                           ("chunk_readout", "aligned")]

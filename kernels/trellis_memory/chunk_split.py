@@ -31,7 +31,8 @@ gradients U of every chunk are stored, the read-out of all chunks is independent
    makes the group of a program DS consecutive starters, so a resident group always makes progress
    and no launch deadlocks while one group of DS programs fits on the GPU); ``"launch"``, one launch
    per step (the launch boundary is the barrier; NC + 1 launches). Triton's interpreter runs programs
-   one at a time, so only ``"launch"`` (and ``"spin"`` with DS = 1) run there.
+   one at a time, so only ``"launch"`` (and ``"spin"`` with DS = 1) run there as it is; the tests run
+   ``"spin"`` with DS > 1 through a stand-in that runs a launch's programs as concurrent threads.
 2. ``chunk_readout_kernel``, grid ``(NC, B * H)`` with ``NC = (T + 2C - 2) // C`` (the most chunks a
    row can span): one program per (chunk, row, head) computes the chunk's outputs from the stored
    chunk-start memories K0, V0 and gradients UK, UV:

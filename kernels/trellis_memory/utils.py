@@ -92,6 +92,8 @@ def launch_config(kernel: str, m: int, d: int, chunk_size: int, dot_precision: s
     power of two from 16 to d's padded size (``cdiv(d, d_block)`` programs per (row, head, pass),
     any phi; the padded size itself is one program that walks the chunks alone)."""
     if kernel == D_SPLIT_KERNEL:
+        if m_block:
+            raise ValueError(f"m_block splits the chunk_state kernel only, not {kernel} (choose one split)")
         top = max(16, triton.next_power_of_2(d))
         if not d_block or d_block < 16 or d_block & (d_block - 1) or d_block > top:
             raise ValueError(f"d_block must be a power of two from 16 to {top} (d = {d}), got {d_block}")
