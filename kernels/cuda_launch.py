@@ -75,7 +75,8 @@ from __future__ import annotations
 
 import base64
 import ctypes
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,21 +210,46 @@ def workspace_bytes(record: Mapping[str, Any], B: int, T: int) -> dict[str, int]
 
 
 def _eval_dim(expr: str, env: Mapping[str, int]) -> int:
-    """Evaluate a grid expression made of names, integers, ``*``, ``+``, ``//`` and parentheses."""
-    import ast
+    """Evaluate a grid expression made of names, integers, ``*``, ``+``, ``-``, ``//`` and
+    parentheses (``x // 0`` is 0). Parsed once per expression (:func:`_compile_dim`): the plugin's
+    enqueue evaluates a record's grid and workspace sizes on every call."""
+    return _compile_dim(expr)(env)
 
-    def ev(n: ast.AST) -> int:
+
+@functools.lru_cache(maxsize=512)
+def _compile_dim(expr: str) -> Callable[[Mapping[str, int]], int]:
+    """The expression as a function of the names' values (an unknown name: :class:`LaunchError` when
+    evaluated; an unsupported construct: when compiled)."""
+    import ast
+    import operator
+
+    ops: dict[type, Callable[[int, int], int]] = {
+        ast.Mult: operator.mul, ast.Add: operator.add, ast.Sub: operator.sub,
+        ast.FloorDiv: lambda a, b: a // b if b else 0}
+
+    def build(n: ast.AST) -> Callable[[Mapping[str, int]], int]:
         if isinstance(n, ast.Expression):
-            return ev(n.body)
-        if isinstance(n, ast.Constant) and isinstance(n.value, int):
-            return n.value
-        if isinstance(n, ast.Name) and n.id in env:
-            return int(env[n.id])
-        if isinstance(n, ast.BinOp) and isinstance(n.op, (ast.Mult, ast.Add, ast.FloorDiv, ast.Sub)):
-            a, b = ev(n.left), ev(n.right)
-            return {ast.Mult: a * b, ast.Add: a + b, ast.Sub: a - b}.get(type(n.op), a // b if b else 0)
+            return build(n.body)
+        if isinstance(n, ast.Constant) and isinstance(n.value, int) and not isinstance(n.value, bool):
+            value = n.value
+            return lambda env: value
+        if isinstance(n, ast.Name):
+            name = n.id
+
+            def lookup(env: Mapping[str, int]) -> int:
+                if name not in env:
+                    raise LaunchError(f"unsupported grid expression {expr!r} (no value for {name})")
+                return int(env[name])
+            return lookup
+        if isinstance(n, ast.BinOp) and type(n.op) in ops:
+            op, left, right = ops[type(n.op)], build(n.left), build(n.right)
+            return lambda env: op(left(env), right(env))
         raise LaunchError(f"unsupported grid expression {expr!r}")
-    return ev(ast.parse(expr, mode="eval"))
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError:
+        raise LaunchError(f"unsupported grid expression {expr!r}") from None
+    return build(tree)
 
 
 def split_fills(B: int, H: int, sms: int | None) -> bool:

@@ -10,6 +10,7 @@ import base64
 import ctypes
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -144,6 +145,13 @@ def test_grid_and_module_image() -> None:
         cl.grid_for(readout, 2)                                # T unknown
     with pytest.raises(cl.LaunchError, match="unsupported grid expression"):
         cl.grid_for(record(grid_dims=["__import__('os')", "1", "1"]), 1)
+    with pytest.raises(cl.LaunchError, match="unsupported grid expression"):
+        cl.grid_for(record(grid_dims=["B *", "1", "1"]), 1)
+    assert cl.grid_for(record(grid_dims=["B // (H - 3)", "7 - B", "1"]), 2) == (0, 5, 1)   # x // 0 is 0
+    # each expression is parsed once (the plugin's enqueue evaluates them on every call)
+    hits = cl._compile_dim.cache_info().hits
+    assert cl.grid_for(readout, 2, 10) == (4, 6, 1) and cl.grid_for(readout, 3, 7) == (3, 9, 1)
+    assert cl._compile_dim.cache_info().hits >= hits + 6
     kind, img = cl.module_image(record())
     assert kind == "ptx" and img.endswith(b"\0") and img.startswith(b".version 8.5")
     rec = record(cubin_b64=base64.b64encode(b"\x7fELF...").decode())
@@ -204,3 +212,30 @@ def test_driver_call_sequence_with_a_fake_libcuda() -> None:
     assert small.image == "ptx"
     with pytest.raises(cl.CudaError, match="CUresult 222"):
         cl.CudaDriver(lib=FakeLib(reject_ptx=True)).load_record(record())
+
+
+def test_enqueue_host_bench_runs(tmp_path: Path) -> None:
+    """bench/bench_enqueue.py (the plugin's enqueue host time, no device) end to end on tiny settings:
+    the JSON has the machine and, per case, the records the plugin launched; a directory as --out is
+    refused with one error line before any work."""
+    import json
+    import os
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_enqueue.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}     # compiles records
+    out = tmp_path / "enqueue.json"
+    small = ["--heads", "2", "--slots", "7", "--head-dim", "5", "--chunk-size", "3", "--calls", "3",
+             "--reps", "1"]
+    res = subprocess.run([sys.executable, str(script), *small, "--out", str(out)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert rep["machine"]["logical_cores"] >= 1
+    launched = {r["case"]: r["launched"] for r in rep["rows"]}
+    assert launched["decode, aliased state"] == ["fused_recurrent:decode_in_place"]
+    assert launched["decode"] == ["fused_recurrent:decode"]
+    assert launched["prefill T=512"] == ["chunk_state:aligned", "chunk_readout:aligned"]
+    assert all(r["us_per_enqueue"] > 0 and r["us_per_enqueue_parsing_each_call"] > 0 for r in rep["rows"])
+    res = subprocess.run([sys.executable, str(script), *small, "--out", str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and res.stderr.startswith("error:") and "--out" in res.stderr
