@@ -134,6 +134,25 @@ def max_chunks(T: int, C: int) -> int:
 
 
 @triton.jit
+def _chunk_tokens(ci, phase, T, i_b, i_h, offs_c, H: tl.constexpr, C: tl.constexpr):
+    """The token slots of chunk ``ci`` of row ``i_b`` (head ``i_h``) at chunk phase ``phase``: which
+    are tokens of this call (``valid``), and their flat [B, T, H] index."""
+    tt = ci * C + offs_c - phase
+    valid = (offs_c < C) & (tt >= 0) & (tt < T)
+    return valid, (i_b.to(tl.int64) * T + tt) * H + i_h
+
+
+@triton.jit
+def _chunk_gates(beta, gamma, tok, valid):
+    """A chunk's gates: gamma, the running sum of log beta over the chunk and its total (padding
+    slots: beta 1, gamma 0, no-op tokens)."""
+    bc = tl.load(beta + tok, mask=valid, other=1.0).to(tl.float32)
+    gc = tl.load(gamma + tok, mask=valid, other=0.0).to(tl.float32)
+    lb = tl.log(tl.maximum(bc, 1.1754943508222875e-38))
+    return gc, tl.cumsum(lb, axis=0), tl.sum(lb, axis=0)
+
+
+@triton.jit
 def _state_pass(w, a, beta, gamma, mem_in, snap_in, position, T, out_mem, out_snap, ws_memory, ws_u,
                 pid_bh, p, m0,
                 H: tl.constexpr, M: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
@@ -158,18 +177,12 @@ def _state_pass(w, a, beta, gamma, mem_in, snap_in, position, T, out_mem, out_sn
     ws_base = (pid_bh.to(tl.int64) * 2 + p) * NC
     for ci in range(0, n_chunks):
         S = tl.where(ci > 0, Mm, S)
-        tt = ci * C + offs_c - phase
-        valid = (offs_c < C) & (tt >= 0) & (tt < T)
-        tok = (i_b.to(tl.int64) * T + tt) * H + i_h
+        valid, tok = _chunk_tokens(ci, phase, T, i_b, i_h, offs_c, H, C)
         Wc = tl.load(w + tok[:, None] * D + offs_d[None, :], mask=valid[:, None] & mask_d[None, :],
                      other=0.0).to(tl.float32)
         Ac = tl.load(a + tok[:, None] * M + offs_m[None, :], mask=valid[:, None] & mask_m[None, :],
                      other=0.0).to(tl.float32)
-        bc = tl.load(beta + tok, mask=valid, other=1.0).to(tl.float32)
-        gc = tl.load(gamma + tok, mask=valid, other=0.0).to(tl.float32)
-        lb = tl.log(tl.maximum(bc, 1.1754943508222875e-38))
-        cb = tl.cumsum(lb, axis=0)
-        total = tl.sum(lb, axis=0)
+        gc, cb, total = _chunk_gates(beta, gamma, tok, valid)
         U = inner_grad(tl.dot(Wc, tl.trans(S), input_precision=DOT_PRECISION), Ac, mask_m[None, :],
                        M, EPS, PHI, 1)
         U = tl.where(valid[:, None], U, 0.0)
@@ -271,18 +284,12 @@ def _dsplit_pass(w_ptr, a, beta, gamma, mem_in, snap_in, position, T, S0, S1, ou
             zb = z_base + (ci % 2) * (DS * BC * BM)
             for j in range(0, DS):
                 Z += tl.load(ws_z + zb + j * (BC * BM) + ztile, cache_modifier=".cg")
-            tt = ci * C + offs_c - phase
-            valid = (offs_c < C) & (tt >= 0) & (tt < T)
-            tok = (i_b.to(tl.int64) * T + tt) * H + i_h
+            valid, tok = _chunk_tokens(ci, phase, T, i_b, i_h, offs_c, H, C)
             Wc = tl.load(w_ptr + tok[:, None] * D + offs_d[None, :], mask=valid[:, None] & mask_d[None, :],
                          other=0.0).to(tl.float32)
             Ac = tl.load(a + tok[:, None] * M + offs_m[None, :], mask=valid[:, None] & mask_m[None, :],
                          other=0.0).to(tl.float32)
-            bc = tl.load(beta + tok, mask=valid, other=1.0).to(tl.float32)
-            gc = tl.load(gamma + tok, mask=valid, other=0.0).to(tl.float32)
-            lb = tl.log(tl.maximum(bc, 1.1754943508222875e-38))
-            cb = tl.cumsum(lb, axis=0)
-            total = tl.sum(lb, axis=0)
+            gc, cb, total = _chunk_gates(beta, gamma, tok, valid)
             U = inner_grad(Z, Ac, mask_m[None, :], M, EPS, PHI, 1)
             U = tl.where(valid[:, None], U, 0.0)
             if db == 0:
@@ -296,9 +303,7 @@ def _dsplit_pass(w_ptr, a, beta, gamma, mem_in, snap_in, position, T, S0, S1, ou
             if s == 0:
                 S = tl.where(mid, tl.load(snap_in + st, mask=mask_md & mid, other=0.0).to(tl.float32), Mm)
             tl.store(ws_memory + (ws_base + s) * (M * D) + tile, Mm, mask=mask_md)
-            tt = s * C + offs_c - phase
-            valid = (offs_c < C) & (tt >= 0) & (tt < T)
-            tok = (i_b.to(tl.int64) * T + tt) * H + i_h
+            valid, tok = _chunk_tokens(s, phase, T, i_b, i_h, offs_c, H, C)
             Ws = tl.load(w_ptr + tok[:, None] * D + offs_d[None, :], mask=valid[:, None] & mask_d[None, :],
                          other=0.0).to(tl.float32)
             P = tl.dot(Ws, tl.trans(S), input_precision=DOT_PRECISION)
@@ -389,15 +394,11 @@ def chunk_readout_kernel(
         utile = offs_c[:, None] * M + offs_m[None, :]
         K0 = tl.load(ws_memory + slot_k * (M * D) + tile, mask=mask_md, other=0.0)
         UK = tl.load(ws_u + slot_k * (C * M) + utile, mask=mask_cm, other=0.0)
-        tt = ci * C + offs_c - phase
-        valid = (offs_c < C) & (tt >= 0) & (tt < T)
-        tok = (i_b.to(tl.int64) * T + tt) * H + i_h
+        valid, tok = _chunk_tokens(ci, phase, T, i_b, i_h, offs_c, H, C)
         vd = valid[:, None] & mask_d[None, :]
         Qc = tl.load(q + tok[:, None] * D + offs_d[None, :], mask=vd, other=0.0).to(tl.float32)
         Kc = tl.load(k + tok[:, None] * D + offs_d[None, :], mask=vd, other=0.0).to(tl.float32)
-        bc = tl.load(beta + tok, mask=valid, other=1.0).to(tl.float32)
-        gc = tl.load(gamma + tok, mask=valid, other=0.0).to(tl.float32)
-        cb = tl.cumsum(tl.log(tl.maximum(bc, 1.1754943508222875e-38)), axis=0)
+        gc, cb, _ = _chunk_gates(beta, gamma, tok, valid)
         Dm = tl.where(causal, tl.exp(cb[:, None] - cb[None, :]), 0.0) * gc[None, :]
         bt = tl.exp(cb)[:, None]
         QK = tl.dot(Qc, tl.trans(Kc), input_precision=DOT_PRECISION)
