@@ -471,6 +471,17 @@ def test_device_run_script_end_to_end_without_a_gpu(tmp_path: Path) -> None:
     assert "no CUDA device" in (tmp_path / "gpu_suite.log").read_text()
 
 
+def test_readme_device_call_parses(suite: Any) -> None:
+    """The README's device command line: the suite accepts its arguments, it runs every section that
+    can run there (all but trt, which cannot travel), the never-run d_split last, under a watchdog."""
+    lines = [ln for ln in (ROOT / "README.md").read_text().splitlines()
+             if ln.startswith("bash bench/device/run.sh ")]
+    assert len(lines) == 1, lines
+    args = suite.parse_args(["--out", "x.json", *lines[0].split()[2:]])
+    assert set(args.sections) == set(suite.SECTIONS) - {"trt"} and args.sections[-1] == "d_split"
+    assert args.section_timeout > 0 and args.quick
+
+
 def test_section_watchdog_ends_a_hung_section(tmp_path: Path) -> None:
     """--section-timeout: a section that never returns (a kernel whose spin barrier never opens, on a
     GPU) ends the process with exit code 3 after the limit, with the results so far and that
