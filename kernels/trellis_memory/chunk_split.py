@@ -446,7 +446,7 @@ def chunk_split_trellis_fwd(
     None: :func:`split_m_block`, the rule the TensorRT plugin's record choice follows). ``d_block``:
     the column block of the state pass's d-axis split (0: none; any phi; not with ``m_block``), its
     programs meeting per chunk as ``d_sync`` says (:data:`D_SYNC_MODES`). Opt-in: whether it pays
-    needs GPU timing (``bench/gpu_suite.py``, study ``d_split``)."""
+    needs GPU timing (``bench/gpu_suite.py``, section ``d_split``)."""
     from .common import outputs, prepare
     if dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision must be one of {', '.join(DOT_PRECISIONS)}, got {dot_precision!r}")
