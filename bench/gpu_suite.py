@@ -147,10 +147,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="no GPU needed: compile every record those sections launch for --cc into FILE "
                         "(gzip JSON) and exit")
     p.add_argument("--cc", type=int, default=90, help="compute capability for --prepare-records")
-    p.add_argument("--section-timeout", type=float, default=0.0, metavar="S",
-                   help="end the run when one section takes longer than S seconds (a kernel that never "
-                        "finishes would otherwise hold the device to its limit): the results so far are "
-                        "written with that section's error, exit code 3 (default 0: no limit)")
+    p.add_argument("--section-timeout", default="", metavar="S|NAME=S,...",
+                   help="end the run when a section takes longer than S seconds (every section), or than "
+                        "its own limit (e.g. d_split=150; sections not named: no limit): a kernel that "
+                        "never finishes would otherwise hold the device to its limit. The results so "
+                        "far, the section's own so far included, are written with its error; exit code 3")
     p.add_argument("--compile-child", nargs=2, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.out is None and a.prepare_records is None and a.compile_child is None:
@@ -166,8 +167,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.warmup = 3 if a.quick else 10
     if a.iters < 1 or a.warmup < 0:
         p.error("--iters must be >= 1 and --warmup >= 0")
-    if a.section_timeout < 0:
-        p.error("--section-timeout must be >= 0 seconds")
+    try:
+        a.section_timeout = section_limits(a.section_timeout)
+    except ValueError as exc:
+        p.error(f"--section-timeout: {exc}")
     return a
 
 
@@ -245,13 +248,13 @@ def d_split_check_cases(quick: bool = False) -> tuple[list[dict[str, Any]], list
     shape and (JIT) a long stream."""
     jit: list[dict[str, Any]] = []
     aot: list[dict[str, Any]] = []
-    for d_sync in ("spin", "launch"):
+    for d_sync in ("launch", "spin"):                 # the never-run spin barrier after what is tested
         for B, T, H, m, d, C, phi, rho in ((3, 13, 3, 7, 40, 3, "l2_silu", "ln_silu"),
                                             (2, 37, 8, 64, 64, 16, "ln_silu", "identity")):
             base = dict(kernel="chunk_split", B=B, T=T, H=H, m=m, d=d, C=C, phi=phi, f="ln_silu", rho=rho,
                         dtype="float32", tol=TOL_SHORT, d_sync=d_sync)
             jit.append(dict(base, d_block=16))
-            aot.append(dict(base, variant="d_split", opt_in=True))
+            aot.append(dict(base, variant="d_split"))
     T = 1000 if quick else 4000
     jit.append(dict(kernel="chunk_split", B=2, T=T, H=4, m=32, d=32, C=16, phi="ln_silu", f="ln_silu",
                     rho="identity", dtype="float32", tol=TOL_LONG, d_block=16, d_sync="spin"))
@@ -317,45 +320,94 @@ def write_json(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, json.dumps(payload, indent=1, default=str).encode())
 
 
+def section_limits(text: str) -> dict[str, float]:
+    """``--section-timeout``'s value as {section: seconds} (``"*"``: every section): ``"300"``, or
+    ``"d_split=150,jit=400"``; empty: no limit."""
+    if not text.strip():
+        return {}
+    if "=" not in text:
+        parts = [("*", text)]
+    else:
+        parts = [tuple(x.split("=", 1)) for x in text.split(",")]  # type: ignore[misc]
+    out: dict[str, float] = {}
+    for name, value in parts:
+        name = name.strip()
+        if name != "*" and name not in SECTIONS:
+            raise ValueError(f"no section {name!r} (sections: {', '.join(SECTIONS)})")
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number of seconds") from None
+        if not seconds > 0:
+            raise ValueError(f"a limit must be > 0 seconds, got {value!r}")
+        out[name] = seconds
+    return out
+
+
+#: What a section has finished so far, for the sections that publish it (``run_d_split_section``):
+#: written with the section's error when ``--section-timeout`` ends the run inside it.
+PROGRESS: dict[str, dict[str, Any]] = {}
+
+
 class SectionWatchdog:
-    """Ends the process when a section outlives ``limit`` seconds (0: never): a GPU kernel that never
-    returns (a spin barrier whose peers never arrive) cannot be interrupted from Python, and would
-    hold the device to the end of its lease. On expiry the results so far, with the section's error,
-    are written to ``out`` (under ``lock``, which the main loop's writes hold too), the summary
-    printed, and the process exits with code 3 (``os._exit``: the hung thread is not waited for)."""
+    """Ends the process when a section outlives its limit (``limits``: :func:`section_limits`): a GPU
+    kernel that never returns (a spin barrier whose peers never arrive) cannot be interrupted from
+    Python, and would hold the device to the end of its lease. On expiry the results so far, with
+    what the section published in :data:`PROGRESS` and its error, are written to ``out`` (under
+    ``lock``, which the main loop's writes hold too), the summary printed, and the process exits
+    with code 3 (``os._exit``: the hung thread is not waited for; also when writing fails). A timer
+    that fires after ``stop`` (the section finished at its limit) does nothing."""
 
     EXIT_CODE = 3
 
-    def __init__(self, limit: float, out: str | os.PathLike[str], results: dict[str, Any]) -> None:
+    def __init__(self, limits: dict[str, float], out: str | os.PathLike[str],
+                 results: dict[str, Any]) -> None:
         import threading
-        self.limit, self.out, self.results = float(limit), out, results
+        self.limits, self.out, self.results = dict(limits), out, results
         self.lock = threading.Lock()
         self._timer: Any = None
+        self._current: str | None = None
+
+    def limit(self, name: str) -> float:
+        return self.limits.get(name, self.limits.get("*", 0.0))
 
     def start(self, name: str) -> None:
         import threading
         self.stop()
-        if self.limit > 0:
-            self._timer = threading.Timer(self.limit, self.expire, args=(name,))
+        with self.lock:
+            self._current = name
+        if self.limit(name) > 0:
+            self._timer = threading.Timer(self.limit(name), self.expire, args=(name,))
             self._timer.daemon = True
             self._timer.start()
 
     def stop(self) -> None:
+        with self.lock:
+            self._current = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def expire(self, name: str) -> None:
         with self.lock:
-            self.results["errors"][name] = (f"section {name} still running after --section-timeout "
-                                            f"{self.limit:g} s (a kernel that never finished?); the run "
-                                            "stopped there")
-            self.results["ok"] = False
-            write_json(self.out, self.results)
-            print(self.results["errors"][name], file=sys.stderr)
-            print(format_table(self.results), flush=True)
-        sys.stderr.flush()
-        os._exit(self.EXIT_CODE)
+            if self._current != name:                        # finished as the timer fired
+                return
+            try:
+                if name not in self.results and name in PROGRESS:
+                    self.results[name] = {**PROGRESS[name], "incomplete": True}
+                self.results["errors"][name] = (
+                    f"section {name} still running after --section-timeout {self.limit(name):g} s (a "
+                    "kernel that never finished?); the run stopped there")
+                self.results["ok"] = False
+                write_json(self.out, self.results)
+                print(self.results["errors"][name], file=sys.stderr)
+                print(format_table(self.results), flush=True)
+            except BaseException as exc:  # noqa: BLE001 - the exit below must happen regardless
+                print(f"--section-timeout: could not write the results: {type(exc).__name__}: {exc}",
+                      file=sys.stderr)
+            finally:
+                sys.stderr.flush()
+                os._exit(self.EXIT_CODE)
 
 
 def _fmt(x: Any) -> str:
@@ -463,13 +515,15 @@ def format_table(results: dict[str, Any]) -> str:
         if "error" in r:                                     # the study itself failed (guarded)
             rows.append(("d-axis split timing", "ERROR", r["error"][:100]))
             continue
-        for name in ("d_split_spin", "d_split_launch"):
-            label = f"d-axis split d={r['d']} {r['phi']} {name[8:]}"
-            if f"{name}_over_whole" in r:
-                rows.append((label, "info", f"{_fmt(r[f'{name}_over_whole'])}x the whole-d state pass's "
-                             f"time ({_fmt(r[f'{name}_ms'])} vs {_fmt(r['aligned_ms'])} ms)"))
-            elif f"{name}_error" in r:
+        for name in ("aligned", "d_split_spin", "d_split_launch"):
+            label = f"d-axis split d={r['d']} {r['phi']} {name.removeprefix('d_split_')}"
+            if f"{name}_error" in r:
                 rows.append((label, "ERROR", r[f"{name}_error"][:100]))
+            elif f"{name}_state_over_whole" in r:
+                prefill = f"; prefill {_fmt(r[f'{name}_over_whole'])}x" if f"{name}_over_whole" in r else ""
+                rows.append((label, "info", f"state pass {_fmt(r[f'{name}_state_over_whole'])}x the whole-d "
+                             f"pass's time ({_fmt(r[f'{name}_state_ms'])} vs {_fmt(r['aligned_state_ms'])} "
+                             f"ms){prefill}"))
     for name, err in results.get("errors", {}).items():
         rows.append((name, "ERROR", err.splitlines()[-1][:100] if err else ""))
     w0 = max([len(r[0]) for r in rows] + [7])
@@ -907,9 +961,10 @@ def d_split_record_cases() -> list[dict[str, Any]]:
 
 def run_d_split(drv: Any, cc: int, B: int, T: int, w: int, n: int, seed: int, device: str = "cuda"
                 ) -> list[dict[str, Any]]:
-    """The split prefill with the whole-d state pass and with the d-axis split (spin barrier; a
-    launch per chunk) per shape and phi: each time, and the split's time over the whole pass's
-    (below 1: the split pays there)."""
+    """The split prefill with the whole-d state pass (``aligned``) and with the d-axis split (spin
+    barrier; a launch per chunk) per shape and phi: the state pass alone (``<name>_state_ms``) and
+    the prefill (state pass + read-out, ``<name>_ms``), each in CUDA graphs, and the split's times
+    over the whole-d ones (``<name>_state_over_whole``, ``<name>_over_whole``; below 1: it pays)."""
     import torch
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
     for case in d_split_cases(B, T):
@@ -918,42 +973,48 @@ def run_d_split(drv: Any, cc: int, B: int, T: int, w: int, n: int, seed: int, de
         name = case["variant"] + (f"_{case['d_sync']}" if "d_sync" in case else "")
         acts, state, pos = make_inputs(case, device, seed)
         try:
-            launch = AotLaunch(drv, aot_records(case, cc, None), case, acts, state, torch.zeros_like(pos),
-                               poisoned_outputs(case, acts))
-            # in a CUDA graph: the launch mode's NC + 1 launches cost ~0.1 ms of host work each
-            t = time_cuda(launch, max(1, w // 2), n, graph=True, reps=D_SPLIT_GRAPH_REPS)
-            row[f"{name}_ms"] = t["median_ms"]
-            row.setdefault("methods", {})[name] = t["method"]
+            recs = aot_records(case, cc, None)
+            for suffix, stages in (("_state", recs[:1]), ("", recs)):
+                launch = AotLaunch(drv, stages, case, acts, state, torch.zeros_like(pos),
+                                   poisoned_outputs(case, acts))
+                # in a CUDA graph: the launch mode's NC + 1 launches cost ~0.1 ms of host work each
+                t = time_cuda(launch, max(1, w // 2), n, graph=True, reps=D_SPLIT_GRAPH_REPS)
+                row[f"{name}{suffix}_ms"] = t["median_ms"]
+                row.setdefault("methods", {})[f"{name}{suffix}"] = t["method"]
             row.setdefault("grids", {})[name] = launch.grids[0]
         except Exception as exc:  # noqa: BLE001 - report, keep the other timings
             row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
     for row in rows.values():
         for name in ("d_split_spin", "d_split_launch"):
-            if f"{name}_ms" in row and "aligned_ms" in row:
-                row[f"{name}_over_whole"] = row[f"{name}_ms"] / row["aligned_ms"]
+            for suffix in ("_state", ""):
+                if f"{name}{suffix}_ms" in row and f"aligned{suffix}_ms" in row:
+                    row[f"{name}{suffix}_over_whole"] = row[f"{name}{suffix}_ms"] / row[f"aligned{suffix}_ms"]
     return list(rows.values())
 
 
 def run_d_split_section(args: argparse.Namespace) -> dict[str, Any]:
     """The d_split section, last by default (its spin barrier has never run on a GPU: a hang here
     costs no other section's results, and ``--section-timeout`` bounds it): the JIT and AOT checks
-    of :func:`d_split_check_cases`, then (unless --no-timing) :func:`run_d_split` at the AOT timing
-    section's prefill size. Opt-in: not in the exit code."""
+    of :func:`d_split_check_cases` (each case its own row; launch mode first), then (unless
+    --no-timing) :func:`run_d_split` at the AOT timing section's prefill size. What is finished is
+    published in ``PROGRESS["d_split"]`` as it goes. Not in the exit code (opt-in kernel)."""
     import torch
     jit_cases, aot_c = d_split_check_cases(args.quick)
-    out: dict[str, Any] = {}
-    for name, fn in (("jit", lambda: run_jit(jit_cases, args.seed)),
-                     ("aot", lambda: run_aot(aot_c, args.seed, None))):
-        try:
-            out[name] = fn()
-        except Exception as exc:  # noqa: BLE001 - recorded; the other part still runs
-            out[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    out["ok"] = all(out[k].get("ok") for k in ("jit", "aot"))
+    out: dict[str, Any] = PROGRESS.setdefault("d_split", {})
+    out.clear()
+    cc = int("".join(map(str, torch.cuda.get_device_capability())))
+    drv = cuda_launch().CudaDriver()
+    parts = (("jit", jit_cases, lambda c, i: run_jit([c], args.seed + i)["checks"][0]),
+             ("aot", aot_c, lambda c, i: aot_check(drv, cc, None, dict(c), args.seed + 1000 + i)))
+    for name, cases, check in parts:
+        part: dict[str, Any] = out.setdefault(name, {"checks": []})
+        for i, case in enumerate(cases):
+            part["checks"].append(case_check(functools.partial(check, case, i), case))
+        part["ok"] = all(c["ok"] for c in part["checks"])
+    out["ok"] = all(out[k]["ok"] for k in ("jit", "aot"))
     if not args.no_timing:
-        cc = int("".join(map(str, torch.cuda.get_device_capability())))
         Bp, Tp = (1, 2048) if args.quick else (1, 8192)
-        out["timing"] = guarded(run_d_split, cuda_launch().CudaDriver(), cc, Bp, Tp, args.warmup, args.iters,
-                                args.seed)
+        out["timing"] = guarded(run_d_split, drv, cc, Bp, Tp, args.warmup, args.iters, args.seed)
     return out
 
 
@@ -1485,14 +1546,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             section = fn()
         except Exception:  # noqa: BLE001 - record the crash, go on with the other sections
+            watchdog.stop()
             with watchdog.lock:
                 results["errors"][name] = traceback.format_exc()
             print(results["errors"][name], file=sys.stderr)
         else:
+            watchdog.stop()
             with watchdog.lock:
                 results[name] = section
                 section["seconds"] = round(time.time() - t0, 2)
-        watchdog.stop()
         with watchdog.lock:
             results["record_store"] = STORE.summary()
             write_json(args.out, results)                    # partial results survive a later crash

@@ -252,13 +252,17 @@ def test_table_reports_aot_timing_and_opt_in_checks(suite: Any) -> None:
         "jit": {"checks": [{"ok": True, "max_rel_rms": 1e-7}, {"ok": False, "max_rel_rms": 0.3}]},
         "aot": {"ok": False, "error": "LaunchError: y"},
         "timing": [{"H": 8, "m": 64, "d": 128, "C": 16, "phi": "ln_silu", "aligned_ms": 2.0,
-                    "d_split_spin_ms": 1.0, "d_split_spin_over_whole": 0.5,
-                    "d_split_launch_error": "LaunchError: x"}]}
+                    "aligned_state_ms": 1.6, "d_split_spin_ms": 1.0, "d_split_spin_state_ms": 0.4,
+                    "d_split_spin_over_whole": 0.5, "d_split_spin_state_over_whole": 0.25,
+                    "d_split_launch_error": "LaunchError: x"},
+                   {"H": 8, "m": 64, "d": 64, "C": 16, "phi": "identity", "aligned_error": "LaunchError: z"}]}
     lines = suite.format_table(res).splitlines()
     assert any(ln.startswith("d_split jit ") and "FAIL" in ln and "1/2" in ln for ln in lines)
     assert any(ln.startswith("d_split aot ") and "ERROR" in ln and "LaunchError: y" in ln for ln in lines)
-    assert any("d-axis split d=128 ln_silu spin" in ln and "0.5x" in ln for ln in lines)
+    assert any("d-axis split d=128 ln_silu spin" in ln and "state pass 0.25x" in ln and "prefill 0.5x" in ln
+               for ln in lines)
     assert any("d-axis split d=128 ln_silu launch" in ln and "ERROR" in ln for ln in lines)
+    assert any("d-axis split d=64 identity aligned" in ln and "LaunchError: z" in ln for ln in lines)
     res["d_split"] = {"timing": [{"error": "RuntimeError: no"}]}
     assert any("d-axis split timing" in ln and "ERROR" in ln and "no" in ln
                for ln in suite.format_table(res).splitlines())
@@ -368,23 +372,36 @@ def test_m_split_rule_and_decode_warp_studies_on_fakes(suite: Any, monkeypatch: 
 
 def test_d_split_section_checks_and_control_flow(suite: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The d_split section: JIT and AOT checks of both sync modes at odd shapes (a part-filled last
-    column block) and the bench shape, a long JIT stream; one part that raises is an error entry,
-    not a lost section; --no-timing skips the study; its result never gates the exit code."""
+    column block) and the bench shape, a long JIT stream, launch mode first (the never-run spin
+    barrier after what is tested); each case its own row (one that raises is a failed row, not a
+    lost part); what is done is published in PROGRESS as it goes; --no-timing skips the study."""
     jit, aot = suite.d_split_check_cases()
     for cases in (jit, aot):
-        assert {c["d_sync"] for c in cases} == {"spin", "launch"}
+        assert {c["d_sync"] for c in cases} == {"spin", "launch"} and cases[0]["d_sync"] == "launch"
         assert any(c["d"] % 16 and c["d"] > 16 for c in cases)           # 40: a part-filled last block
         assert any(c["T"] % c["C"] for c in cases)
     assert all(c["d_block"] == 16 for c in jit) and any(c["T"] >= 1000 for c in jit)
-    assert all(c["variant"] == "d_split" and c["opt_in"] for c in aot)
-    monkeypatch.setattr(suite, "run_jit", lambda cases, seed: {"ok": True, "checks": cases})
-    monkeypatch.setattr(suite, "run_aot", lambda cases, seed, _: 1 / 0)
+    assert all(c["variant"] == "d_split" and not c.get("opt_in") for c in aot)     # each counts in "ok"
+    seen: list[int] = []
+
+    def jit_one(cases: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+        (case,) = cases
+        seen.append(len(suite.PROGRESS["d_split"]["jit"]["checks"]))      # published before this one
+        if case["d_sync"] == "spin" and case["d"] == 40:
+            raise RuntimeError("boom")
+        return {"ok": True, "checks": [{**case, "ok": True}]}
+
+    monkeypatch.setattr(suite, "run_jit", jit_one)
+    monkeypatch.setattr(suite, "aot_check", lambda drv, cc, recs, case, seed: {**case, "ok": False})
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(suite, "cuda_launch", lambda: type("CL", (), {"CudaDriver": object}))
     monkeypatch.setattr(suite, "run_d_split", lambda drv, cc, B, T, w, n, seed: [{"cc": cc, "T": T}])
     args = suite.parse_args(["--out", "x.json", "--quick"])
     out = suite.run_d_split_section(args)
-    assert out["jit"]["ok"] and out["aot"] == {"ok": False, "error": "ZeroDivisionError: division by zero"}
+    assert out is suite.PROGRESS["d_split"] and seen == list(range(len(jit)))
+    checks = out["jit"]["checks"]
+    assert len(checks) == len(jit) and [c.get("error") for c in checks].count("RuntimeError: boom") == 1
+    assert out["jit"]["ok"] is False and out["aot"]["ok"] is False and len(out["aot"]["checks"]) == len(aot)
     assert out["ok"] is False and out["timing"] == [{"cc": 90, "T": 2048}]
     assert "timing" not in suite.run_d_split_section(suite.parse_args(["--out", "x.json", "--no-timing"]))
 
@@ -437,11 +454,14 @@ def test_d_split_study_on_fakes(suite: Any, monkeypatch: pytest.MonkeyPatch) -> 
                                                   (128, "ln_silu")]
     for r in rows:
         assert (r["d_split_spin_over_whole"], r["d_split_launch_over_whole"]) == (0.5, 1.5), r
+        assert (r["d_split_spin_state_over_whole"], r["d_split_launch_state_over_whole"]) == (0.5, 1.5), r
     NC = (7 + 2 * 16 - 2) // 16
     kernels = [k for k, _, _ in drv.launches]
-    # per (shape, phi): whole (state + read-out), spin (1 + read-out), launch (NC + 1 + read-out)
-    per = ["chunk_state", "chunk_readout"] + ["chunk_state_dsplit", "chunk_readout"] \
-        + ["chunk_state_dsplit"] * (NC + 1) + ["chunk_readout"]
+    # per (shape, phi) and run, the state pass alone then with the read-out: whole (1), spin (1),
+    # launch (NC + 1 state-pass launches)
+    per = []
+    for state in (["chunk_state"], ["chunk_state_dsplit"], ["chunk_state_dsplit"] * (NC + 1)):
+        per += state + state + ["chunk_readout"]
     assert kernels == per * 4
 
 
@@ -479,13 +499,28 @@ def test_readme_device_call_parses(suite: Any) -> None:
     assert len(lines) == 1, lines
     args = suite.parse_args(["--out", "x.json", *lines[0].split()[2:]])
     assert set(args.sections) == set(suite.SECTIONS) - {"trt"} and args.sections[-1] == "d_split"
-    assert args.section_timeout > 0 and args.quick
+    assert args.section_timeout.get("d_split", 0) > 0 and args.quick
 
 
-def test_section_watchdog_ends_a_hung_section(tmp_path: Path) -> None:
+def test_section_watchdog_ends_a_hung_section(suite: Any, tmp_path: Path) -> None:
     """--section-timeout: a section that never returns (a kernel whose spin barrier never opens, on a
-    GPU) ends the process with exit code 3 after the limit, with the results so far and that
-    section's error written; a section that returns in time leaves no timer behind."""
+    GPU) ends the process with exit code 3 after its limit, with the results so far, what the
+    section published and its error written; also when the results cannot be written. A section
+    that returns in time leaves no timer behind, and a timer that fires just after ``stop`` does
+    nothing. The limits: one for every section, or per section by name."""
+    assert suite.section_limits("") == {} and suite.section_limits("300") == {"*": 300.0}
+    assert suite.section_limits("d_split=150, jit=400") == {"d_split": 150.0, "jit": 400.0}
+    for bad, why in (("bogus=3", "no section 'bogus'"), ("0", "> 0"), ("d_split=x", "not a number")):
+        with pytest.raises(ValueError, match=why):
+            suite.section_limits(bad)
+    with pytest.raises(SystemExit):
+        suite.parse_args(["--out", "x.json", "--section-timeout", "d_split=-1"])
+    wd = suite.SectionWatchdog({"d_split": 60.0}, tmp_path / "unused.json", {"errors": {}})
+    assert (wd.limit("d_split"), wd.limit("jit")) == (60.0, 0.0)
+    wd.start("d_split")
+    wd.stop()
+    wd.expire("d_split")                             # fired as the section finished: no exit, no write
+    assert not (tmp_path / "unused.json").exists()
     import subprocess
     import sys
     import time
@@ -496,7 +531,8 @@ def test_section_watchdog_ends_a_hung_section(tmp_path: Path) -> None:
         f"spec = importlib.util.spec_from_file_location('gpu_suite', {path!r})\n"
         "suite = importlib.util.module_from_spec(spec); spec.loader.exec_module(suite)\n"
         "results = {'errors': {}, 'jit': {'ok': True, 'checks': []}}\n"
-        "wd = suite.SectionWatchdog(0.5, sys.argv[1], results)\n"
+        "suite.PROGRESS['d_split'] = {'jit': {'checks': [{'ok': True}]}}\n"
+        "wd = suite.SectionWatchdog({'d_split': 0.5}, sys.argv[1], results)\n"
         "wd.start('jit'); wd.stop()\n"
         "wd.start('d_split')\n"
         "time.sleep(60)\n"
@@ -510,7 +546,12 @@ def test_section_watchdog_ends_a_hung_section(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert "--section-timeout 0.5 s" in data["errors"]["d_split"] and data["ok"] is False
     assert data["jit"]["ok"] and "jit" not in data["errors"]
+    assert data["d_split"] == {"jit": {"checks": [{"ok": True}]}, "incomplete": True}
     assert "d_split" in proc.stdout                                   # the summary table was printed
+    # the results cannot be written (the path is a directory): it still ends the process
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3 and "could not write the results" in proc.stderr, proc.stderr
 
 
 def test_record_store_compiles_once_and_round_trips(suite: Any, tmp_path: Path) -> None:
