@@ -784,7 +784,8 @@ class AotLaunch:
         self.kernels = [drv.load_record(r, prefer="ptx") for r in recs]
         self.grids = [cl.grid_for(r, case["B"], case["T"]) for r in recs]
         # the d-axis split's state pass walks its steps in one launch (spin) or one launch each
-        from trellis_export.kernels.trellis_memory.chunk_split import dsplit_spans
+        from trellis_export.kernels.trellis_memory.chunk_split import COUNTER_WORKSPACES, dsplit_spans
+        self.counters = [self.ws[n] for n in COUNTER_WORKSPACES if n in self.ws]
         self.spans = [dsplit_spans(case["T"], case["C"], case.get("d_sync", "spin"))
                       if "S0" in r.get("scalars", ())
                       else [None] for r in recs]
@@ -793,8 +794,8 @@ class AotLaunch:
         import torch
         stream = torch.cuda.current_stream().cuda_stream if torch.cuda.is_available() else 0
         T = self.case["T"]
-        if "ws_sync" in self.ws:
-            self.ws["ws_sync"].zero_()                   # the tickets and barrier counters start at 0
+        for counter in self.counters:                    # the tickets and barrier counters start at 0
+            counter.zero_()
         for k, spans in zip(self.kernels, self.spans):
             for span in spans:
                 scalars = {"T": T} if span is None else {"T": T, "S0": span[0], "S1": span[1]}

@@ -70,12 +70,10 @@ from trellis_export.errors import TrellisExportError
 from trellis_export.opdef import PLUGIN_NAME, op_attributes
 
 from .trellis_memory.chunk_split import (
+    COUNTER_WORKSPACES,
     DSPLIT_SCALAR_ARGS,
-    DSPLIT_WORKSPACE_ARGS,
-    DSPLIT_WORKSPACE_BYTES,
     GRID_DIMS,
-    WORKSPACE_ARGS,
-    WORKSPACE_BYTES,
+    KERNEL_WORKSPACES,
 )
 from .trellis_memory.utils import (
     CONSTEXPR_ARGS,
@@ -85,7 +83,6 @@ from .trellis_memory.utils import (
     KERNELS,
     M_SPLIT_BLOCK,
     OUTPUT_ARGS,
-    RUNTIME_ARGS,
     SCALAR_ARGS,
     SPLIT_KERNELS,
     LaunchConfig,
@@ -224,18 +221,21 @@ def kernel_signature(dtype: str, gate_dtype: str, kernel: str = "chunk") -> list
             raise AOTError(f"{name} must be one of {', '.join(_PTR)}, got {dt!r}")
     types = {n: _PTR[dtype] for n in ("q", "k", "v", "a")}
     types.update(beta=_PTR[gate_dtype], gamma=_PTR[gate_dtype], position="*i64", T="i32",
-                 out_o=_PTR[dtype], S0="i32", S1="i32", ws_sync="*i32")
+                 out_o=_PTR[dtype], **dict.fromkeys(DSPLIT_SCALAR_ARGS, "i32"),
+                 **dict.fromkeys(COUNTER_WORKSPACES, "*i32"))
     return [(n, types.get(n, "*fp32")) for n in kernel_args(kernel)]
 
 
 def kernel_args(kernel: str) -> tuple[str, ...]:
     """A kernel's runtime argument names in launch order: the op's inputs, the scalars, the op's
-    outputs, then the workspace pointers (the split prefill's; the d-axis split adds its steps
-    ``S0, S1`` after ``T`` and its ``ws_z, ws_sync`` at the end)."""
-    if kernel == D_SPLIT_KERNEL:
-        return (INPUT_ARGS + SCALAR_ARGS + DSPLIT_SCALAR_ARGS + OUTPUT_ARGS + WORKSPACE_ARGS
-                + DSPLIT_WORKSPACE_ARGS)
-    return RUNTIME_ARGS + (WORKSPACE_ARGS if kernel in SPLIT_KERNELS else ())
+    outputs, then its workspace pointers (``chunk_split.KERNEL_WORKSPACES``: the split prefill's;
+    the d-axis split adds its steps ``S0, S1`` after ``T`` and its ``ws_z, ws_sync`` at the end)."""
+    return INPUT_ARGS + kernel_scalars(kernel) + OUTPUT_ARGS + tuple(KERNEL_WORKSPACES.get(kernel, {}))
+
+
+def kernel_scalars(kernel: str) -> tuple[str, ...]:
+    """A kernel's integer scalar arguments: ``T``, and the d-axis split's steps ``S0, S1``."""
+    return SCALAR_ARGS + (DSPLIT_SCALAR_ARGS if kernel == D_SPLIT_KERNEL else ())
 
 
 def constexprs_for(cfg: LaunchConfig, *, heads: int, slots: int, head_dim: int, chunk_size: int,
@@ -367,23 +367,21 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
     n_hidden = len(params) - len(sig)
     hidden = ["global_scratch", "profile_scratch", *[f"hidden_{i}" for i in range(2, n_hidden)]][:n_hidden]
     gss = int(getattr(md, "global_scratch_size", 0) or 0)
+    grid = f"({', '.join(GRID_DIMS[kernel])})" if kernel in GRID_DIMS else LaunchConfig.GRID_EXPR
     mver = re.search(r"^\s*\.version\s+([\d.]+)", ptx, re.M)
     op_attrs = op_attributes_from(chunk_size=chunk_size, phi=phi, f=f, rho=rho, eps=eps)
     return AOTKernel(
         kernel=kernel, name=entry, target=f"sm_{cc}", cc=cc, ptx=ptx, ptx_target=ptx_target(ptx),
         ptx_version=mver.group(1) if mver else "", triton_version=triton.__version__, dtype=dtype,
         gate_dtype=gate_dtype, constexprs=cx, signature=sig, inputs=list(INPUT_ARGS),
-        scalars=list(SCALAR_ARGS + (DSPLIT_SCALAR_ARGS if kernel == D_SPLIT_KERNEL else ())),
+        scalars=list(kernel_scalars(kernel)),
         outputs=list(OUTPUT_ARGS), scalar_exprs=dict(SCALAR_EXPRS),
         hidden_params=hidden, ptx_params=params, num_warps=int(md.num_warps), num_stages=cfg.num_stages,
         shared_mem=int(md.shared), global_scratch_size=gss,
-        grid=f"({', '.join(GRID_DIMS[kernel])})" if kernel in GRID_DIMS else LaunchConfig.GRID_EXPR,
-        block=(32 * int(md.num_warps), 1, 1),
+        grid=grid, block=(32 * int(md.num_warps), 1, 1),
         plugin={"plugin_id": PLUGIN_NAME, "attributes": op_attrs,
-                "aot_impl_returns": "(kernel_name=name, ptx, KernelLaunchParams(grid=" +
-                                    (f"({', '.join(GRID_DIMS[kernel])})" if kernel in GRID_DIMS
-                                     else LaunchConfig.GRID_EXPR) +
-                                    ", block_x=32*num_warps, shared_mem), SymIntExprs([T]))",
+                "aot_impl_returns": f"(kernel_name=name, ptx, KernelLaunchParams(grid={grid}, "
+                                    "block_x=32*num_warps, shared_mem), SymIntExprs([T]))",
                 "hidden_params_note": "triton appends these pointer params after the outputs; a "
                                       "launcher passes null (global_scratch_size must be 0)"},
         cubin_b64=base64.b64encode(compiled.asm["cubin"]).decode() if include_cubin else "",
@@ -392,11 +390,10 @@ def compile_kernel(kernel: str, cc: int, *, heads: int, slots: int, head_dim: in
         aligned=bool(aligned), alignment=ALIGNMENT, decode=bool(decode), in_place=bool(in_place),
         min_cuda_driver=PTX_MIN_DRIVER.get(mver.group(1) if mver else "", ""),
         cubin_ptxas=_bundled_ptxas_version() if include_cubin else "",
-        plan="chunk_split" if kernel in SPLIT_KERNELS + (D_SPLIT_KERNEL,) else "",
+        plan="chunk_split" if kernel in KERNEL_WORKSPACES else "",
         stage=1 if kernel == "chunk_readout" else 0,
         grid_dims=list(GRID_DIMS.get(kernel, [])),
-        workspaces=dict(WORKSPACE_BYTES) if kernel in SPLIT_KERNELS else
-        {**WORKSPACE_BYTES, **DSPLIT_WORKSPACE_BYTES} if kernel == D_SPLIT_KERNEL else {},
+        workspaces=dict(KERNEL_WORKSPACES.get(kernel, {})),
         m_block=int(m_block), d_block=int(d_block))
 
 

@@ -418,14 +418,14 @@ def test_d_axis_split_spin_launch_walks_every_chunk(monkeypatch: pytest.MonkeyPa
     # the counters: one ticket per program; each group's counter = its barriers (its chunks)
     from trellis_export.kernels.trellis_memory import chunk_split as cs
     seen: list[torch.Tensor] = []
-    real = cs.dsplit_workspaces
+    real = cs.workspaces
 
-    def keep(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+    def keep(*args: object) -> dict[str, torch.Tensor]:
         ws = real(*args)  # type: ignore[arg-type]
-        seen.append(ws[1])
+        seen.append(ws["ws_sync"])
         return ws
 
-    monkeypatch.setattr(cs, "dsplit_workspaces", keep)
+    monkeypatch.setattr(cs, "workspaces", keep)
     chunk_split_trellis_fwd(*acts, *state, pos, d_block=32, d_sync="spin", **kw)
     (sync,) = seen
     n_chunks = [(p % 3 + 11 + 2) // 3 for p in (0, 1, 2)]             # 4, 4 and 5 chunks

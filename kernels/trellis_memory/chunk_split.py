@@ -70,25 +70,29 @@ from .utils import (
     nl_fwd,
 )
 
-#: The extra pointer arguments of the split kernels, after the op's outputs.
-WORKSPACE_ARGS: tuple[str, ...] = ("ws_memory", "ws_u")
-#: Bytes of each workspace as an expression of B, H, T and the constexprs M, D, C.
+#: The split kernels' workspace pointers (their extra arguments after the op's outputs, in this
+#: order) and the bytes of each as an expression of B, H, T and the constexprs M, D, C.
 WORKSPACE_BYTES: dict[str, str] = {"ws_memory": "B * H * 2 * ((T + 2 * C - 2) // C) * M * D * 4",
                                    "ws_u": "B * H * 2 * ((T + 2 * C - 2) // C) * C * M * 4"}
-#: The d-axis split's state pass (``chunk_state_dsplit``): the extra scalars (the steps it walks) and
-#: pointers (each program's partial Z of the last two chunks; the ticket and barrier counters, int32,
-#: zeroed before a launch that walks more than one step), after the split prefill's own.
+#: The d-axis split's state pass (``chunk_state_dsplit``): the extra scalars (the steps it walks, after
+#: ``T``) and workspaces (after the split prefill's own: each program's partial Z of the last two
+#: chunks; the ticket and barrier counters, int32, zeroed before a launch that walks more than one
+#: step), their bytes as expressions of B, H and the constexprs (BM, BD, BC: the record's blocks).
 DSPLIT_SCALAR_ARGS: tuple[str, ...] = ("S0", "S1")
-DSPLIT_WORKSPACE_ARGS: tuple[str, ...] = ("ws_z", "ws_sync")
-#: Bytes of each workspace as an expression of B, H, T and the constexprs M, D, C (BM, BD, BC: the
-#: padded blocks of the d-axis split's record).
 DSPLIT_WORKSPACE_BYTES: dict[str, str] = {
                                    "ws_z": "B * H * 2 * 2 * ((D + BD - 1) // BD) * BC * BM * 4",
                                    "ws_sync": "(1 + B * H * 2) * 4"}
+#: The workspaces (pointer argument -> bytes) of each kernel, in argument order: what its AOT record
+#: carries and what the JIT wrapper allocates. The state pass's hold the read-out's.
+KERNEL_WORKSPACES: dict[str, dict[str, str]] = {
+    "chunk_state": WORKSPACE_BYTES, "chunk_readout": WORKSPACE_BYTES,
+    D_SPLIT_KERNEL: {**WORKSPACE_BYTES, **DSPLIT_WORKSPACE_BYTES}}
+#: The int32 counter workspaces (the rest are float32): zeroed before every launch that uses them.
+COUNTER_WORKSPACES: tuple[str, ...] = ("ws_sync",)
 #: Launch grids as expressions (``cuda_launch.grid_for`` evaluates them).
 GRID_DIMS: dict[str, list[str]] = {"chunk_state": ["B * H * 2 * ((M + BM - 1) // BM)", "1", "1"],
                                    "chunk_readout": ["(T + 2 * C - 2) // C", "B * H", "1"],
-                                   "chunk_state_dsplit": ["B * H * 2 * ((D + BD - 1) // BD)", "1", "1"]}
+                                   D_SPLIT_KERNEL: ["B * H * 2 * ((D + BD - 1) // BD)", "1", "1"]}
 #: How the d-axis split's programs meet once per chunk: ``"spin"``, one launch walking every chunk
 #: with a spin barrier per chunk; ``"launch"``, one launch per chunk (the launch boundary is the
 #: barrier; T / C + 2 launches).
@@ -415,21 +419,22 @@ def chunk_readout_kernel(
         tl.store(out_o + tok[:, None] * D + offs_d[None, :], O.to(out_o.dtype.element_ty), mask=vd)
 
 
-def workspaces(B: int, T: int, H: int, m: int, d: int, C: int, device: torch.device | str
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two float32 workspaces of one call."""
-    NC = max_chunks(T, C)
-    return (torch.empty(B * H * 2 * NC * m * d, dtype=torch.float32, device=device),
-            torch.empty(B * H * 2 * NC * C * m, dtype=torch.float32, device=device))
+def launch_record(cfg: LaunchConfig, H: int, m: int, d: int, C: int) -> dict[str, object]:
+    """The parts of an AOT record the launch helpers read (``cuda_launch.grid_for``,
+    ``cuda_launch.workspace_bytes``) for a JIT launch of ``cfg.kernel``: its constexprs, grid and
+    workspace expressions (:data:`GRID_DIMS`, :data:`KERNEL_WORKSPACES`)."""
+    return {"constexprs": {"H": H, "M": m, "D": d, "C": C, "BM": cfg.BM, "BD": cfg.BD, "BC": cfg.BC},
+            "grid_dims": GRID_DIMS[cfg.kernel], "workspaces": KERNEL_WORKSPACES[cfg.kernel]}
 
 
-def dsplit_workspaces(B: int, H: int, d: int, cfg: LaunchConfig, device: torch.device | str
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The d-axis split's two extra workspaces (:data:`DSPLIT_WORKSPACE_BYTES`): the partial Z of two
-    chunks per program (float32), and the ticket and per-group barrier counters (int32, zeroed)."""
-    ds = triton.cdiv(d, cfg.BD)
-    return (torch.empty(B * H * 2 * 2 * ds * cfg.BC * cfg.BM, dtype=torch.float32, device=device),
-            torch.zeros(1 + B * H * 2, dtype=torch.int32, device=device))
+def workspaces(record: dict[str, object], B: int, T: int, device: torch.device | str
+               ) -> dict[str, torch.Tensor]:
+    """The workspaces of one call of ``record`` (:func:`launch_record`), sized by its expressions:
+    float32, the :data:`COUNTER_WORKSPACES` int32 and zeroed."""
+    from trellis_export.kernels.cuda_launch import workspace_bytes
+    return {name: torch.zeros(nbytes // 4, dtype=torch.int32, device=device) if name in COUNTER_WORKSPACES
+            else torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+            for name, nbytes in workspace_bytes(record, B, T).items()}
 
 
 def chunk_split_trellis_fwd(
@@ -468,32 +473,33 @@ def chunk_split_trellis_fwd(
         raise ValueError(f"the m-axis split (m_block = {m_block}) needs phi = identity, got phi = {phi!r}")
     outs = outputs(args, (key_memory, value_memory, key_snapshot, value_snapshot), out, in_place,
                    (B, T, H, m, d))
-    ws = workspaces(B, T, H, m, d, C, q.device)
     kw = dict(H=H, M=m, D=d, C=C, PHI=nl_code(phi, "phi"), F=nl_code(f, "f"), RHO=nl_code(rho, "rho"),
               EPS=float(eps), DOT_PRECISION=dot_precision, DECODE=T == 1, IN_PLACE=bool(in_place))
     from trellis_export.kernels.cuda_launch import grid_for
 
-    def grid(cfg: LaunchConfig) -> tuple[int, int, int]:
-        # the grid from the same expressions the AOT records carry (GRID_DIMS)
-        return grid_for({"constexprs": {"H": H, "M": m, "D": d, "C": C, "BM": cfg.BM, "BD": cfg.BD},
-                         "grid_dims": GRID_DIMS[cfg.kernel]}, B, T)
-
+    # grids and workspaces from the same expressions the AOT records carry; the state pass's
+    # workspaces hold the read-out's
+    state = launch_config(D_SPLIT_KERNEL if d_block else "chunk_state", m, d, C, dot_precision, m_block,
+                          d_block)
+    readout = launch_config("chunk_readout", m, d, C, dot_precision)
+    state_rec, readout_rec = launch_record(state, H, m, d, C), launch_record(readout, H, m, d, C)
+    ws = workspaces(state_rec, B, T, q.device)
+    shared = (ws["ws_memory"], ws["ws_u"])
     if d_block:
-        cfg = launch_config(D_SPLIT_KERNEL, m, d, C, dot_precision, d_block=d_block)
-        ws_z, ws_sync = dsplit_workspaces(B, H, d, cfg, q.device)
         if d_sync == "spin" and triton.cdiv(d, d_block) > 1 \
                 and type(chunk_state_dsplit_kernel).__name__ == "InterpretedFunction":
             # triton's interpreter runs the programs one after another: the first would wait forever
             raise ValueError("d_sync='spin' needs the programs of a group to run at once, which triton's "
                              "interpreter does not do; use d_sync='launch' there")
         for s0, s1 in dsplit_spans(T, C, d_sync):
-            chunk_state_dsplit_kernel[grid(cfg)](*args, T, s0, s1, *outs, *ws, ws_z, ws_sync, BM=cfg.BM,
-                                                 BD=cfg.BD, BC=cfg.BC, **kw, num_warps=cfg.num_warps,
-                                                 num_stages=cfg.num_stages)
-    for name, kernel in (("chunk_state", chunk_state_kernel), ("chunk_readout", chunk_readout_kernel)):
-        if name == "chunk_state" and d_block:
-            continue
-        cfg = launch_config(name, m, d, C, dot_precision, m_block if name == "chunk_state" else 0)
-        kernel[grid(cfg)](*args, T, *outs, *ws, BM=cfg.BM, BD=cfg.BD, BC=cfg.BC, **kw,
-                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            chunk_state_dsplit_kernel[grid_for(state_rec, B, T)](
+                *args, T, s0, s1, *outs, *ws.values(), BM=state.BM, BD=state.BD, BC=state.BC, **kw,
+                num_warps=state.num_warps, num_stages=state.num_stages)
+    else:
+        chunk_state_kernel[grid_for(state_rec, B, T)](*args, T, *outs, *shared, BM=state.BM, BD=state.BD,
+                                                      BC=state.BC, **kw, num_warps=state.num_warps,
+                                                      num_stages=state.num_stages)
+    chunk_readout_kernel[grid_for(readout_rec, B, T)](*args, T, *outs, *shared, BM=readout.BM, BD=readout.BD,
+                                                      BC=readout.BC, **kw, num_warps=readout.num_warps,
+                                                      num_stages=readout.num_stages)
     return cast(MemoryOutputs, outs)
