@@ -2,7 +2,7 @@
 process of its own (the kernels cannot be compiled where they were imported under TRITON_INTERPRET).
 
 The records are the ones :func:`trellis_export.plugins_trt.plugin_v3.compile_records` makes at engine
-build time, from the same list (``plugin_v3.plugin_variants``: decode ``fused_recurrent``, the
+build time, from the same arguments (``plugin_v3.record_arguments``: decode ``fused_recurrent``, the
 one-launch ``chunk`` fallback and the split prefill ``chunk_state`` + ``chunk_readout``, every
 specialisation the plugin can pick), per target, in the plugin's order. Only the PTX ISA
 (``Target.ptx_versions``, else ``kernels.aot.DEFAULT_PTX_VERSION``) and the cubin
@@ -24,18 +24,14 @@ def compile_records(config: TrellisConfig, ccs: list[int], dtype: str, ptx_versi
                     cubin_ccs: list[int]) -> list[dict[str, Any]]:
     """Launch records, in the plugin's order (target, kernel, variant)."""
     from trellis_export.kernels.aot import CUBIN_TARGETS, compile_kernel
-    from trellis_export.plugins_trt.plugin_v3 import plugin_variants
+    from trellis_export.opdef import op_attributes
+    from trellis_export.plugins_trt.plugin_v3 import record_arguments
 
-    out = []
-    for cc in ccs:
-        for kernel, variant in plugin_variants(config.phi, config.n_slots):
-            rec = compile_kernel(kernel, cc, heads=config.n_heads, slots=config.n_slots,
-                                 head_dim=config.head_dim, chunk_size=config.chunk_size, phi=config.phi,
-                                 f=config.f, rho=config.rho, eps=config.eps, dtype=dtype,
-                                 include_cubin=cc in CUBIN_TARGETS or cc in cubin_ccs,
-                                 ptx_version=ptx_versions.get(cc), **variant)
-            out.append(rec.to_dict())
-    return out
+    calls = record_arguments(op_attributes(config), heads=config.n_heads, slots=config.n_slots,
+                             head_dim=config.head_dim, dtype=dtype)
+    return [compile_kernel(kernel, cc, include_cubin=cc in CUBIN_TARGETS or cc in cubin_ccs,
+                           ptx_version=ptx_versions.get(cc), **kw).to_dict()
+            for cc in ccs for kernel, kw in calls]
 
 
 def main(argv: list[str] | None = None) -> int:
