@@ -416,6 +416,14 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _pass_row(label: str, checks: list[dict[str, Any]], note: str = "") -> tuple[str, str, str]:
+    """The summary row of a list of checks: PASS when there are some and all are ok."""
+    bad = [c for c in checks if not c.get("ok")]
+    worst = max((c.get("max_rel_rms", float("nan")) for c in checks), default=float("nan"))
+    return (label, "PASS" if checks and not bad else "FAIL",
+            f"{len(checks) - len(bad)}/{len(checks)} cases ok, worst rel RMS {_fmt(worst)}{note}")
+
+
 def format_table(results: dict[str, Any]) -> str:
     """A short plain-text summary: one line per section / timing."""
     rows: list[tuple[str, str, str]] = []
@@ -426,11 +434,7 @@ def format_table(results: dict[str, Any]) -> str:
             continue
         if not checks and sec not in results:
             continue
-        gating = [c for c in checks if not c.get("opt_in")]
-        bad = [c for c in gating if not c.get("ok")]
-        worst = max((c.get("max_rel_rms", float("nan")) for c in gating), default=float("nan"))
-        rows.append((sec, "PASS" if gating and not bad else "FAIL",
-                     f"{len(gating) - len(bad)}/{len(gating)} cases ok, worst rel RMS {_fmt(worst)}"))
+        rows.append(_pass_row(sec, [c for c in checks if not c.get("opt_in")]))
         broke = [c for c in checks if c.get("error")]
         if broke:
             rows.append((f"{sec} errors", "ERROR",
@@ -502,15 +506,11 @@ def format_table(results: dict[str, Any]) -> str:
         sec = ds.get(part)
         if sec is None:
             continue
-        checks = sec.get("checks", [])
         if "error" in sec:
             rows.append((f"d_split {part}", "ERROR", sec["error"][:100]))
             continue
-        bad = [c for c in checks if not c.get("ok")]
-        worst = max((c.get("max_rel_rms", float("nan")) for c in checks), default=float("nan"))
-        rows.append((f"d_split {part}", "PASS" if checks and not bad else "FAIL",
-                     f"{len(checks) - len(bad)}/{len(checks)} cases ok (spin and launch), worst rel RMS "
-                     f"{_fmt(worst)} (opt-in, not gating)"))
+        rows.append(_pass_row(f"d_split {part}", sec.get("checks", []),
+                              " (spin and launch; opt-in, not gating)"))
     for r in ds.get("timing", []):
         if "error" in r:                                     # the study itself failed (guarded)
             rows.append(("d-axis split timing", "ERROR", r["error"][:100]))
@@ -730,17 +730,18 @@ def aot_records(case: dict[str, Any], cc: int, records: list[dict[str, Any]] | N
     """The launch records of a case, in launch order: from --aot-json when given (must match; a
     record without ``variant`` predates issue 14 and stands for "aligned" / "unaligned"), else
     compiled now (with the cubin, so a driver older than the PTX ISA still checks the code)."""
+    from trellis_export.kernels.aot import variant_name
     out = []
     for kernel in case_kernels(case):
+        kw = variant_kwargs(case["variant"], kernel, case["d"])
         if records is not None:
             found = None
             shape = (case["H"], case["m"], case["d"], case["C"])
-            want = kernel_variant(case["variant"], kernel, case["d"])
+            want, want_block = variant_name(**kw), kw.get("d_block", 0)
             for r in records:
                 cx = r["constexprs"]
                 var = r.get("variant")
                 same_variant = var == want or (var is None and want in ("aligned", "unaligned"))
-                want_block = variant_kwargs(case["variant"], kernel, case["d"]).get("d_block", 0)
                 if r.get("d_block", 0) != want_block:
                     continue
                 if (r["kernel"] == kernel and r["cc"] == cc and r["dtype"] == case["dtype"] and same_variant
@@ -754,8 +755,7 @@ def aot_records(case: dict[str, Any], cc: int, records: list[dict[str, Any]] | N
         else:
             out.append(STORE.compile(kernel, cc, heads=case["H"], slots=case["m"], head_dim=case["d"],
                                      chunk_size=case["C"], phi=case["phi"], f=case["f"], rho=case["rho"],
-                                     eps=1e-5, dtype=case["dtype"], include_cubin=True,
-                                     **variant_kwargs(case["variant"], kernel, case["d"])))
+                                     eps=1e-5, dtype=case["dtype"], include_cubin=True, **kw))
     return sorted(out, key=lambda r: r.get("stage", 0))
 
 
@@ -1544,21 +1544,22 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn in chosen_sections(args):
         t0 = time.time()
         watchdog.start(name)
+        section, error = None, None
         try:
             section = fn()
         except Exception:  # noqa: BLE001 - record the crash, go on with the other sections
-            watchdog.stop()
-            with watchdog.lock:
-                results["errors"][name] = traceback.format_exc()
-            print(results["errors"][name], file=sys.stderr)
-        else:
-            watchdog.stop()
-            with watchdog.lock:
+            error = traceback.format_exc()
+        watchdog.stop()
+        with watchdog.lock:
+            if section is None:
+                results["errors"][name] = error or f"section {name} returned no results"
+            else:
                 results[name] = section
                 section["seconds"] = round(time.time() - t0, 2)
-        with watchdog.lock:
             results["record_store"] = STORE.summary()
             write_json(args.out, results)                    # partial results survive a later crash
+        if error:
+            print(error, file=sys.stderr)
     ok = not results["errors"] and all(results[s].get("ok", True) for s in ("jit", "aot", "plugin")
                                        if s in results)
     results["ok"] = ok

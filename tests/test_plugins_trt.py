@@ -375,18 +375,23 @@ def test_enqueue_takes_the_m_axis_split_while_rows_leave_sms_idle(
     assert grid == (3 * 3 * 2 * (2 if state_variant == "m_split" else 1), 1, 1)
 
 
-def test_gpu_suite_plugin_section_on_the_host_driver() -> None:
-    """bench/gpu_suite.py's plugin section (``plugin_v3.launch_memory`` on buffers it allocates, as it
-    will on a GPU) run on the CPU with the host stand-in of the driver: its odd-shape cases pass
-    against the float64 reference, and each launched the records the plugin must pick."""
-    import importlib.util
+@pytest.fixture(scope="module")
+def suite() -> Any:
+    """bench/gpu_suite.py as a module (it is a script, not part of the package)."""
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "bench" / "gpu_suite.py"
-    spec = importlib.util.spec_from_file_location("gpu_suite_for_plugin_test", path)
+    spec = importlib.util.spec_from_file_location("gpu_suite_for_plugin_tests", path)
     assert spec is not None and spec.loader is not None
-    suite = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(suite)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_suite_plugin_section_on_the_host_driver(suite: Any) -> None:
+    """bench/gpu_suite.py's plugin section (``plugin_v3.launch_memory`` on buffers it allocates, as it
+    will on a GPU) run on the CPU with the host stand-in of the driver: its odd-shape cases pass
+    against the float64 reference, and each launched the records the plugin must pick."""
     cases = [c for c in suite.plugin_cases(quick=True) if c["m"] in (7, 19)]
     assert {(c["m"], c["T"], c["aliased"]) for c in cases} == \
         {(7, 1, False), (7, 1, True), (7, 13, False), (7, 13, True), (19, 13, False)}
@@ -399,21 +404,13 @@ def test_gpu_suite_plugin_section_on_the_host_driver() -> None:
         assert c["launched"] == want and (c["workspace_bytes"] > 0) == (c["T"] > 1)
 
 
-def test_gpu_suite_d_axis_split_records_on_the_host_driver() -> None:
+def test_gpu_suite_d_axis_split_records_on_the_host_driver(suite: Any) -> None:
     """The suite's AOT case of the d-axis split (section d_split) at odd shapes (d = 40: a
     part-filled last column block): the ``chunk_state_dsplit`` record (compiled for sm_86) with its
     steps ``S0, S1`` and four workspaces, then the read-out, launched by the suite's ``AotLaunch`` on
     the host stand-in of the driver, one launch per step (the interpreter runs programs one at a
     time) == the float64 reference; NC + 1 state-pass launches, then one read-out, all on the same
     workspaces."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_suite.py"
-    spec = importlib.util.spec_from_file_location("gpu_suite_for_dsplit_test", path)
-    assert spec is not None and spec.loader is not None
-    suite = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(suite)
     (case,) = [c for c in suite.d_split_check_cases()[1] if c["d_sync"] == "launch" and c["d"] == 40]
     recs = suite.aot_records(case, CC, None)
     assert [(r["kernel"], r["variant"]) for r in recs] == [("chunk_state_dsplit", "d_split"),
